@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints them as one line (no traceback) and exits with 2."""
+
+
+class Gpt2opsError(Exception):
+    """Base class: the message names the key, file or URI at fault and what was expected."""
+
+
+class ConfigError(Gpt2opsError):
+    """A config value is missing, of the wrong type, unknown or out of range (message names the key path)."""
+
+
+class DataError(Gpt2opsError):
+    """Input data is missing, unreadable or malformed (message names the file or URI)."""
+
+
+class StorageError(Gpt2opsError):
+    """An S3 / local artifact operation failed (message names the URI; never a credential)."""
+
+
+class TrackingError(Gpt2opsError):
+    """MLflow could not be reached or refused a call (message names the tracking URI)."""
+
+
+class TrainingError(Gpt2opsError):
+    """Training cannot continue (e.g. a NaN/Inf loss); the last good checkpoint is kept."""
