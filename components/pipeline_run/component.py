@@ -1,0 +1,106 @@
+"""The pipeline run's own bookkeeping: check the run form and open the MLflow parent run, record
+the results on it, and close it FINISHED or FAILED from the exit handler. Never cached: each
+pipeline run gets its own parent run even when every stage is served from the cache."""
+
+from kfp import dsl
+from kfp.dsl import Markdown, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def start_run(
+    config: str,
+    source: str,
+    target: str,
+    num_gpus: int,
+    gpu_type: str,
+    max_steps: int,
+    run_name: str,
+    pipeline_run_id: str,
+    artifact_root: str,
+    experiment: str,
+) -> str:
+    """Open the MLflow parent run of this pipeline run, then check the run-form parameters, so a bad
+    value fails here (recorded on the parent run) before any data moves.
+
+    Returns:
+        The MLflow parent run id.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from components.runtime import PIPELINE_RUN_TAG, check_pipeline_parameters
+    from gpt2core import tracking
+    from gpt2core.stages.common import RunContext
+
+    form = dict(config=config, source=source, target=target, num_gpus=num_gpus, gpu_type=gpu_type,
+                max_steps=max_steps, artifact_root=artifact_root)
+    ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
+                     experiment=experiment)
+    parent_run_id = tracking.start_pipeline_run(ctx, params=form)
+    client = MlflowClient()
+    client.set_tag(parent_run_id, PIPELINE_RUN_TAG, pipeline_run_id)
+    if run_name:
+        client.set_tag(parent_run_id, "mlflow.runName", run_name)
+    check_pipeline_parameters(**form)
+    return parent_run_id
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def record_results(
+    pipeline_run_id: str,
+    experiment: str,
+    corpus_uri: str,
+    dataset_uri: str,
+    validation_report_uri: str,
+    compile_cache_uri: str,
+    model_uri: str,
+    checkpoints_uri: str,
+    eval_report_uri: str,
+    eval_metrics_json: str,
+    summary: Output[Markdown],
+) -> None:
+    """Put every artifact URI and the eval metrics on the parent run (also when the stages were
+    served from the cache and so logged under an earlier parent) and render a run summary."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from components.runtime import find_parent_run, markdown_table, write_text
+
+    parent_run_id = find_parent_run(pipeline_run_id, experiment)
+    artifacts = {"download/corpus": corpus_uri, "preprocess/dataset": dataset_uri,
+                 "validate/report": validation_report_uri, "compile/compile_cache": compile_cache_uri,
+                 "train/model": model_uri, "train/checkpoints": checkpoints_uri,
+                 "evaluate/report": eval_report_uri}
+    eval_metrics = json.loads(eval_metrics_json)
+    client = MlflowClient()
+    for name, uri in artifacts.items():
+        client.set_tag(parent_run_id, f"artifact.{name}", uri)
+    for name, value in eval_metrics.items():
+        client.log_metric(parent_run_id, name, float(value))
+    write_text(summary, "# gpt2ops pipeline run\n\n"
+               f"MLflow parent run `{parent_run_id}` (experiment `{experiment}`)\n\n"
+               "## Evaluation\n\n" + markdown_table(eval_metrics, header=("metric", "value"))
+               + "\n## Artifacts\n\n" + markdown_table(artifacts, header=("artifact", "uri")))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> None:
+    """Exit handler: mark the MLflow parent run FINISHED, or FAILED with the failing task."""
+    from mlflow.tracking import MlflowClient
+
+    from components.runtime import find_parent_run
+    from gpt2core import tracking
+    from gpt2core.errors import TrackingError
+
+    try:
+        parent_run_id = find_parent_run(pipeline_run_id, experiment)
+    except TrackingError as exc:  # start_run itself failed before opening the parent run
+        print(f"no parent run to close: {exc}")
+        return
+    succeeded = status.state == "SUCCEEDED"
+    if not succeeded:
+        MlflowClient().set_tag(parent_run_id, "gpt2ops.error",
+                               (status.error_message or status.state)[:5000])
+    tracking.end_pipeline_run(parent_run_id, "FINISHED" if succeeded else "FAILED")

@@ -1,0 +1,204 @@
+"""Plumbing shared by the component functions, imported inside them at run time.
+
+A component receives the pipeline run id (KFP's job id), the artifact root (an S3 prefix) and the
+MLflow experiment; the MLflow parent run is found by the run-id tag that `start_run` puts on it. The
+parent run id is deliberately not a component input: task caching keys on the inputs, and a new
+parent run per pipeline run would make every cache lookup miss.
+
+Stage outputs stay in S3 (the stage writes them there, manifest last). The KFP artifacts a
+component emits are small pointers to those S3 folders, plus Metrics and Markdown/HTML reports for
+the KFP UI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+
+from gpt2core.errors import TrackingError
+from gpt2core.stages.common import RunContext, StageResult
+
+# Tag on the MLflow parent run holding the KFP run id; the components find their parent by it.
+PIPELINE_RUN_TAG = "gpt2ops.pipeline_run_id"
+
+
+def find_parent_run(pipeline_run_id: str, experiment: str) -> str:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'",
+        output_format="list",
+    )
+    if not runs:
+        raise TrackingError(f"no MLflow parent run tagged {PIPELINE_RUN_TAG}={pipeline_run_id} in "
+                            f"experiment {experiment!r} at {mlflow.get_tracking_uri()}")
+    return runs[0].info.run_id
+
+
+def stage_context(pipeline_run_id: str, artifact_root: str, experiment: str) -> RunContext:
+    """The RunContext a stage runs in, with its MLflow parent run looked up."""
+    return RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
+                      experiment=experiment,
+                      parent_run_id=find_parent_run(pipeline_run_id, experiment))
+
+
+def point_to(artifact, uri: str) -> None:
+    """Make a KFP artifact stand for the S3 folder at `uri`: the UI shows the URI, the file holds it.
+
+    The artifact keeps its own KFP-managed location (kfp.local's cache treats a missing local file as
+    a miss, and an s3:// URI in the KFP store would bypass our manifest check).
+    """
+    artifact.metadata["uri"] = uri
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps({"uri": uri}) + "\n")
+
+
+def log_metrics(metrics_artifact, metrics: Mapping[str, float]) -> None:
+    for name, value in sorted(metrics.items()):
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics_artifact.log_metric(name, float(value))
+
+
+def publish(result: StageResult, pointers: Mapping[str, object], metrics_artifact=None) -> None:
+    """Point each KFP artifact at the stage output of the same name and copy the stage's metrics."""
+    for name, artifact in pointers.items():
+        point_to(artifact, result.outputs[name])
+    if metrics_artifact is not None:
+        log_metrics(metrics_artifact, result.metrics)
+
+
+def write_text(artifact, text: str) -> None:
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(text)
+
+
+def markdown_table(rows: Mapping[str, object], header: tuple[str, str] = ("name", "value")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    for key, value in rows.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(uri: str, title: str) -> str:
+    """A stage's report folder as Markdown: its .md files verbatim, its .json files as tables."""
+    from gpt2core.storage import local_input
+
+    parts = [f"# {title}\n", f"`{uri}`\n"]
+    with local_input(uri) as folder:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.name == "MANIFEST.json" or not path.is_file():
+                continue
+            if path.suffix == ".md":
+                parts.append(path.read_text())
+            elif path.suffix == ".json":
+                data = json.loads(path.read_text())
+                parts.append(f"## {path.name}\n")
+                parts.append(markdown_table(_flatten(data)) if isinstance(data, dict)
+                             else f"```json\n{json.dumps(data, indent=1)[:20000]}\n```\n")
+    return "\n".join(parts)
+
+
+def _flatten(data: Mapping, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
+def svg_line_chart(points: Sequence[tuple[float, float]], *, title: str, x_label: str,
+                   y_label: str, width: int = 640, height: int = 320) -> str:
+    """A self-contained SVG line chart (the KFP UI renders HTML artifacts in a sandboxed iframe)."""
+    pad = 50
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">'
+        f'<text x="{width / 2}" y="20" text-anchor="middle">{escape(title)}</text>'
+        f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
+        f'fill="none" stroke="#999"/>'
+        f'<polyline points="{path}" fill="none" stroke="#1f77b4" stroke-width="2"/>'
+        f'<text x="{pad}" y="{height - pad + 15}">{x0:g}</text>'
+        f'<text x="{width - pad}" y="{height - pad + 15}" text-anchor="end">{x1:g}</text>'
+        f'<text x="{pad - 5}" y="{height - pad}" text-anchor="end">{y0:.3g}</text>'
+        f'<text x="{pad - 5}" y="{pad + 10}" text-anchor="end">{y1:.3g}</text>'
+        f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">{escape(x_label)}</text>'
+        f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" '
+        f'text-anchor="middle">{escape(y_label)}</text></svg>'
+    )
+
+
+def metric_history(parent_run_id: str, stage: str, metric: str) -> list[tuple[float, float]]:
+    """(step, value) of `metric` in the newest child run of `parent_run_id` for `stage`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for child in children:
+        if stage in (child.data.tags.get("stage"), child.data.tags.get("gpt2ops.stage"),
+                     child.info.run_name):
+            history = client.get_metric_history(child.info.run_id, metric)
+            return [(float(m.step), float(m.value)) for m in sorted(history, key=lambda m: m.step)]
+    return []
+
+
+def stage_overrides(dataset_uri: str, max_steps: int) -> dict[str, object]:
+    """Config overrides every model stage gets: the preprocessed data and, when > 0, max_steps."""
+    overrides: dict[str, object] = {
+        "train_input.data_dir": f"{dataset_uri.rstrip('/')}/train",
+        "eval_input.data_dir": f"{dataset_uri.rstrip('/')}/val",
+    }
+    if max_steps > 0:
+        overrides["runconfig.max_steps"] = max_steps
+    return overrides
+
+
+TARGETS = ("cpu", "gpu", "cerebras")
+
+
+def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus: int,
+                              gpu_type: str, max_steps: int, artifact_root: str) -> None:
+    """Fail the first step on a bad run-form value, naming the parameter and what was expected."""
+    from gpt2core.config import load_params
+    from gpt2core.errors import ConfigError, Gpt2opsError
+
+    if target not in TARGETS:
+        raise ConfigError(f"parameter target: {target!r} is not one of {', '.join(TARGETS)}")
+    if target == "gpu" and (num_gpus < 1 or not gpu_type.strip()):
+        raise ConfigError(f"parameter num_gpus/gpu_type: target gpu needs num_gpus >= 1 and a "
+                          f"gpu_type (got num_gpus={num_gpus}, gpu_type={gpu_type!r})")
+    if max_steps < 0:
+        raise ConfigError(f"parameter max_steps: expected 0 (use the config's) or a positive "
+                          f"number, got {max_steps}")
+    if not (artifact_root.startswith("s3://") or artifact_root.startswith("/")):
+        raise ConfigError(f"parameter s3_prefix: expected s3://bucket/prefix or an absolute local "
+                          f"folder, got {artifact_root!r}")
+    if "://" in source and source.split("://", 1)[0] not in ("http", "https", "s3", "file"):
+        raise ConfigError(f"parameter source: {source!r} has an unsupported scheme "
+                          f"(expected http(s)://, s3://, file:// or a local path)")
+    try:
+        load_params(config)
+    except Gpt2opsError as exc:
+        raise ConfigError(f"parameter config: {exc}") from exc

@@ -1,0 +1,45 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Markdown, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate(
+    config: str,
+    dataset_uri: str,
+    max_steps: int,
+    target: str,
+    num_gpus: int,
+    gpu_type: str,
+    pipeline_run_id: str,
+    artifact_root: str,
+    experiment: str,
+    report: Output[Markdown],
+) -> NamedTuple("ValidateOutputs", report_uri=str):
+    """Check config, data and memory for the chosen target before spending accelerator time.
+
+    Args:
+        config: config name or path / s3:// URI of a Cerebras YAML.
+        dataset_uri: the preprocess stage's HDF5 dataset folder.
+        max_steps: training steps (0 = the config's runconfig.max_steps).
+        target: cpu | gpu | cerebras.
+        num_gpus: GPUs per training run (gpu target).
+        gpu_type: GPU model whose memory the estimate is checked against (e.g. H100).
+        pipeline_run_id: KFP run id; names the artifact folder and finds the MLflow parent run.
+        artifact_root: s3://bucket/prefix (or a local folder) holding all artifacts.
+        experiment: MLflow experiment of the parent run.
+    Returns:
+        report_uri: the validation report folder.
+    """
+    from components.runtime import publish, report_markdown, stage_context, stage_overrides, write_text
+    from gpt2core.stages import validate as stage
+
+    result = stage.run(config, ctx=stage_context(pipeline_run_id, artifact_root, experiment),
+                       overrides=stage_overrides(dataset_uri, max_steps), target=target,
+                       num_gpus=num_gpus, gpu_type=gpu_type)
+    publish(result, {})
+    write_text(report, report_markdown(result.outputs["report"], "Validation report"))
+    return (result.outputs["report"],)

