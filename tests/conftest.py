@@ -84,3 +84,26 @@ def s3_root(s3_server, request: pytest.FixtureRequest) -> str:
 
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
     return f"s3://{s3_server.bucket}/tests/{name}-{uuid.uuid4().hex[:8]}"
+
+
+def _build_tiny_dataset(text_dir: Path, out: Path, cache: Path, max_seq_length: int) -> Path:
+    from gpt2core.data.preprocess import PreprocessParams, preprocess_corpus
+
+    params = PreprocessParams(max_seq_length=max_seq_length, samples_per_file=4096, val_fraction=0.05,
+                              processes=1)
+    preprocess_corpus(text_dir, out, params, cache_dir=cache)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(english_text_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Shakespeare as Cerebras-layout HDF5, max_seq_length 128: `train/` (48 plays, 15.5k rows in
+    4 files) and `val/` (1 play, 246 rows), each with data_params.json. Built by our own preprocessing."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    return _build_tiny_dataset(english_text_dir, root / "msl128", root / "tokens", 128)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_64(english_text_dir: Path, tiny_dataset: Path) -> Path:
+    """The same corpus at max_seq_length 64 (reuses tiny_dataset's tokenization: packing only)."""
+    return _build_tiny_dataset(english_text_dir, tiny_dataset.parent / "msl64", tiny_dataset.parent / "tokens", 64)

