@@ -1,0 +1,109 @@
+"""Which container image runs a target, and a Docker client that fails with a message saying what to do.
+
+Images are built by ``python -m containers.build`` (see docs/containers.md), which records what it
+built in ``containers/images.json``::
+
+    {"cpu": {"image": "gpt2ops-cpu:0.1.0", "id": "sha256:...", "repo_digest": null, ...}, ...}
+
+Lookup order for a target's image: the environment variable ``GPT2OPS_IMAGE_<TARGET>`` (e.g.
+``GPT2OPS_IMAGE_CPU=registry.example.com/gpt2ops-cpu:0.1.0``), then the record file (path in
+``GPT2OPS_IMAGES_FILE``, default ``containers/images.json`` of this checkout), then the tag the
+build script gives (``gpt2ops-<target>:<version>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from gpt2core.errors import Gpt2opsError
+
+TARGETS = ("cpu", "cuda", "cerebras")
+ENV_IMAGES_FILE = "GPT2OPS_IMAGES_FILE"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES_FILE = REPO_ROOT / "containers" / "images.json"
+BUILD_COMMAND = "python -m containers.build {target}"
+
+
+class ImageError(Gpt2opsError):
+    """A container image or the Docker daemon is missing; the message says how to get it."""
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("gpt2ops")
+    except metadata.PackageNotFoundError:  # running from a checkout that was never pip-installed
+        return "0.0.0"
+
+
+def default_tag(target: str) -> str:
+    return f"gpt2ops-{target}:{package_version()}"
+
+
+def images_file() -> Path:
+    return Path(os.environ.get(ENV_IMAGES_FILE) or DEFAULT_IMAGES_FILE)
+
+
+def read_records(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The build records, {} when nothing was built yet."""
+    path = path or images_file()
+    if not path.exists():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ImageError(f"{path} is not valid JSON ({exc}); delete it and rebuild the images "
+                         f"with `python -m containers.build`") from exc
+    if not isinstance(records, dict):
+        raise ImageError(f"{path} must hold a JSON object target -> record; delete it and rebuild")
+    return records
+
+
+def image_for(target: str = "cpu") -> str:
+    """The image reference that runs ``target`` (not checked against any daemon or registry)."""
+    if target not in TARGETS:
+        raise ImageError(f"unknown image target {target!r}; expected one of {', '.join(TARGETS)}")
+    from_env = os.environ.get(f"GPT2OPS_IMAGE_{target.upper()}")
+    if from_env:
+        return from_env
+    record = read_records().get(target)
+    if record and record.get("image"):
+        return str(record["image"])
+    return default_tag(target)
+
+
+def docker_client():
+    """A connected ``docker.DockerClient``, or an ImageError saying how to start the daemon."""
+    try:
+        import docker
+    except ImportError as exc:  # pragma: no cover - docker is a dependency of gpt2ops
+        raise ImageError("the `docker` Python package is missing: pip install docker") from exc
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise ImageError(
+            f"cannot reach the Docker daemon at {host}: it is not running or not accessible. "
+            "Start it (`sudo systemctl start docker`, or as root `dockerd &`), add yourself to the "
+            "`docker` group, or point DOCKER_HOST at a running daemon."
+        ) from exc
+    return client
+
+
+def require_image(image: str, target: str = "cpu", client=None) -> dict[str, Any]:
+    """Inspect ``image`` in the local daemon; an ImageError with the build command if it is absent."""
+    import docker
+
+    client = client or docker_client()
+    try:
+        return client.images.get(image).attrs
+    except docker.errors.ImageNotFound:
+        raise ImageError(
+            f"image {image!r} is not in the local Docker daemon. Build it with "
+            f"`{BUILD_COMMAND.format(target=target)}` (from the gpt2ops checkout), `docker pull` it "
+            f"from your registry, or name another one with GPT2OPS_IMAGE_{target.upper()}."
+        ) from None
