@@ -97,8 +97,8 @@ def _build_tiny_dataset(text_dir: Path, out: Path, cache: Path, max_seq_length: 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(english_text_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real Shakespeare as Cerebras-layout HDF5, max_seq_length 128: `train/` (48 plays, 15.5k rows in
-    4 files) and `val/` (1 play, 246 rows), each with data_params.json. Built by our own preprocessing."""
+    """Real Shakespeare as Cerebras-layout HDF5, max_seq_length 128: `train/` (48 works, 15.5k rows in
+    4 files) and `val/` (1 work, 246 rows), each with data_params.json. Built by our own preprocessing."""
     root = tmp_path_factory.mktemp("tiny_dataset")
     return _build_tiny_dataset(english_text_dir, root / "msl128", root / "tokens", 128)
 

