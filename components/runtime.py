@@ -181,6 +181,8 @@ TARGETS = ("cpu", "gpu", "cerebras")
 def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus: int,
                               gpu_type: str, max_steps: int, artifact_root: str) -> None:
     """Fail the first step on a bad run-form value, naming the parameter and what was expected."""
+    from urllib.parse import urlparse
+
     from gpt2core.config import load_params
     from gpt2core.errors import ConfigError, Gpt2opsError
 
@@ -195,9 +197,12 @@ def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus
     if not (artifact_root.startswith("s3://") or artifact_root.startswith("/")):
         raise ConfigError(f"parameter s3_prefix: expected s3://bucket/prefix or an absolute local "
                           f"folder, got {artifact_root!r}")
-    if "://" in source and source.split("://", 1)[0] not in ("http", "https", "s3", "file"):
-        raise ConfigError(f"parameter source: {source!r} has an unsupported scheme "
-                          f"(expected http(s)://, s3://, file:// or a local path)")
+    scheme, netloc = urlparse(source).scheme, urlparse(source).netloc
+    if not source.strip() or scheme not in ("", "file", "http", "https", "s3", "hf") or (
+            scheme in ("http", "https", "s3") and not netloc):
+        raise ConfigError(f"parameter source: {source!r} is not a corpus location (expected "
+                          f"http(s)://host/path, s3://bucket/key, hf://datasets/..., file:// or a "
+                          f"local path)")
     try:
         load_params(config)
     except Gpt2opsError as exc:

@@ -80,7 +80,7 @@ def gpt2_pipeline(
     with dsl.ExitHandler(closing, name="gpt2-pretrain"):
         opened = start_run(config=config, source=source, target=target, num_gpus=num_gpus,
                            gpu_type=gpu_type, max_steps=max_steps, run_name=run_name, **run_ids)
-        k8s.bookkeeping(opened)
+        k8s.bookkeeping(opened, retry=False)  # it fails on bad run-form values: fail at once
 
         fetched = download(source=source, include=source_include, sha256=source_sha256,
                            **run_ids).after(opened)

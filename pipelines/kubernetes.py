@@ -19,13 +19,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 SHM_SIZE = "16Gi"  # DataLoader workers and NCCL exchange tensors through /dev/shm
 
 
-def bookkeeping(task) -> None:
+def bookkeeping(task, *, retry: bool = True) -> None:
     """Small uncached steps that talk to MLflow (open, record, close the parent run)."""
     task.set_caching_options(False)
     _credentials(task)
     task.set_cpu_request("100m").set_memory_request("256Mi").set_memory_limit("1Gi")
-    task.set_retry(num_retries=3, backoff_duration="10s", backoff_factor=2.0,
-                   backoff_max_duration="300s")
+    if retry:
+        task.set_retry(num_retries=3, backoff_duration="10s", backoff_factor=2.0,
+                       backoff_max_duration="300s")
 
 
 def io_step(task, *, cpu: str, memory: str) -> None:
