@@ -1,0 +1,150 @@
+"""The KFP components: their typed interfaces, and the shared runtime they call inside the step."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import mlflow
+import pytest
+from kfp import dsl
+
+from components import IMAGE
+from components import runtime
+from components.compile.component import compile_model
+from components.download.component import download
+from components.evaluate.component import evaluate
+from components.pipeline_run.component import end_run, record_results, start_run
+from components.preprocess.component import preprocess
+from components.train.component import train
+from components.validate.component import validate
+from gpt2core.errors import ConfigError, TrackingError
+from gpt2core.stages.common import StageResult
+
+STAGES = (download, preprocess, validate, compile_model, train, evaluate)
+
+# Output artifacts each stage shows in the KFP UI (schema titles).
+EXPECTED_OUTPUTS = {
+    "download": {"corpus": "system.Dataset", "metrics": "system.Metrics"},
+    "preprocess": {"dataset": "system.Dataset", "metrics": "system.Metrics",
+                   "stats": "system.Markdown"},
+    "validate": {"report": "system.Markdown"},
+    "compile-model": {"compile_cache": "system.Artifact"},
+    "train": {"model": "system.Model", "checkpoints": "system.Artifact",
+              "metrics": "system.Metrics", "loss_curve": "system.HTML"},
+    "evaluate": {"metrics": "system.Metrics", "report": "system.Markdown"},
+}
+
+
+def container(component) -> dict:
+    spec = component.pipeline_spec
+    (executor,) = spec.deployment_spec["executors"].values()
+    return executor["container"]
+
+
+@pytest.mark.parametrize("component", STAGES + (start_run, record_results, end_run),
+                         ids=lambda c: c.name)
+def test_components_run_in_the_project_image_without_installing_anything(component):
+    spec = container(component)
+    assert spec["image"] == IMAGE
+    assert "pip install" not in " ".join(spec["command"])  # the image already has kfp + gpt2ops
+    assert component.description and len(component.description) > 40
+
+
+@pytest.mark.parametrize("component", STAGES, ids=lambda c: c.name)
+def test_stage_components_take_run_ids_and_emit_typed_artifacts(component):
+    inputs = component.component_spec.inputs
+    assert {"pipeline_run_id", "artifact_root", "experiment"} <= set(inputs)
+    assert "parent_run_id" not in inputs  # found by tag at run time, so the cache key stays stable
+    outputs = {name: spec.type for name, spec in component.component_spec.outputs.items()}
+    for name, schema in EXPECTED_OUTPUTS[component.name].items():
+        assert outputs[name].startswith(schema), (name, outputs[name])
+    uri_outputs = [n for n, t in outputs.items() if t == "String"]
+    assert uri_outputs and all(n.endswith(("_uri", "_json")) for n in uri_outputs)
+
+
+GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",
+            num_gpus=1, gpu_type="H100", max_steps=0, artifact_root="s3://bucket/runs")
+
+
+@pytest.mark.parametrize("change, parameter", [
+    ({"config": "gpt2_huge"}, "parameter config"),
+    ({"config": "/nonexistent/config.yaml"}, "parameter config"),
+    ({"source": "ftp://example.org/x.txt"}, "parameter source"),
+    ({"source": "https:///no-host"}, "parameter source"),
+    ({"source": ""}, "parameter source"),
+    ({"target": "tpu"}, "parameter target"),
+    ({"target": "gpu", "num_gpus": 0}, "parameter num_gpus"),
+    ({"target": "gpu", "gpu_type": " "}, "gpu_type"),
+    ({"max_steps": -1}, "parameter max_steps"),
+    ({"artifact_root": "bucket/runs"}, "parameter s3_prefix"),
+])
+def test_bad_run_form_values_name_the_parameter(change, parameter):
+    with pytest.raises(ConfigError, match=parameter):
+        runtime.check_pipeline_parameters(**{**GOOD, **change})
+
+
+def test_good_run_form_values_pass():
+    runtime.check_pipeline_parameters(**GOOD)
+    runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8,
+                                         "source": "hf://datasets/org/name", "max_steps": 10})
+
+
+def test_parent_run_is_found_by_its_pipeline_run_tag():
+    mlflow.set_experiment("components-test")
+    with mlflow.start_run(tags={runtime.PIPELINE_RUN_TAG: "kfp-123"}) as run:
+        pass
+    assert runtime.find_parent_run("kfp-123", "components-test") == run.info.run_id
+    ctx = runtime.stage_context("kfp-123", "s3://b/p", "components-test")
+    assert ctx.parent_run_id == run.info.run_id
+    assert ctx.artifact_uri("train", "model") == "s3://b/p/kfp-123/train/model"
+    with pytest.raises(TrackingError, match="kfp-999"):
+        runtime.find_parent_run("kfp-999", "components-test")
+
+
+def test_metric_history_reads_the_stage_child_run():
+    mlflow.set_experiment("components-history")
+    with mlflow.start_run() as parent:
+        with mlflow.start_run(run_name="train", nested=True):
+            for step, loss in enumerate([9.0, 7.5, 6.0]):
+                mlflow.log_metric("train/loss", loss, step=step * 10)
+    assert runtime.metric_history(parent.info.run_id, "train", "train/loss") == [
+        (0.0, 9.0), (10.0, 7.5), (20.0, 6.0)]
+    assert runtime.metric_history(parent.info.run_id, "evaluate", "eval/loss") == []
+
+
+def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
+    dataset = dsl.Dataset(name="dataset", uri=str(tmp_path / "kfp" / "dataset"))
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "kfp" / "metrics"))
+    result = StageResult(outputs={"dataset": "s3://b/run/preprocess/dataset"},
+                         metrics={"data/n_examples": 120, "data/bad": float("nan")})
+    runtime.publish(result, {"dataset": dataset}, metrics)
+    assert dataset.metadata["uri"] == "s3://b/run/preprocess/dataset"
+    assert json.loads((tmp_path / "kfp" / "dataset").read_text()) == {
+        "uri": "s3://b/run/preprocess/dataset"}
+    assert metrics.metadata == {"data/n_examples": 120.0}  # non-finite values are left out
+
+
+def test_report_markdown_renders_markdown_and_json_files(tmp_path):
+    (tmp_path / "summary.md").write_text("all checks passed\n")
+    (tmp_path / "report.json").write_text(json.dumps({"memory": {"peak_gb": 1.5}, "ok": True}))
+    text = runtime.report_markdown(str(tmp_path), "Validation report")
+    assert text.startswith("# Validation report")
+    assert "all checks passed" in text
+    assert "| memory.peak_gb | 1.5 |" in text and "| ok | True |" in text
+
+
+def test_svg_line_chart_is_well_formed():
+    svg = runtime.svg_line_chart([(0, 10.8), (10, 8.0), (20, 6.5)], title="loss <train>",
+                                 x_label="step", y_label="loss")
+    root = ET.fromstring(svg)
+    polyline = root.find("{http://www.w3.org/2000/svg}polyline")
+    assert len(polyline.get("points").split()) == 3
+    assert "loss &lt;train&gt;" in svg
+
+
+def test_stage_overrides_point_at_the_dataset_splits():
+    assert runtime.stage_overrides("s3://b/r/preprocess/dataset/", 0) == {
+        "train_input.data_dir": "s3://b/r/preprocess/dataset/train",
+        "eval_input.data_dir": "s3://b/r/preprocess/dataset/val"}
+    assert runtime.stage_overrides("s3://b/d", 25)["runconfig.max_steps"] == 25
