@@ -1,0 +1,160 @@
+"""The gpt2ops-cpu image: a real stage runs in it against real data, and the failure modes a user
+meets first (no daemon, no image, no wheels) give messages that say what to do.
+
+Tests marked `docker` need a running daemon. Without one they are skipped, unless
+GPT2OPS_REQUIRE_DOCKER=1 (CI sets it), which turns the skip into a failure. The cpu image is the one
+`gpt2core.images.image_for("cpu")` names; when it is missing it is built here first
+(`python -m containers.build cpu`, several minutes; CI builds it before pytest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gpt2core.images import ImageError, docker_client, image_for, require_image
+
+REPO = Path(__file__).resolve().parents[1]
+PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")  # ~0.5 MB of real English
+
+
+@pytest.fixture(scope="module")
+def client():
+    try:
+        return docker_client()
+    except ImageError as exc:
+        if os.environ.get("GPT2OPS_REQUIRE_DOCKER") == "1":
+            pytest.fail(f"GPT2OPS_REQUIRE_DOCKER=1 but {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def cpu_image(client) -> str:
+    image = image_for("cpu")
+    try:
+        require_image(image, "cpu", client=client)
+    except ImageError:
+        subprocess.run([sys.executable, "-m", "containers.build", "cpu"], cwd=REPO, check=True)
+        image = image_for("cpu")
+        require_image(image, "cpu", client=client)
+    return image
+
+
+def docker_run(image: str, *args: str, volumes: dict[str, str] = (), env: dict[str, str] = (),
+               user: str | None = None, network: str | None = None) -> subprocess.CompletedProcess:
+    command = ["docker", "run", "--rm"]
+    for host_path, spec in dict(volumes).items():
+        command += ["-v", f"{host_path}:{spec}"]
+    for key, value in dict(env).items():
+        command += ["-e", f"{key}={value}"]
+    if user:
+        command += ["--user", user]
+    if network:
+        command += ["--network", network]
+    return subprocess.run([*command, image, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.docker
+def test_image_runs_gpt2ops_as_non_root(cpu_image, client):
+    attrs = client.images.get(cpu_image).attrs
+    assert attrs["Config"]["User"].split(":")[0] not in ("", "0", "root")
+    assert attrs["Config"]["Labels"]["io.gpt2ops.target"] == "cpu"
+    whoami = docker_run(cpu_image, "id", "-u")
+    assert whoami.returncode == 0 and whoami.stdout.strip() == "1000", whoami.stderr
+    # The entrypoint takes a subcommand with or without the leading `gpt2ops`.
+    for args in (("preprocess", "--help"), ("gpt2ops", "preprocess", "--help")):
+        shown = docker_run(cpu_image, *args)
+        assert shown.returncode == 0 and "--max_seq_length" in shown.stdout, shown.stderr
+    # Configs, torch (CPU build) and the components are inside.
+    probe = docker_run(cpu_image, "python", "-c",
+                       "import os, torch, components, pipelines; "
+                       "print(torch.__version__, sorted(os.listdir(os.environ['GPT2OPS_CONFIG_DIR'])))")
+    assert probe.returncode == 0, probe.stderr
+    assert "+cpu" in probe.stdout and ".yaml" in probe.stdout
+
+
+@pytest.mark.docker
+def test_preprocess_stage_in_docker_writes_hdf5_to_s3(cpu_image, english_text_dir, tmp_path):
+    """docker run IMAGE gpt2ops preprocess: local corpus in, HDF5 dataset out to S3, run in MLflow."""
+    import h5py
+
+    from gpt2core.data.verify import verify_dataset
+    from gpt2core.s3server import SeaweedS3Server
+    from gpt2core.storage import local_input
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in PLAYS:
+        shutil.copy(english_text_dir / name, corpus / name)
+    state = tmp_path / "state"  # the container's MLflow store, written as the calling user
+    state.mkdir()
+    run_id = uuid.uuid4().hex[:12]
+    with SeaweedS3Server(tmp_path / "s3") as s3:
+        result = docker_run(
+            cpu_image, "gpt2ops", "preprocess", "--input_dir", "/data/corpus",
+            "--max_seq_length", "128", "--val_fraction", "0.2", "--processes", "1",
+            "--artifact_root", "s3://gpt2ops/runs", "--pipeline_run_id", run_id,
+            volumes={str(corpus): "/data/corpus:ro", str(state): "/data/state"},
+            env={**s3.env(), "MLFLOW_TRACKING_URI": "sqlite:////data/state/mlflow.db"},
+            user=f"{os.getuid()}:{os.getgid()}", network="host")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+        os.environ.update(s3.env())
+        try:
+            with local_input(f"s3://gpt2ops/runs/{run_id}/preprocess/dataset") as dataset:
+                dataset = Path(dataset)
+                stats = verify_dataset(dataset / "train", max_seq_length=128)
+                params = json.loads((dataset / "train" / "data_params.json").read_text())
+                first = sorted((dataset / "train").glob("*.h5"))[0]
+                with h5py.File(first) as f:
+                    data = f["data"]
+                    assert data.dtype == "int32" and data.shape[1:] == (3, 128)
+                    assert f.attrs["n_examples"] == data.shape[0]
+                assert sorted((dataset / "val").glob("*.h5"))
+        finally:
+            for key in s3.env():
+                os.environ.pop(key, None)
+    assert params["h5_dataset_stats"]
+    assert stats  # verify_dataset raises on any malformed file; it returns its summary
+    assert (state / "mlflow.db").stat().st_size > 0  # the stage logged its run
+
+
+@pytest.mark.docker
+def test_missing_image_says_how_to_build_it(client):
+    with pytest.raises(ImageError, match=r"python -m containers.build cpu"):
+        require_image("gpt2ops-cpu:no-such-version", "cpu", client=client)
+
+
+def test_unreachable_daemon_says_how_to_start_it(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(ImageError, match="cannot reach the Docker daemon.*dockerd"):
+        docker_client()
+    built = subprocess.run([sys.executable, "-m", "containers.build", "cpu"], cwd=REPO,
+                           capture_output=True, text=True, env={**os.environ})
+    assert built.returncode == 2
+    assert "cannot reach the Docker daemon" in built.stderr and "Traceback" not in built.stderr
+
+
+def test_cuda_build_without_its_torch_wheel_says_where_to_get_it(tmp_path):
+    """The CUDA torch wheel cannot be fetched here: the build stops with what to do, no traceback."""
+    env = {**os.environ, "PIP_RETRIES": "0", "PIP_TIMEOUT": "5"}
+    built = subprocess.run(
+        [sys.executable, "-m", "containers.build", "cuda", "--wheelhouse-only",
+         "--torch-index-url", "http://127.0.0.1:9/simple"],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert built.returncode == 2, built.stdout[-2000:] + built.stderr[-2000:]
+    assert "torch==2.13.0+cu128" in built.stderr and "--find-links" in built.stderr
+    assert "Traceback" not in built.stderr
+
+
+def test_build_script_rejects_unknown_targets():
+    built = subprocess.run([sys.executable, "-m", "containers.build", "tpu"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert built.returncode == 2 and "unknown target(s) tpu" in built.stderr
