@@ -163,6 +163,17 @@ class RunConfigParams:
     compile_only: bool = False
     num_csx: int = 1
     num_workers_per_csx: int = 0
+    # Cerebras Wafer-Scale Cluster (target cerebras), as the reference 2.x runconfig names them.
+    mgmt_address: str | None = None  # "<host>:<port>" of the cluster management server
+    mgmt_namespace: str | None = None
+    credentials_path: str | None = None  # TLS certificate of the cluster
+    mount_dirs: list[str] = field(default_factory=list)  # folders the appliance workers mount
+    python_paths: list[str] = field(default_factory=list)  # added to the workers' PYTHONPATH
+    compile_dir: str | None = None  # compile cache folder on the appliance (None: the SDK's)
+    job_labels: list[str] = field(default_factory=list)  # "key=value" labels of appliance jobs
+    job_priority: str | None = None  # p1, p2 or p3 (None: the cluster's default)
+    job_time_sec: int | None = None
+    disable_version_check: bool = False
     show_debug_metrics: bool = False
     save_losses: bool = False
     torch_compile: bool = False  # torch: torch.compile the model (gpu target)
