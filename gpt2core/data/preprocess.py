@@ -248,12 +248,16 @@ def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.nda
     # Fixed layout and no timestamps: the bytes depend only on the data. Uncompressed files are
     # contiguous so the loader can memory-map them; compressed ones use the reference's row chunks.
     layout = {} if compression == "none" else {"chunks": (1, 3, msl), "compression": compression}
-    with h5py.File(tmp, "w") as f:
-        f.attrs["n_examples"] = np.int64(n)
-        data = f.create_dataset("data", shape=(n, 3, msl), dtype="<i4", track_times=False, **layout)
-        for lo in range(0, n, _ROWS_PER_WRITE):
-            hi = min(n, lo + _ROWS_PER_WRITE)
-            data[lo:hi] = _sequences(stream, starts[lo:hi], lengths[lo:hi], msl)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["n_examples"] = np.int64(n)
+            data = f.create_dataset("data", shape=(n, 3, msl), dtype="<i4", track_times=False, **layout)
+            for lo in range(0, n, _ROWS_PER_WRITE):
+                hi = min(n, lo + _ROWS_PER_WRITE)
+                data[lo:hi] = _sequences(stream, starts[lo:hi], lengths[lo:hi], msl)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out_path)
     return out_path.name
 

@@ -1,0 +1,277 @@
+"""HDF5 preprocessing: the Cerebras layout, packing that loses no token, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from gpt2core.cli import main as cli_main
+from gpt2core.data.preprocess import PreprocessParams, _write_h5, preprocess_corpus
+from gpt2core.errors import ConfigError, DataError
+from gpt2core.tokenizer import EOS_ID, get_tokenizer
+
+SMALL_WORKS = ("phoenix_and_the_turtle_gut.txt", "passionate_pilgrim_gut.txt", "lovers_complaint_gut.txt",
+               "comedy_of_errors_gut.txt")
+
+
+@pytest.fixture(scope="module")
+def small_corpus(english_text_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real works (110 KB, about 32k tokens)."""
+    folder = tmp_path_factory.mktemp("small_corpus")
+    for name in SMALL_WORKS:
+        shutil.copyfile(english_text_dir / name, folder / name)
+    return folder
+
+
+def _expected_stream(folder: Path) -> np.ndarray:
+    enc = get_tokenizer()
+    docs = [enc.encode_ordinary(p.read_text(encoding="utf-8")) + [EOS_ID] for p in sorted(folder.iterdir())]
+    return np.concatenate([np.array(d) for d in docs])
+
+
+def _rows(split_dir: Path) -> np.ndarray:
+    files = sorted(split_dir.glob("*.h5"))
+    return np.concatenate([h5py.File(p, "r")["data"][:] for p in files])
+
+
+def _params(**overrides) -> PreprocessParams:
+    return PreprocessParams(**{"max_seq_length": 64, "val_fraction": 0.0, "processes": 1, **overrides})
+
+
+def test_cerebras_layout(small_corpus: Path, tmp_path: Path):
+    stats = preprocess_corpus(small_corpus, tmp_path, _params(samples_per_file=200, val_fraction=0.3))
+    for split in ("train", "val"):
+        folder = tmp_path / split
+        files = sorted(folder.glob("*.h5"))
+        assert [p.name for p in files][:2] == ["data-00000.h5", "data-00001.h5"][:len(files)]
+        total = 0
+        for path in files:
+            with h5py.File(path, "r") as f:
+                assert list(f.keys()) == ["data"]
+                data = f["data"]
+                assert data.dtype == np.int32 and data.shape[1:] == (3, 64)
+                assert int(f.attrs["n_examples"]) == data.shape[0] <= 200
+                total += data.shape[0]
+        params = json.loads((folder / "data_params.json").read_text())
+        recorded = params["h5_dataset_stats"]
+        rows = _rows(folder)
+        assert recorded == stats[split]
+        assert recorded["num_sequences"] == total == len(rows)
+        assert recorded["num_tokens"] == total * 64
+        assert recorded["loss_valid_tokens"] == recorded["non_pad_tokens"] == int(rows[:, 1].sum())
+        assert params["processing"]["max_seq_length"] == 64
+        assert params["processing"]["files_per_record"] == 200
+        assert params["processing"]["eos_id"] == params["processing"]["pad_id"] == EOS_ID
+        assert params["dataset"]["split"] == split
+        # labels are the inputs shifted by one; padding is EOS with mask 0
+        ids, mask, labels = rows[:, 0], rows[:, 1], rows[:, 2]
+        real = (mask[:, 1:] == 1)
+        assert (ids[:, 1:][real] == labels[:, :-1][real]).all()
+        assert (ids[mask == 0] == EOS_ID).all() and (labels[mask == 0] == EOS_ID).all()
+    assert stats["train"]["num_documents"] + stats["val"]["num_documents"] == len(SMALL_WORKS)
+    assert stats["val"]["num_documents"] >= 1
+    assert stats["corpus"]["documents"] == len(SMALL_WORKS)
+
+
+def test_packing_carry_over_reconstructs_the_token_stream(small_corpus: Path, tmp_path: Path):
+    preprocess_corpus(small_corpus, tmp_path, _params(min_sequence_len=2))
+    rows = _rows(tmp_path / "train")
+    ids, mask, labels = rows[:, 0], rows[:, 1], rows[:, 2]
+    assert mask[:-1].all()  # only the last window may be short
+    # The first input, then every label exactly once, is the corpus: every document followed by EOS.
+    rebuilt = np.concatenate([[ids[0, 0]], labels[mask == 1]])
+    np.testing.assert_array_equal(rebuilt, _expected_stream(small_corpus))
+    # carry-over: each window starts with the previous window's last label
+    np.testing.assert_array_equal(ids[1:, 0], labels[:-1, -1])
+
+
+def test_packing_overlap_scheme(small_corpus: Path, tmp_path: Path):
+    preprocess_corpus(small_corpus, tmp_path, _params(packing_scheme="overlap", overlap_size=16, min_sequence_len=2))
+    rows = _rows(tmp_path / "train")
+    stream = _expected_stream(small_corpus)
+    stride = 64 - 16
+    for i in range(len(rows) - 1):  # full windows at stride 48: window i = stream[48 i : 48 i + 65]
+        window = stream[i * stride:i * stride + 65]
+        np.testing.assert_array_equal(rows[i, 0], window[:-1])
+        np.testing.assert_array_equal(rows[i, 2], window[1:])
+    assert len(rows) == -(-(len(stream) - 65) // stride) + 1
+
+
+def test_unpacked_documents_start_their_own_rows(small_corpus: Path, tmp_path: Path):
+    stats = preprocess_corpus(small_corpus, tmp_path, _params(pack_sequences=False, min_sequence_len=2))
+    rows = _rows(tmp_path / "train")
+    ids, mask, labels = rows[:, 0], rows[:, 1], rows[:, 2]
+    # every document's last row ends with EOS as its last label, then padding
+    last_label = labels[np.arange(len(rows)), mask.sum(axis=1) - 1]
+    assert (last_label == EOS_ID).sum() == len(SMALL_WORKS)
+    rebuilt = np.concatenate([np.concatenate([[ids[r, 0]], labels[r][mask[r] == 1]]) if r == 0 or last_label[r - 1] == EOS_ID
+                              else labels[r][mask[r] == 1] for r in range(len(rows))])
+    np.testing.assert_array_equal(rebuilt, _expected_stream(small_corpus))
+    assert stats["train"]["num_pad_tokens"] > 0
+
+
+def test_min_sequence_len_drops_short_windows(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one two", "x" * 3000]))
+    kept = preprocess_corpus(corpus, tmp_path / "keep", _params(pack_sequences=False, min_sequence_len=2))
+    dropped = preprocess_corpus(corpus, tmp_path / "drop", _params(pack_sequences=False, min_sequence_len=10))
+    assert kept["train"]["num_sequences"] == dropped["train"]["num_sequences"] + 1
+
+
+def test_same_bytes_for_one_and_two_processes(small_corpus: Path, tmp_path: Path):
+    common = {"samples_per_file": 150, "val_fraction": 0.25, "compression": "gzip"}
+    preprocess_corpus(small_corpus, tmp_path / "one", _params(processes=1, **common))
+    preprocess_corpus(small_corpus, tmp_path / "two", _params(processes=2, **common))
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two and len(one) > 4
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_split_follows_the_seed(small_corpus: Path, tmp_path: Path):
+    def val_docs(seed: int, out: str) -> int:
+        return preprocess_corpus(small_corpus, tmp_path / out, _params(val_fraction=0.5, seed=seed))["val"]["num_sequences"]
+
+    assert val_docs(1, "a") == val_docs(1, "b")
+    assert len({val_docs(s, f"s{s}") for s in range(2, 7)}) > 1
+
+
+def test_formats_give_the_same_tokens(small_corpus: Path, tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(small_corpus.iterdir())]
+    lines = "".join(json.dumps({"body": t}) + "\n" for t in texts).encode()
+    variants = {
+        "a.jsonl": lambda p: p.write_bytes(lines),
+        "a.json.gz": lambda p: p.write_bytes(gzip.compress(lines)),
+        "a.jsonl.zst": lambda p: p.write_bytes(zstandard.ZstdCompressor().compress(lines)),
+        "a.parquet": lambda p: pq.write_table(pa.table({"body": texts, "id": list(range(len(texts)))}), p),
+    }
+    reference = _rows(_run(small_corpus, tmp_path / "txt"))
+    for name, write in variants.items():
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        write(folder / name)
+        rows = _rows(_run(folder, tmp_path / f"out_{name}", jsonl_key="body"))
+        np.testing.assert_array_equal(rows, reference, err_msg=name)
+
+
+def _run(corpus: Path, out: Path, **overrides) -> Path:
+    preprocess_corpus(corpus, out, _params(**overrides))
+    return out / "train"
+
+
+def test_corpus_json_names_the_text_key(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text(json.dumps({"content": "hello " * 50}) + "\n")
+    (corpus / "corpus.json").write_text(json.dumps({"text_key": "content"}))
+    stats = preprocess_corpus(corpus, tmp_path / "out", _params())
+    assert stats["corpus"]["documents"] == 1
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(b"caf\xe9 and \xff\xfe more text " * 20)
+    stats = preprocess_corpus(corpus, tmp_path / "out", _params())
+    assert stats["corpus"]["replaced_chars"] == 60
+    params = json.loads((tmp_path / "out" / "train" / "data_params.json").read_text())
+    assert params["dataset"]["corpus"]["replaced_chars"] == 60
+
+
+def test_rerun_resumes_and_finished_run_is_kept(small_corpus: Path, tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    (corpus / "zz_broken.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    with pytest.raises(DataError, match=r"zz_broken.jsonl:2: not valid JSON"):
+        preprocess_corpus(corpus, out, _params(), cache_dir=cache)
+    assert not list(out.rglob("*.h5")) and not list(out.rglob("data_params.json"))
+    done = sorted(cache.glob("*.json"))
+    assert len(done) == len(SMALL_WORKS)  # the finished files' tokens are kept
+    stamps = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    (corpus / "zz_broken.jsonl").write_text('{"text": "fine"}\n')
+    first = preprocess_corpus(corpus, out, _params(), cache_dir=cache)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # reused, not redone
+    assert first["corpus"]["documents"] == len(SMALL_WORKS) + 1
+    assert preprocess_corpus(corpus, out, _params(), cache_dir=cache) == first  # finished: returned as is
+    with pytest.raises(DataError, match="other input or parameters"):
+        preprocess_corpus(corpus, out, _params(max_seq_length=32), cache_dir=cache)
+
+
+def test_interrupted_write_leaves_no_complete_looking_file(tmp_path: Path):
+    stream = tmp_path / "stream"
+    np.arange(100, dtype=np.uint16).tofile(stream)
+    out = tmp_path / "data-00000.h5"
+    with pytest.raises(IndexError):  # a window past the end of the stream fails mid-file
+        _write_h5(stream, "<u2", np.array([0, 5000]), np.array([9, 9]), 8, out, "none")
+    assert not list(tmp_path.glob("data-*"))
+
+
+def test_default_cache_is_removed(small_corpus: Path, tmp_path: Path):
+    preprocess_corpus(small_corpus, tmp_path, _params())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train", "val"]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: None, "empty corpus"),
+    (lambda d: (d / "notes.md").write_text("x"), "unsupported file type"),
+    (lambda d: (d / "a.txt").write_text(""), "empty corpus"),
+    (lambda d: (d / "a.jsonl").write_text('{"txt": "x"}\n'), r"a.jsonl:1: expected an object with text key 'text'"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": 5}\n'), "must be a string"),
+    (lambda d: (d / "a.json.gz").write_bytes(b"not gzip"), "a.json.gz: cannot read"),
+    (lambda d: (d / "a.parquet").write_bytes(b"not parquet"), "not a readable parquet"),
+    (lambda d: (d / "a.txt").write_text("hi"), "no training sequence"),
+])
+def test_bad_input(tmp_path: Path, make, match: str):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    make(corpus)
+    with pytest.raises(DataError, match=match):
+        preprocess_corpus(corpus, tmp_path / "out", _params())
+    assert not list((tmp_path / "out").rglob("*.h5"))
+
+
+def test_missing_input_and_foreign_output(small_corpus: Path, tmp_path: Path):
+    with pytest.raises(DataError, match="does not exist"):
+        preprocess_corpus(tmp_path / "nope", tmp_path / "out", _params())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="holds other files"):
+        preprocess_corpus(small_corpus, tmp_path / "busy", _params())
+    assert (tmp_path / "busy" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("field, value", [("max_seq_length", 1), ("packing_scheme", "zigzag"), ("compression", "zip"),
+                                          ("val_fraction", 1.0), ("samples_per_file", 0), ("overlap_size", 8)])
+def test_bad_params(field: str, value):
+    with pytest.raises(ConfigError, match=f"preprocess.{field}="):
+        PreprocessParams(**{field: value})
+
+
+def test_cli(small_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "dataset"
+    code = cli_main(["preprocess", "--input_dir", str(small_corpus), "--output_dir", str(out),
+                     "--max_seq_length", "32", "--files_per_record", "300", "--pack_sequences", "false",
+                     "--val_fraction", "0.25", "--processes", "1", "--verify", "--artifact_root", str(tmp_path)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["outputs"]["dataset"] == str(out)
+    assert result["metrics"]["preprocess/num_sequences"] > 0
+    assert (out / "MANIFEST.json").exists() and (out / "train" / "data-00000.h5").exists()
+    params = json.loads((out / "train" / "data_params.json").read_text())["processing"]
+    assert params["pack_sequences"] is False and params["samples_per_file"] == 300
+    code = cli_main(["preprocess", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")])
+    assert code == 2
+    assert "missing" in capsys.readouterr().err
