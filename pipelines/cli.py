@@ -119,12 +119,20 @@ def make_runner(runner: str, work_dir: Path):
         return local.SubprocessRunner(use_venv=False)
     import docker.types
 
+    from gpt2core.images import image_for, require_image
+
+    # Stop before the first step, with the build command, when the image is not there (kfp.local
+    # would try to pull a tag that only exists locally and fail with a registry error).
+    require_image(image_for("cpu"), "cpu")
     # Host networking reaches the embedded S3 server on 127.0.0.1; the work folder is mounted at
     # the same path so the sqlite MLflow store resolves inside the container too.
     forwarded = {k: v for k, v in os.environ.items()
                  if k.startswith(("AWS_", "MLFLOW_", "GPT2OPS_"))}
     return local.DockerRunner(
-        network_mode="host", environment=forwarded,
+        network_mode="host",
+        # The steps run as the caller, so what they write into work_dir is the caller's; HOME=/tmp
+        # because the image's home belongs to its own user (uid 1000).
+        user=f"{os.getuid()}:{os.getgid()}", environment={**forwarded, "HOME": "/tmp"},
         mounts=[docker.types.Mount(target=str(work_dir), source=str(work_dir), type="bind")])
 
 
