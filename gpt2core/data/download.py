@@ -58,6 +58,7 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar", ".
 HTTP_ATTEMPTS = 5
 HTTP_BACKOFF_S = 1.0  # doubled after every failed attempt
 _CHUNK = 1 << 20
+_HTTP_CHUNK = 64 << 10  # a cut connection loses at most this much of what was received
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -81,7 +82,7 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
     """Download `url` into the cache; resumes a partial file; verified against sha256 when given."""
     import requests
 
-    name = PurePosixPath(urllib.parse.urlparse(url).path).name or "download"
+    name = _url_name(url)
     folder = cache_root() / "downloads"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
@@ -131,7 +132,7 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
 def _stream_to(resp, part: Path, *, append: bool, url: str, total: int) -> None:  # noqa: ANN001
     done, started, last = (part.stat().st_size if append else 0), time.monotonic(), time.monotonic()
     with part.open("ab" if append else "wb") as out:
-        for chunk in resp.iter_content(_CHUNK):
+        for chunk in resp.iter_content(_HTTP_CHUNK):
             out.write(chunk)
             done += len(chunk)
             if time.monotonic() - last > _PROGRESS_EVERY_S:
@@ -222,8 +223,13 @@ def _safe_relpath(name: str, origin: str) -> str:
     return rel.as_posix()
 
 
-def _members(fetched: Path) -> Iterator[tuple[str, object]]:
-    """(relative path, opener) for every regular file of a folder, an archive or a single file."""
+def _url_name(url: str) -> str:
+    return PurePosixPath(urllib.parse.urlparse(url).path).name or "download"
+
+
+def _members(fetched: Path, single_name: str) -> Iterator[tuple[str, object]]:
+    """(relative path, opener) for every regular file of a folder, an archive or a single file
+    (named `single_name`: a download's name in the cache is not its name in the corpus)."""
     if fetched.is_dir():
         for p in sorted(q for q in fetched.rglob("*") if q.is_file()):
             yield p.relative_to(fetched).as_posix(), p
@@ -244,7 +250,7 @@ def _members(fetched: Path) -> Iterator[tuple[str, object]]:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise DataError(f"{fetched}: not a readable archive ({exc})") from None
     else:
-        yield fetched.name, fetched
+        yield single_name, fetched
 
 
 def _copy_member(opener: object, dest: Path) -> None:
@@ -281,7 +287,8 @@ def download_source(source: str, output_dir: str | Path, *, include: Sequence[st
                 if actual != sha256:
                     raise DataError(f"{source}: sha256 is {actual}, expected {sha256}")
         kept, skipped, unsupported = [], 0, []
-        for rel, opener in _members(fetched):
+        single_name = _url_name(source) if urllib.parse.urlparse(source).scheme in ("http", "https") else fetched.name
+        for rel, opener in _members(fetched, single_name):
             if include and not any(fnmatch.fnmatch(rel, pattern) for pattern in include):
                 continue
             if corpus_format(rel) is None:
