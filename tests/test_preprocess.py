@@ -275,3 +275,29 @@ def test_cli(small_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     code = cli_main(["preprocess", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")])
     assert code == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_stages_through_s3(small_corpus: Path, s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """download -> preprocess as the pipeline runs them: artifacts in S3 (SeaweedFS), manifests, metrics."""
+    from gpt2core.data.loader import build_dataloader
+    from gpt2core.stages import download, preprocess
+    from gpt2core.stages.common import RunContext
+    from gpt2core.storage import local_input, read_manifest
+
+    monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path / "cache"))
+    ctx = RunContext(pipeline_run_id="run7", artifact_root=s3_root)
+    corpus = download.run(str(small_corpus), ctx=ctx).outputs["corpus"]
+    assert corpus == f"{s3_root}/run7/download/corpus"
+    result = preprocess.run(corpus, ctx=ctx, params=_params(val_fraction=0.25, samples_per_file=100), verify=True)
+    dataset = result.outputs["dataset"]
+    assert dataset == f"{s3_root}/run7/preprocess/dataset"
+    paths = {f["path"] for f in read_manifest(dataset)["files"]}
+    assert {"train/data-00000.h5", "train/data_params.json", "val/data_params.json"} <= paths
+    m = result.metrics
+    assert m["preprocess/num_sequences"] == m["preprocess/train_sequences"] + m["preprocess/val_sequences"]
+    assert m["preprocess/num_tokens"] == 64 * m["preprocess/num_sequences"]
+    assert m["preprocess/documents"] == len(SMALL_WORKS) and m["preprocess/tokens_per_s"] > 0
+    assert not (tmp_path / "cache" / "tokens").exists() or not any((tmp_path / "cache" / "tokens").iterdir())
+    with local_input(dataset) as local:
+        batch = next(iter(build_dataloader(local / "train", 4)))
+        assert batch["input_ids"].shape == (4, 64)
