@@ -1,0 +1,131 @@
+"""The Cerebras target: validate, compile and train GPT-2 with the Cerebras PyTorch SDK (cstorch).
+
+    from gpt2core import cerebras
+    report = cerebras.validate(params, data_dir=train_dir, work_dir=tmp)              # lowers locally
+    report = cerebras.compile(params, data_dir=train_dir, work_dir=tmp)               # needs mgmt_address
+    result = cerebras.train(params, data_dir=train_dir, model_dir=out, checkpoint_dir=ckpts,
+                            work_dir=tmp, on_metrics=lambda metrics, step: ...)
+
+The SDK pins torch 2.4, so it cannot live beside the main venv's torch. Each call therefore runs
+``python -m gpt2core.cerebras`` (``gpt2core/cerebras/__main__.py``) in a Python that has the SDK:
+this one when ``cerebras.pytorch`` imports here (the cerebras container image), otherwise
+``$GPT2OPS_CEREBRAS_PYTHON`` or the repo's ``.venv-cerebras/bin/python``. A child process per call
+also gives every run the fresh SDK backend it needs (the SDK allows one backend per process).
+Metrics stream back while training; errors come back as the same ``gpt2core.errors`` class.
+
+``backend`` is ``"CSX"`` (a Wafer-Scale Cluster, settings from ``runconfig``) or ``"CPU"`` (the
+SDK's CPU backend: same flow, no appliance; for tests and laptops).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gpt2core
+from gpt2core import errors
+from gpt2core.config import Params
+from gpt2core.errors import ConfigError, Gpt2opsError, TrainingError
+
+log = logging.getLogger(__name__)
+
+ENV_PYTHON = "GPT2OPS_CEREBRAS_PYTHON"
+REPO_ROOT = Path(gpt2core.__file__).resolve().parent.parent
+VENV_PYTHON = REPO_ROOT / ".venv-cerebras" / "bin" / "python"
+METRICS_PREFIX = "@gpt2ops-metrics "
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+SETUP_HINT = (f"python3.11 -m venv .venv-cerebras && .venv-cerebras/bin/pip install -r requirements/cerebras.txt "
+              f"&& .venv-cerebras/bin/pip install --no-deps -e .   (in {REPO_ROOT}), or set {ENV_PYTHON}")
+
+
+def sdk_importable() -> bool:
+    """True where ``cerebras.pytorch`` is installed in this Python (the cerebras image)."""
+    try:
+        return importlib.util.find_spec("cerebras.pytorch") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def sdk_python() -> str:
+    """The Python that runs the cstorch flow."""
+    configured = os.environ.get(ENV_PYTHON)
+    if configured:
+        if not Path(configured).is_file():
+            raise ConfigError(f"{ENV_PYTHON}={configured}: no such Python executable")
+        return configured
+    if sdk_importable():
+        return sys.executable
+    if VENV_PYTHON.is_file():
+        return str(VENV_PYTHON)
+    raise ConfigError(f"target cerebras: the Cerebras SDK (cerebras-pytorch) is not installed here and "
+                      f"{VENV_PYTHON} does not exist; create it: {SETUP_HINT}")
+
+
+def validate(params: Params, *, data_dir: str | Path, work_dir: str | Path, backend: str = "CSX") -> dict[str, Any]:
+    """Trace and lower one training step (CSX: as far as the SDK goes without an appliance, and the
+    SDK's validate_only on the cluster when ``runconfig.mgmt_address`` is set). Returns the report."""
+    return _run("validate", params, {"data_dir": str(data_dir), "work_dir": str(work_dir), "backend": backend})
+
+
+def compile(params: Params, *, data_dir: str | Path, work_dir: str | Path,  # noqa: A001 - the stage's name
+            backend: str = "CSX") -> dict[str, Any]:
+    """compile_only on the appliance; the compile artifacts are under ``work_dir/cerebras_logs``."""
+    return _run("compile", params, {"data_dir": str(data_dir), "work_dir": str(work_dir), "backend": backend})
+
+
+def train(params: Params, *, data_dir: str | Path, model_dir: str | Path, checkpoint_dir: str | Path,
+          work_dir: str | Path, backend: str = "CSX", on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
+    """Train; cstorch checkpoints go to ``checkpoint_dir``, the final model (safetensors, our
+    saved-model layout) to ``model_dir``, with a Model Zoo params YAML of the same run beside it."""
+    return _run("train", params, {"data_dir": str(data_dir), "model_dir": str(model_dir),
+                                  "checkpoint_dir": str(checkpoint_dir), "work_dir": str(work_dir),
+                                  "backend": backend}, on_metrics=on_metrics)
+
+
+def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Path) -> Path:
+    """A cstorch checkpoint (``.mdl``) as our standard saved-model folder."""
+    result = _run("convert", params, {"checkpoint": str(checkpoint), "out_dir": str(out_dir)})
+    return Path(result["model_dir"])
+
+
+def _run(op: str, params: Params, args: dict[str, Any], *, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
+    python = sdk_python()
+    with tempfile.TemporaryDirectory(prefix=f"gpt2ops-cerebras-{op}-") as tmp:
+        request, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({"op": op, "params": params.to_dict(), "args": args}))
+        env = dict(os.environ)
+        # The child imports this very checkout of gpt2core, whatever the SDK venv has installed.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        command = [python, "-m", "gpt2core.cerebras", "--request", str(request), "--result", str(result_file)]
+        log.info("cerebras %s: %s", op, " ".join(command))
+        tail: collections.deque[str] = collections.deque(maxlen=40)
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              bufsize=1) as child:
+            assert child.stdout is not None
+            for line in child.stdout:
+                if line.startswith(METRICS_PREFIX):
+                    record = json.loads(line[len(METRICS_PREFIX):])
+                    if on_metrics:
+                        on_metrics(record["metrics"], record["step"])
+                    continue
+                tail.append(line.rstrip("\n"))
+                sys.stderr.write(line)
+            returncode = child.wait()
+        outcome = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if outcome and "error" in outcome:
+        error_class = getattr(errors, outcome["error"]["type"], Gpt2opsError)
+        raise error_class(outcome["error"]["message"])
+    if returncode != 0 or outcome is None:
+        raise TrainingError(f"cerebras {op} failed in {python} (exit {returncode}); last output:\n" + "\n".join(tail))
+    return outcome["result"]

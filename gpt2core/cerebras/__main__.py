@@ -1,0 +1,88 @@
+"""``python -m gpt2core.cerebras``: the cstorch side of ``gpt2core.cerebras`` (runs where the SDK is).
+
+Two ways in:
+- ``--request request.json --result result.json``: what ``gpt2core.cerebras`` runs; metrics are
+  printed as ``@gpt2ops-metrics {json}`` lines, the outcome (or the error) goes to result.json;
+- ``convert --checkpoint ckpt.mdl --params params.yaml --out DIR``: convert a Cerebras checkpoint
+  into our saved-model folder by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from gpt2core.config import load_params, params_from_dict
+from gpt2core.errors import Gpt2opsError
+
+METRICS_PREFIX = "@gpt2ops-metrics "  # same as gpt2core.cerebras.METRICS_PREFIX (not imported: keeps this light)
+
+
+def emit_metrics(metrics: dict[str, float], step: int) -> None:
+    print(METRICS_PREFIX + json.dumps({"step": step, "metrics": metrics}), flush=True)
+
+
+def execute(op: str, params: Any, args: dict[str, Any]) -> dict[str, Any]:
+    from gpt2core.cerebras import flow, modelzoo
+
+    if op in ("validate", "compile"):
+        return flow.trace_one_step(params, args["data_dir"], args["work_dir"], backend_name=args["backend"], mode=op)
+    if op == "train":
+        result = flow.train(params, args["data_dir"], model_dir=args["model_dir"],
+                            checkpoint_dir=args["checkpoint_dir"], work_dir=args["work_dir"],
+                            backend_name=args["backend"], on_metrics=emit_metrics)
+        result["modelzoo_params"] = str(modelzoo.write_modelzoo_params(
+            params, Path(args["model_dir"]) / modelzoo.MODELZOO_PARAMS_FILE, train_data_dir=args["data_dir"],
+            backend=args["backend"]))
+        return result
+    if op == "convert":
+        return {"model_dir": str(flow.convert_checkpoint(args["checkpoint"], params, args["out_dir"]))}
+    raise ValueError(f"unknown operation {op!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2core.cerebras", description=__doc__.splitlines()[0])
+    parser.add_argument("op", nargs="?", choices=["convert"], help="convert a checkpoint by hand")
+    parser.add_argument("--request", help="request JSON written by gpt2core.cerebras")
+    parser.add_argument("--result", help="where to write the outcome JSON")
+    parser.add_argument("--checkpoint", help="convert: the cstorch checkpoint (.mdl)")
+    parser.add_argument("--params", help="convert: the run's params YAML")
+    parser.add_argument("--out", help="convert: output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.op == "convert":
+        if not (args.checkpoint and args.params and args.out):
+            parser.error("convert needs --checkpoint, --params and --out")
+        try:
+            print(execute("convert", load_params(args.params), {"checkpoint": args.checkpoint, "out_dir": args.out}))
+        except Gpt2opsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    if not (args.request and args.result):
+        parser.error("--request and --result are required")
+    request = json.loads(Path(args.request).read_text())
+    result_file = Path(args.result)
+    try:
+        params = params_from_dict(request["params"], source="cerebras request")
+        outcome: dict[str, Any] = {"result": execute(request["op"], params, request["args"])}
+        code = 0
+    except Gpt2opsError as exc:
+        outcome, code = {"error": {"type": type(exc).__name__, "message": str(exc)}}, 2
+    except Exception:  # noqa: BLE001 - the parent shows the traceback's tail
+        traceback.print_exc()
+        outcome, code = {"error": {"type": "TrainingError", "message": traceback.format_exc(limit=-3)}}, 1
+    result_file.write_text(json.dumps(outcome, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
