@@ -125,7 +125,7 @@ def test_min_sequence_len_drops_short_windows(tmp_path: Path):
     assert kept["train"]["num_sequences"] == dropped["train"]["num_sequences"] + 1
 
 
-def test_same_bytes_for_one_and_two_processes(small_corpus: Path, tmp_path: Path):
+def test_same_bytes_for_one_and_two_workers(small_corpus: Path, tmp_path: Path):
     common = {"samples_per_file": 150, "val_fraction": 0.25, "compression": "gzip"}
     preprocess_corpus(small_corpus, tmp_path / "one", _params(processes=1, **common))
     preprocess_corpus(small_corpus, tmp_path / "two", _params(processes=2, **common))
@@ -215,7 +215,7 @@ def test_interrupted_write_leaves_no_complete_looking_file(tmp_path: Path):
     np.arange(100, dtype=np.uint16).tofile(stream)
     out = tmp_path / "data-00000.h5"
     with pytest.raises(IndexError):  # a window past the end of the stream fails mid-file
-        _write_h5(stream, "<u2", np.array([0, 5000]), np.array([9, 9]), 8, out, "none")
+        _write_h5(stream, "<u2", np.array([0, 5000]), np.array([9, 9]), out, msl=8, compression="none")
     assert not list(tmp_path.glob("data-*"))
 
 

@@ -5,8 +5,8 @@ int32 `[n, 3, max_seq_length]` = (input_ids, attention_mask, labels), attribute 
 `data_params.json` with the arguments and `h5_dataset_stats`. EOS follows every document; PAD = EOS;
 attention_mask is 1 on real tokens and is the loss mask; labels are the inputs shifted by one.
 
-How it runs, in two phases so the result never depends on the number of processes:
-1. tokenize: one task per input file, in parallel; each writes its token stream and document lengths
+How it runs, in two phases so the result never depends on the number of workers:
+1. tokenize: one task per input file, on a thread pool; each writes its token stream and document lengths
    to a cache folder (write then rename), so a rerun after a crash skips what is done;
 2. pack and write: the documents of each split (chosen per document from the seed) are concatenated
    in file order, cut into windows, and the HDF5 files are written in parallel, each to a temporary
@@ -21,16 +21,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import h5py
 import numpy as np
+import tiktoken
 
 from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
 from gpt2core.errors import ConfigError, DataError
@@ -62,7 +62,7 @@ class PreprocessParams:
     compression: Literal["none", "gzip", "lzf"] = "none"
     val_fraction: float = 0.01  # documents drawn into val/ (at least one when > 0)
     seed: int = 0
-    processes: int = 0  # 0: all cores
+    processes: int = 0  # worker threads (the reference's --processes); 0: all cores
     jsonl_key: str | None = None  # None: the corpus's text key (corpus.json) or "text"
     vocab_file: str | None = None
     encoder_file: str | None = None
@@ -150,28 +150,19 @@ def _input_files(input_dir: Path, text_key: str, tokenizer_name: str) -> list[_I
     return out
 
 
-_worker_tokenizer = None
-
-
-def _init_worker(vocab_file: str | None, encoder_file: str | None) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = get_tokenizer(vocab_file, encoder_file)
-
-
 def _token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
 
 
-def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str) -> dict:
+def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, enc: tiktoken.Encoding) -> dict:
     """Token stream (every document + EOS) and per-document lengths of one file, into the cache."""
     tokens_path, meta_path = cache_dir / f"{item.cache_key}.bin", cache_dir / f"{item.cache_key}.json"
     if meta_path.exists():  # written last: the entry is complete
         return json.loads(meta_path.read_text())
-    enc = _worker_tokenizer
     dtype = _token_dtype(enc.n_vocab)
     eos = np.array([enc.eot_token], dtype=dtype)
     stats, lengths, skipped = ReadStats(), [], 0
-    tmp = tokens_path.with_suffix(f".bin.tmp{os.getpid()}")
+    tmp = tokens_path.with_suffix(".bin.tmp")
     with tmp.open("wb") as out:
         for text in iter_documents(item.path, text_key, stats):
             if not text:
@@ -186,7 +177,7 @@ def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str) -> dict:
     meta = {"relpath": item.relpath, "cache_key": item.cache_key, "documents": len(lengths), "empty_documents": skipped,
             "tokens": int(sum(lengths)), "bytes": stats.bytes, "replaced_chars": stats.replaced_chars,
             "lengths": lengths}
-    tmp_meta = meta_path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp_meta = meta_path.with_suffix(".json.tmp")
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_meta, meta_path)
     return meta
@@ -240,8 +231,8 @@ def h5_name(index: int) -> str:
     return f"data-{index:05d}.h5"
 
 
-def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.ndarray, msl: int,
-              out_path: Path, compression: str) -> str:
+def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.ndarray, out_path: Path, *,
+              msl: int, compression: str) -> str:
     stream = np.memmap(stream_path, dtype=np.dtype(dtype), mode="r")
     tmp = out_path.with_name(out_path.name + ".tmp")
     n = len(starts)
@@ -260,30 +251,6 @@ def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.nda
         raise
     os.replace(tmp, out_path)
     return out_path.name
-
-
-class _InlineExecutor(Executor):
-    """processes=1: the same tasks, run in this process (no pool to start)."""
-
-    def map(self, fn, *iterables, **_):  # noqa: ANN001 - Executor's signature
-        return map(fn, *iterables)
-
-
-@contextmanager
-def _executor(processes: int, vocab_file: str | None, encoder_file: str | None) -> Iterator[Executor]:
-    if processes == 1:
-        _init_worker(vocab_file, encoder_file)
-        yield _InlineExecutor()
-        return
-    # spawn: workers must not inherit a parent's threads or open HDF5 handles.
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(vocab_file, encoder_file)) as pool:
-        yield pool
-
-
-def _star(args: tuple) -> object:
-    fn, *rest = args
-    return fn(*rest)
 
 
 def _fingerprint(params: PreprocessParams, files: Sequence[_InputFile], text_key: str) -> str:
@@ -355,10 +322,11 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
     processes = params.processes or os.cpu_count() or 1
     dtype = _token_dtype(enc.n_vocab)
 
-    with _executor(processes, params.vocab_file, params.encoder_file) as pool:
+    # Threads, not processes: tiktoken encodes without the GIL (as its own encode_ordinary_batch
+    # relies on), so workers start instantly and share one tokenizer; map() keeps the file order.
+    with ThreadPoolExecutor(processes, thread_name_prefix="preprocess") as pool:
         metas, done_bytes, last_log = [], 0, time.monotonic()
-        tasks = ((_tokenize_file, f, cache, text_key) for f in files)
-        for meta in pool.map(_star, tasks):
+        for meta in pool.map(partial(_tokenize_file, cache_dir=cache, text_key=text_key, enc=enc), files):
             metas.append(meta)
             done_bytes += meta["bytes"]
             if time.monotonic() - last_log > 10 or len(metas) == len(files):
@@ -412,7 +380,7 @@ def _flip(picks: list[np.ndarray], flat_index: int, value: bool) -> None:
 
 
 def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache: Path, dtype: np.dtype,
-                 output_dir: Path, params: PreprocessParams, pool: Executor) -> dict:
+                 output_dir: Path, params: PreprocessParams, pool: ThreadPoolExecutor) -> dict:
     """Concatenate this split's documents in file order, cut windows, write the HDF5 files."""
     want_val = split == "val"
     stream_path = cache / f"{split}.stream"
@@ -442,9 +410,9 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     folder.mkdir(parents=True, exist_ok=True)
     spf, msl = params.samples_per_file, params.max_seq_length
     n_files = -(-len(starts) // spf)
-    tasks = [(_write_h5, stream_path, dtype.str, starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf],
-              msl, folder / h5_name(i), params.compression) for i in range(n_files)]
-    for name in pool.map(_star, tasks):
+    write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression)
+    pieces = [(starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf], folder / h5_name(i)) for i in range(n_files)]
+    for name in pool.map(lambda piece: write(*piece), pieces):
         log.debug("wrote %s/%s", folder, name)
     stream_path.unlink()
 

