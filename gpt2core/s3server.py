@@ -8,14 +8,13 @@ sessions, two pipelines) can run side by side; a restart keeps the same ports an
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import ctypes
 import json
 import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +33,6 @@ _PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
     "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
 )
-_PR_SET_PDEATHSIG = 1
 
 
 def weed_binary() -> str:
@@ -57,12 +55,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _die_with_parent() -> None:
-    # Linux only: the server gets SIGTERM if the Python process dies without cleaning up (SIGKILL).
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -120,8 +112,9 @@ class SeaweedS3Server:
         ]
         logfile = (self.data_dir / "weed.log").open("ab")
         self._proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                      stdin=subprocess.DEVNULL)
         logfile.close()
+        atexit.register(self.stop)  # also when the caller forgets the context manager
         self._wait_ready()
         log.info("embedded S3 (SeaweedFS) serving bucket %r at %s, data in %s",
                  self.bucket, self.endpoint, self.data_dir)
@@ -142,7 +135,9 @@ class SeaweedS3Server:
                 raise StorageError(f"SeaweedFS exited with code {self._proc.returncode} at start; "
                                    f"see {self.data_dir / 'weed.log'}")
             try:
-                client.head_bucket(Bucket=self.bucket)
+                # Ready means writable: the S3 port answers before the volume server has registered.
+                client.put_object(Bucket=self.bucket, Key=".gpt2ops-ready", Body=b"")
+                client.delete_object(Bucket=self.bucket, Key=".gpt2ops-ready")
                 return
             except Exception:  # noqa: BLE001 - not up yet (refused, 404 until the bucket exists)
                 if time.monotonic() > deadline:
@@ -152,7 +147,7 @@ class SeaweedS3Server:
                                        f"see {self.data_dir / 'weed.log'}") from None
                 time.sleep(0.2)
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
         if self._proc is None:
             return
         if self._proc.poll() is None:
@@ -163,6 +158,7 @@ class SeaweedS3Server:
                 self._proc.kill()
                 self._proc.wait()
         self._proc = None
+        atexit.unregister(self.stop)
 
     def __enter__(self) -> SeaweedS3Server:
         return self.start()

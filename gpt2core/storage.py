@@ -16,7 +16,8 @@ when set), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN
 file of the same name in ``$GPT2OPS_S3_SECRET_DIR`` (default ``/var/run/secrets/gpt2ops/s3``, a
 Kubernetes secret mounted as a volume); with no keys at all, boto3's default chain (IAM role,
 ~/.aws) applies. Transient failures are retried by botocore (``AWS_RETRY_MODE``, default standard;
-``AWS_MAX_ATTEMPTS``, default 10).
+``AWS_MAX_ATTEMPTS``, default 10), and whole files again while the endpoint is unreachable, for up
+to ``GPT2OPS_S3_OUTAGE_S`` seconds (default 120).
 """
 
 from __future__ import annotations
@@ -289,6 +290,59 @@ def _transfer_manager():
     return create_transfer_manager(s3_client(), config)
 
 
+def _is_transient(exc: Exception) -> bool:
+    """Connection trouble or a server-side (5xx) error: worth trying again once the store is back."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+    if isinstance(exc, S3UploadFailedError):  # keeps only the text of the ClientError it wraps
+        return any(code in str(exc) for code in ("InternalError", "ServiceUnavailable", "SlowDown",
+                                                 "(500)", "(502)", "(503)", "(504)"))
+    return True
+
+
+def _transfer_files(paths: list[str], submit: Callable, uri: str,
+                    on_file_done: Callable[[str], None] | None = None) -> None:
+    """Run submit(manager, path) for every path in parallel; files that fail because the endpoint
+    is unreachable or failing (5xx) are tried again, whole, until $GPT2OPS_S3_OUTAGE_S (default 120) have passed.
+
+    botocore retries each request, but its retry quota is shared by the client and a few parallel
+    transfers use it up within seconds of an outage (a restarted store, a rescheduled pod).
+    """
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    tolerance_s = float(os.environ.get("GPT2OPS_S3_OUTAGE_S", "120"))
+    deadline, pause_s = time.monotonic() + tolerance_s, 1.0
+    pending = list(paths)
+    while pending:
+        failed, error = [], None
+        with _transfer_manager() as manager:
+            futures = [(path, submit(manager, path)) for path in pending]
+            for path, future in futures:
+                try:
+                    future.result()
+                except (BotoConnectionError, HTTPClientError, ClientError, S3UploadFailedError) as exc:
+                    if not _is_transient(exc):
+                        raise
+                    failed.append(path)
+                    error = exc
+                    continue
+                if on_file_done:
+                    on_file_done(path)
+        if failed and time.monotonic() + pause_s > deadline:
+            raise error
+        if failed:
+            log.warning("%s: S3 endpoint unreachable or failing (%s); retrying %d file(s) in %.0f s",
+                        uri, error, len(failed), pause_s)
+            time.sleep(pause_s)
+            pause_s = min(2 * pause_s, 15.0)
+        pending = failed
+
+
 def _list_keys(bucket: str, prefix: str) -> list[str]:
     paginator = s3_client().get_paginator("list_objects_v2")
     return [obj["Key"] for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
@@ -324,15 +378,11 @@ def upload_dir(local: str | Path, uri: str, *,
     with _s3_errors(uri, "upload"):
         s3_client().delete_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST}")
         stale = set(_list_keys(bucket, prefix + "/"))
-        with _transfer_manager() as manager:
-            futures = [(entry["path"], manager.upload(str(local / entry["path"]), bucket,
-                                                       f"{prefix}/{entry['path']}",
-                                                       subscribers=[progress.subscriber]))
-                       for entry in manifest["files"]]
-            for path, future in futures:
-                future.result()
-                if on_file_done:
-                    on_file_done(path)
+        _transfer_files(
+            [entry["path"] for entry in manifest["files"]],
+            lambda manager, path: manager.upload(str(local / path), bucket, f"{prefix}/{path}",
+                                                 subscribers=[progress.subscriber]),
+            uri, on_file_done)
         stale -= {f"{prefix}/{entry['path']}" for entry in manifest["files"]}
         for key in sorted(stale):
             s3_client().delete_object(Bucket=bucket, Key=key)
@@ -374,15 +424,14 @@ def download_dir(uri: str, local: str | Path) -> dict:
     else:
         bucket, prefix = split_s3_uri(uri)
         progress = _Progress("downloading", uri, manifest["total_bytes"])
-        with _s3_errors(uri, "download"), _transfer_manager() as manager:
-            futures = []
-            for entry in manifest["files"]:
-                (local / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
-                futures.append(manager.download(bucket, f"{prefix}/{entry['path']}",
-                                                str(local / entry["path"]),
-                                                subscribers=[progress.subscriber]))
-            for future in futures:
-                future.result()
+        for entry in manifest["files"]:
+            (local / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
+        with _s3_errors(uri, "download"):
+            _transfer_files(
+                [entry["path"] for entry in manifest["files"]],
+                lambda manager, path: manager.download(bucket, f"{prefix}/{path}", str(local / path),
+                                                       subscribers=[progress.subscriber]),
+                uri)
         progress.log()
     _verify_files(local, manifest, uri, checksums=True)
     (local / MANIFEST).write_text(json.dumps(manifest, indent=1))
