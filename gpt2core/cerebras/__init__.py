@@ -1,8 +1,8 @@
 """The Cerebras target: validate, compile and train GPT-2 with the Cerebras PyTorch SDK (cstorch).
 
     from gpt2core import cerebras
-    report = cerebras.validate(params, data_dir=train_dir, work_dir=tmp)              # lowers locally
-    report = cerebras.compile(params, data_dir=train_dir, work_dir=tmp)               # needs mgmt_address
+    report = cerebras.validate(params, data_dir=train_dir, work_dir=tmp)    # validate_only, local
+    report = cerebras.compile(params, data_dir=train_dir, work_dir=tmp)     # compile_only: needs mgmt_address
     result = cerebras.train(params, data_dir=train_dir, model_dir=out, checkpoint_dir=ckpts,
                             work_dir=tmp, on_metrics=lambda metrics, step: ...)
 
@@ -33,6 +33,7 @@ from typing import Any
 
 import gpt2core
 from gpt2core import errors
+from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import Params
 from gpt2core.errors import ConfigError, Gpt2opsError, TrainingError
 
@@ -72,14 +73,15 @@ def sdk_python() -> str:
 
 
 def validate(params: Params, *, data_dir: str | Path, work_dir: str | Path, backend: str = "CSX") -> dict[str, Any]:
-    """Trace and lower one training step (CSX: as far as the SDK goes without an appliance, and the
-    SDK's validate_only on the cluster when ``runconfig.mgmt_address`` is set). Returns the report."""
+    """Trace, lower and validate one training step (CSX: the SDK's validate_only, which runs on
+    this machine; CPU: one real step). Returns the report."""
     return _run("validate", params, {"data_dir": str(data_dir), "work_dir": str(work_dir), "backend": backend})
 
 
 def compile(params: Params, *, data_dir: str | Path, work_dir: str | Path,  # noqa: A001 - the stage's name
             backend: str = "CSX") -> dict[str, Any]:
-    """compile_only on the appliance; the compile artifacts are under ``work_dir/cerebras_logs``."""
+    """compile_only: lower here, compile on the appliance (``runconfig.mgmt_address``; without it a
+    ConfigError names the setting once lowering is done). Local artifacts: ``work_dir/cerebras_logs``."""
     return _run("compile", params, {"data_dir": str(data_dir), "work_dir": str(work_dir), "backend": backend})
 
 
@@ -99,6 +101,9 @@ def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Pa
 
 
 def _run(op: str, params: Params, args: dict[str, Any], *, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
+    if "backend" in args:
+        # Config mistakes fail here in a second, before the SDK's slow start in the child.
+        resolve_settings(params, args["backend"], need_appliance=(op == "train"))
     python = sdk_python()
     with tempfile.TemporaryDirectory(prefix=f"gpt2ops-cerebras-{op}-") as tmp:
         request, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"

@@ -145,13 +145,18 @@ class Precision:
     backend bfloat16 autocast (or float32) needs no loss scaling."""
 
     def __init__(self, settings: CerebrasSettings, params: Params):
-        self.settings = settings
+        """Call before the model is built: the half dtype is global SDK state the model traces with."""
+        self.settings, self.params = settings, params
         self.max_gradient_norm = params.optimizer.max_gradient_norm
         self.grad_scaler = None
         if settings.half_dtype:
             cstorch.amp.set_half_dtype(settings.half_dtype)
-        if settings.uses_grad_scaler:
-            o = params.optimizer
+
+    def attach(self, optimizer: cstorch.optim.Optimizer) -> None:
+        """Make the GradScaler once the optimizer exists: it hooks the optimizers registered so far."""
+        del optimizer  # registered with the backend when it was made
+        if self.settings.uses_grad_scaler:
+            o = self.params.optimizer
             self.grad_scaler = cstorch.amp.GradScaler(
                 loss_scale=o.loss_scaling_factor, init_scale=o.initial_loss_scale,
                 max_loss_scale=o.max_loss_scale)
@@ -266,10 +271,19 @@ def _seed(params: Params) -> None:
     torch.manual_seed(params.runconfig.seed)
 
 
-def _build_model(backend: Any, params: Params) -> GPT2:
-    _seed(params)
-    with backend.device:  # CSX: parameters are created lazily, on the appliance's terms
-        return GPT2(params.model)
+class _Run:
+    """What one run traces: the model on the backend, its optimizer, schedule and precision."""
+
+    def __init__(self, settings: CerebrasSettings, params: Params, backend: Any):
+        self.precision = Precision(settings, params)
+        _seed(params)
+        with backend.device:  # CSX: parameters are created lazily, on the appliance's terms
+            self.model = GPT2(params.model)
+        self.compiled = cstorch.compile(self.model, backend)
+        self.optimizer = build_optimizer(self.model, params)
+        self.scheduler = build_lr_scheduler(self.optimizer, params)
+        self.precision.attach(self.optimizer)
+        self.step = _training_step(self.compiled, self.model, self.optimizer, self.scheduler, self.precision)
 
 
 def _lowered_files(executor_dir: Path) -> dict[str, int]:
@@ -278,53 +292,53 @@ def _lowered_files(executor_dir: Path) -> dict[str, int]:
 
 def trace_one_step(params: Params, data_dir: str | Path, work_dir: str | Path, *, backend_name: str = "CSX",
                    mode: str = "validate") -> dict[str, Any]:
-    """Validate (``mode="validate"``) or compile (``"compile"``) one training step.
+    """Validate (``mode="validate"``) or compile (``"compile"``) one training step; returns a report.
 
-    On CSX the step is traced and lowered to MLIR here; what needs the appliance (the SDK's
-    validate_only / compile_only against the cluster) runs when ``runconfig.mgmt_address`` is set.
-    Validation without an address stops at that boundary and says so in the report; compile
-    without one is an error (resolve_settings). On the CPU backend the step simply runs once.
+    CSX validate is the SDK's ``validate_only``: trace, lower to MLIR and validate the graph, all on
+    this machine. CSX compile is ``compile_only``: the same lowering here, then the compile for the
+    wafer on the appliance, whose artifacts stay in the cluster's compile cache (``compile_dir``)
+    for the train job. Without ``runconfig.mgmt_address`` the compile stops at that boundary with a
+    ConfigError naming the setting. On the CPU backend the step simply runs once.
     """
     if mode not in ("validate", "compile"):
         raise ValueError(f"mode {mode!r}")
-    settings = resolve_settings(params, backend_name, need_appliance=(mode == "compile"))
+    settings = resolve_settings(params, backend_name, need_appliance=False)
     work_dir = Path(work_dir)
     artifact_dir = work_dir / "cerebras_logs"
     backend = make_backend(settings, artifact_dir, compile_only=(mode == "compile"),
                            validate_only=(mode == "validate"))
-    precision = Precision(settings, params)
-    model = _build_model(backend, params)
-    compiled = cstorch.compile(model, backend)
-    optimizer = build_optimizer(model, params)
-    scheduler = build_lr_scheduler(optimizer, params)
-    step_fn = _training_step(compiled, model, optimizer, scheduler, precision)
+    run = _Run(settings, params, backend)
     executor = cstorch.utils.data.DataExecutor(make_dataloader(params, data_dir), num_steps=1)
     report: dict[str, Any] = {
         "backend": settings.backend, "mode": mode, "sdk_version": cstorch.__version__,
-        "num_params": model.num_params(non_embedding=False), "half_dtype": settings.half_dtype,
+        "num_params": run.model.num_params(non_embedding=False), "half_dtype": settings.half_dtype,
         "loss_scaling": settings.loss_scaling_factor if settings.uses_grad_scaler else None,
-        "mgmt_address": settings.mgmt_address, "num_csx": settings.num_csx,
+        "mgmt_address": settings.mgmt_address, "num_csx": settings.num_csx, "compile_dir": settings.compile_dir,
     }
     started = time.perf_counter()
     try:
         for batch in executor:
-            step_fn(batch)
-        report["appliance"] = "validated" if mode == "validate" else "compiled"
+            run.step(batch)
     except ClusterConfigError as exc:
-        # Raised at the appliance boundary, after tracing and lowering succeeded.
-        if settings.mgmt_address or mode != "validate":
-            raise ConfigError(f"runconfig.mgmt_address / runconfig.credentials_path: the cluster refused "
-                              f"the connection ({exc})") from None
-        report["appliance"] = ("skipped: runconfig.mgmt_address is not set, so validation stopped at the "
-                               "appliance boundary after lowering the step to MLIR locally")
+        # Raised at the appliance boundary, after the step was traced and lowered here.
+        lowered = ", ".join(f"{name} {size} bytes" for name, size in _lowered_files(Path(executor.artifact_dir)).items())
+        if settings.mgmt_address is None:
+            raise ConfigError(
+                f"runconfig.mgmt_address: not set; the step was traced and lowered to MLIR here ({lowered or 'no files'} "
+                f"in {executor.artifact_dir}), but compiling it for the wafer needs the cluster management server "
+                f"as '<host>:<port>'") from None
+        raise ConfigError(f"runconfig.mgmt_address / runconfig.mgmt_namespace / runconfig.credentials_path: "
+                          f"the cluster at {settings.mgmt_address} refused this configuration ({exc})") from None
     report["seconds"] = round(time.perf_counter() - started, 3)
     if settings.is_csx:
         executor_dir = Path(executor.artifact_dir)
         report["lowered"] = _lowered_files(executor_dir)
         report["artifact_dir"] = str(artifact_dir)
         if not report["lowered"]:
-            raise TrainingError(f"{executor_dir}: the SDK wrote no MLIR; lowering did not happen")
-        report["compile_dir"] = settings.compile_dir
+            raise TrainingError(f"{executor_dir}: the SDK wrote no MLIR; the step was not lowered")
+        report["result"] = "validated locally" if mode == "validate" else f"compiled on {settings.mgmt_address}"
+    else:
+        report["result"] = "ran one step on the CPU backend"
     return report
 
 
@@ -350,11 +364,8 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     checkpoint_dir, model_dir, work_dir = Path(checkpoint_dir), Path(model_dir), Path(work_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     backend = make_backend(settings, work_dir / "cerebras_logs")
-    precision = Precision(settings, params)
-    model = _build_model(backend, params)
-    compiled = cstorch.compile(model, backend)
-    optimizer = build_optimizer(model, params)
-    scheduler = build_lr_scheduler(optimizer, params)
+    run = _Run(settings, params, backend)
+    model, optimizer, scheduler, precision = run.model, run.optimizer, run.scheduler, run.precision
 
     start_step = 0
     if r.checkpoint_path:
@@ -375,7 +386,6 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
         make_dataloader(params, data_dir, start_step), num_steps=num_steps,
         checkpoint_steps=checkpoint_schedule(start_step, r.max_steps, r.checkpoint_steps),
         activation_steps=min(r.log_steps, num_steps))
-    step_fn = _training_step(compiled, model, optimizer, scheduler, precision)
     tokens_per_step = params.train_input.batch_size * params.train_input.max_sequence_length
     history: list[tuple[int, float]] = []
     window = {"start": time.perf_counter(), "steps": 0}
@@ -408,7 +418,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
         save_checkpoint(0)  # queued: the SDK runs it as the executor starts, before the first step
     started = time.perf_counter()
     for batch in executor:
-        loss, lr = step_fn(batch)
+        loss, lr = run.step(batch)
         step = start_step + executor.user_iteration
         window["steps"] += 1
         if step % r.log_steps == 0 or executor.on_final_iteration:

@@ -59,8 +59,8 @@ class CerebrasSettings:
 def resolve_settings(params: Params, backend: str, *, need_appliance: bool) -> CerebrasSettings:
     """Check the config for a run on ``backend`` and return its settings.
 
-    ``need_appliance``: the run must reach the cluster (compile, train on CSX); validation lowers
-    locally and only reaches the appliance when an address is given.
+    ``need_appliance``: the run cannot start without the cluster (training on CSX). Validation
+    runs locally; compile lowers locally first and reports a missing address at the boundary.
     """
     backend = backend.upper()
     if backend not in BACKENDS:
@@ -109,8 +109,8 @@ def resolve_settings(params: Params, backend: str, *, need_appliance: bool) -> C
     if r.mgmt_address is not None:
         check_mgmt_address(r.mgmt_address)
     elif need_appliance and backend == "CSX":
-        raise ConfigError("runconfig.mgmt_address: not set; compiling and training on the CSX backend need "
-                          "the cluster management server as '<host>:<port>' (or use the CPU backend)")
+        raise ConfigError("runconfig.mgmt_address: not set; training on the CSX backend needs the cluster "
+                          "management server as '<host>:<port>' (or use the CPU backend)")
 
     python_paths = tuple(r.python_paths)
     if backend == "CSX":
