@@ -238,7 +238,10 @@ def available_configs() -> list[str]:
 def load_params(path_or_uri_or_name: str | Path, overrides: dict[str, object] | None = None) -> Params:
     """Read a config (bundled name, local path or s3:// URI), apply dotted overrides, type-check it."""
     source = str(path_or_uri_or_name)
-    raw = yaml.safe_load(_read_config_text(source))
+    try:
+        raw = yaml.safe_load(_read_config_text(source))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping with sections {_section_names()}")
     for key, value in (overrides or {}).items():
@@ -266,14 +269,12 @@ def _read_config_text(source: str) -> str:
     if local.is_file():
         return local.read_text()
     if source.startswith("s3://"):
-        from gpt2core.storage import local_input
+        from gpt2core.storage import NotFound, read_text
 
-        folder, _, name = source.rpartition("/")
-        with local_input(folder) as path:
-            target = Path(path) / name
-            if not target.is_file():
-                raise ConfigError(f"{source}: no such config file")
-            return target.read_text()
+        try:
+            return read_text(source)
+        except NotFound:
+            raise ConfigError(f"{source}: no such config file") from None
     bundled = CONFIGS_DIR / (source if source.endswith(".yaml") else f"{source}.yaml")
     if "/" not in source and bundled.is_file():
         return bundled.read_text()

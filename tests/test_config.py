@@ -73,7 +73,7 @@ def test_overrides_are_dotted_and_type_checked():
 
 def test_flat_dict_has_dotted_keys():
     flat = load_params("gpt2_tiny").to_flat_dict()
-    assert flat["model.hidden_size"] == 128
+    assert flat["model.hidden_size"] == 64
     assert flat["optimizer.learning_rate.1.scheduler"] == "CosineDecay"
     assert flat["optimizer.betas"] == [0.9, 0.95]
 
@@ -93,7 +93,7 @@ def test_flat_dict_has_dotted_keys():
      r"optimizer\.learning_rate\.0\.end_learning_rat: unknown key; did you mean"),
     (lambda r: r.update(optimiser={}), r"optimiser: unknown key; did you mean optimizer\?"),
     (lambda r: r.pop("runconfig"), r"runconfig: missing required key"),
-    (lambda r: r["model"].update(num_heads=5), r"model\.num_heads: model\.hidden_size 128 must be divisible"),
+    (lambda r: r["model"].update(num_heads=5), r"model\.num_heads: model\.hidden_size 64 must be divisible"),
     (lambda r: r["train_input"].update(max_sequence_length=4096),
      r"train_input\.max_sequence_length: expected 1\.\.model\.max_position_embeddings"),
     (lambda r: r["model"].update(nonlinearity="relu"), r"model\.nonlinearity: expected one of"),

@@ -35,7 +35,7 @@ def test_head_is_tied_and_bias_free():
     model = tiny_model()
     assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.bias is None
     untied = tiny_model(share_embedding_weights=False, use_bias_in_output=True)
-    assert untied.num_params(False) == model.num_params(False) + 50257 * 128 + 50257
+    assert untied.num_params(False) == model.num_params(False) + 50257 * model.params.hidden_size + 50257
 
 
 def test_attention_is_causal():
