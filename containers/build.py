@@ -5,9 +5,10 @@
     python -m containers.build cuda --wheelhouse-only   # just collect the wheels (on a connected box)
 
 Steps for each target:
-1. Wheelhouse (``.build/containers/<target>/wheelhouse``): every wheel the image installs, collected
-   on the host with ``pip wheel`` (the package index is not reachable from inside a build), plus
-   ``requirements.txt`` saying what to install. The dependency wheels are reused while their inputs
+1. Wheelhouse (``.build/containers/<target>/wheelhouse``): every wheel the image installs, resolved
+   and collected on the host with ``pip wheel`` from ``requirements.txt`` (the package index is not
+   reachable from inside a build); the image installs exactly these. The dependency wheels are reused
+   while their inputs
    (pyproject.toml, the requirements file, the torch spec) are unchanged; the gpt2ops wheel is
    rebuilt every time.
 2. Base image: ``--base-image auto`` (default) uses ``python:3.11-slim-bookworm`` when it is present
@@ -71,7 +72,7 @@ def log(message: str) -> None:
 
 
 def install_requirements(target: str, torch_spec: str | None) -> str:
-    """The requirements.txt the Dockerfile installs (gpt2ops itself goes in with --no-deps)."""
+    """What pip resolves the target's wheelhouse from (gpt2ops itself goes in with --no-deps)."""
     if target == "cerebras":
         if not CEREBRAS_REQUIREMENTS.exists():
             raise ImageError(f"{CEREBRAS_REQUIREMENTS} is missing: the cerebras image installs the "
@@ -231,8 +232,12 @@ def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: 
     if context.exists():
         shutil.rmtree(context)
     context.mkdir(parents=True)
+    # The dependency wheels and the project wheel go into separate layers (see the Dockerfile).
     # Hard links keep a multi-GB wheelhouse from being copied (falls back to copying across devices).
-    shutil.copytree(wheelhouse, context / "wheelhouse", copy_function=_link_or_copy)
+    for wheel in wheelhouse.glob("*.whl"):
+        folder = context / ("project" if wheel.name.startswith("gpt2ops-") else "wheelhouse")
+        folder.mkdir(exist_ok=True)
+        _link_or_copy(str(wheel), str(folder / wheel.name))
     shutil.copytree(REPO_ROOT / "configs", context / "configs")
     for name in ("Dockerfile", "entrypoint.sh"):
         shutil.copy2(CONTAINERS_DIR / name, context / name)

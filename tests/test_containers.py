@@ -158,3 +158,38 @@ def test_build_script_rejects_unknown_targets():
     built = subprocess.run([sys.executable, "-m", "containers.build", "tpu"], cwd=REPO,
                            capture_output=True, text=True)
     assert built.returncode == 2 and "unknown target(s) tpu" in built.stderr
+
+
+@pytest.mark.docker
+def test_pipeline_run_with_a_missing_image_says_how_to_build_it(client, tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "gpt2core.cli", "run", "--runner", "docker",
+         "--image", "gpt2ops-cpu:no-such-version", "--work_dir", str(tmp_path / "work")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert "gpt2ops-cpu:no-such-version" in run.stderr and "python -m containers.build cpu" in run.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_whole_pipeline_runs_in_docker(cpu_image, english_text_dir, tmp_path):
+    """gpt2ops run --runner docker: every step in a gpt2ops-cpu container (kfp.local.DockerRunner),
+    against the embedded S3 and a sqlite MLflow store in the mounted work folder."""
+    work = tmp_path / "work"
+    (work / "corpus").mkdir(parents=True)
+    # Inside work_dir: the folder is mounted at the same path, so the step finds the file there.
+    shutil.copy(english_text_dir / "hamlet_gut.txt", work / "corpus" / "hamlet.txt")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    run = subprocess.run(
+        [sys.executable, "-m", "gpt2core.cli", "run", "--runner", "docker", "--image", cpu_image,
+         "--work_dir", str(work), "--config", "gpt2_tiny", "--max_steps", "4",
+         "--source", str(work / "corpus" / "hamlet.txt"), "--run_name", "docker-e2e"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-6000:]
+    assert "pipeline run: FINISHED" in run.stdout, output[-6000:]
+    stages = ("download", "preprocess", "validate", "compile", "train", "evaluate")
+    assert run.stdout.count(f"Found image '{cpu_image}'") >= len(stages), output[-6000:]
+    # The steps ran as the caller: nothing they left in the work folder belongs to someone else.
+    foreign = [p for p in work.rglob("*") if p.stat().st_uid != os.getuid()]
+    assert not foreign, foreign[:5]
