@@ -58,9 +58,12 @@ def point_to(artifact, uri: str) -> None:
 
 
 def log_metrics(metrics_artifact, metrics: Mapping[str, float]) -> None:
+    """Metrics for the KFP UI (artifact metadata), also written to the artifact's file: kfp.local's
+    cache treats an output artifact without a file as missing, and would never hit."""
     for name, value in sorted(metrics.items()):
         if isinstance(value, (int, float)) and math.isfinite(value):
             metrics_artifact.log_metric(name, float(value))
+    write_text(metrics_artifact, json.dumps(metrics_artifact.metadata, indent=1, sort_keys=True))
 
 
 def publish(result: StageResult, pointers: Mapping[str, object], metrics_artifact=None) -> None:
@@ -204,6 +207,9 @@ def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus
                           f"http(s)://host/path, s3://bucket/key, hf://datasets/..., file:// or a "
                           f"local path)")
     try:
-        load_params(config)
+        params = load_params(config)
     except Gpt2opsError as exc:
         raise ConfigError(f"parameter config: {exc}") from exc
+    if target == "cerebras" and not params.runconfig.mgmt_address:
+        raise ConfigError(f"parameter target: cerebras needs the Wafer-Scale Cluster's management "
+                          f"server, runconfig.mgmt_address, in config {config!r} (not set)")

@@ -68,7 +68,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:
 def pipeline_defaults() -> dict[str, object]:
     from pipelines.gpt2_pipeline import gpt2_pipeline
 
-    return {name: spec.default_value
+    return {name: spec.default
             for name, spec in gpt2_pipeline.component_spec.inputs.items()}
 
 

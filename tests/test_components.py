@@ -76,6 +76,7 @@ GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", targ
     ({"target": "tpu"}, "parameter target"),
     ({"target": "gpu", "num_gpus": 0}, "parameter num_gpus"),
     ({"target": "gpu", "gpu_type": " "}, "gpu_type"),
+    ({"target": "cerebras"}, "parameter target: cerebras needs .*runconfig.mgmt_address"),
     ({"max_steps": -1}, "parameter max_steps"),
     ({"artifact_root": "bucket/runs"}, "parameter s3_prefix"),
 ])
@@ -123,6 +124,8 @@ def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
     assert json.loads((tmp_path / "kfp" / "dataset").read_text()) == {
         "uri": "s3://b/run/preprocess/dataset"}
     assert metrics.metadata == {"data/n_examples": 120.0}  # non-finite values are left out
+    # Every output artifact has a file: kfp.local's cache counts a missing one as a miss.
+    assert json.loads((tmp_path / "kfp" / "metrics").read_text()) == {"data/n_examples": 120.0}
 
 
 def test_report_markdown_renders_markdown_and_json_files(tmp_path):
