@@ -1,0 +1,95 @@
+"""MLflow tracking against a real store (sqlite) with artifacts in the real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gpt2core import storage, tracking
+from gpt2core.errors import TrackingError
+from gpt2core.stages.common import RunContext
+
+
+@pytest.fixture
+def ctx(s3_root) -> RunContext:
+    return RunContext(pipeline_run_id="run-" + uuid.uuid4().hex[:8], artifact_root=s3_root,
+                      experiment="exp-" + uuid.uuid4().hex[:8])
+
+
+def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tmp_path):
+    with tracking.pipeline_run(ctx, params={"config": "gpt2_tiny"}) as child_ctx:
+        with tracking.stage_run("train", child_ctx, params={"model.hidden_size": 64, "optimizer.betas": (0.9, 0.95),
+                                                              "aws_secret_access_key": "hunter2"},
+                                tags={tracking.TAG_CONFIG_HASH: "c0ffee", tracking.TAG_DATASET_HASH: "d474"}) as run:
+            for step, loss in enumerate([4.0, 3.0, 2.5], start=1):
+                run.log_metrics({"train/loss": loss, "train/lr": 1e-3}, step=step)
+            run.log_metrics({"eval/loss": 2.7}, step=3)
+            (tmp_path / "report.md").write_text("# ok\n")
+            run.log_artifact(tmp_path / "report.md", "reports")
+            run.log_loss_curve()
+            stage_run_id = run.run_id
+    client = MlflowClient()
+    child = client.get_run(stage_run_id)
+    parent = client.get_run(child_ctx.parent_run_id)
+    assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags[tracking.TAG_STAGE] == "train"
+    assert child.data.tags[tracking.TAG_PIPELINE_RUN] == parent.data.tags[tracking.TAG_PIPELINE_RUN] == ctx.pipeline_run_id
+    assert child.data.tags[tracking.TAG_CONFIG_HASH] == "c0ffee" and child.data.tags[tracking.TAG_DATASET_HASH] == "d474"
+    assert len(child.data.tags[tracking.TAG_GIT_SHA]) >= 7
+    assert child.data.params == {"model.hidden_size": "64", "optimizer.betas": "(0.9, 0.95)"}  # no credential
+    assert [m.value for m in client.get_metric_history(stage_run_id, "train/loss")] == [4.0, 3.0, 2.5]
+    assert parent.data.params == {"config": "gpt2_tiny"}
+    # MLflow's artifacts live in the same S3 as the stages' artifacts
+    assert child.info.artifact_uri.startswith(f"{ctx.artifact_root}/mlflow/")
+    bucket, prefix = storage.split_s3_uri(child.info.artifact_uri)
+    keys = storage._list_keys(bucket, prefix)
+    assert f"{prefix}/reports/report.md" in keys
+    png = storage.read_bytes(f"{child.info.artifact_uri}/{tracking.LOSS_CURVE_FILE}")
+    assert png.startswith(b"\x89PNG")
+
+
+def test_failed_stage_marks_its_run_failed_and_the_parent_too(ctx):
+    with pytest.raises(ValueError, match="bad batch"):
+        with tracking.pipeline_run(ctx) as child_ctx:
+            with tracking.stage_run("validate", child_ctx) as run:
+                raise ValueError("bad batch")
+    client = MlflowClient()
+    child = client.get_run(run.run_id)
+    assert child.info.status == "FAILED"
+    assert child.data.tags[tracking.TAG_ERROR] == "ValueError: bad batch"
+    assert client.get_run(child_ctx.parent_run_id).info.status == "FAILED"
+
+
+def test_end_pipeline_run_by_id_as_the_exit_handler_does(ctx):
+    run_id = tracking.start_pipeline_run(ctx, params={"target": "cpu"})
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    tracking.end_pipeline_run(run_id, "FAILED")
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+    with pytest.raises(TrackingError, match="'DONE' is not FINISHED"):
+        tracking.end_pipeline_run(run_id, "DONE")
+
+
+def test_unreachable_tracking_server_names_the_uri(ctx, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://mlflow-user:p4ssw0rd@127.0.0.1:{port}")
+    with pytest.raises(TrackingError) as err:
+        with tracking.stage_run("train", ctx):
+            pass
+    message = str(err.value)
+    assert f"http://127.0.0.1:{port}" in message and "unreachable" in message
+    assert "p4ssw0rd" not in message
+
+
+def test_unwritable_sqlite_store_names_the_uri(ctx, monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    uri = f"sqlite:///{tmp_path}/a_file/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError, match=f"MLflow at {uri}: could not"):
+        tracking.start_pipeline_run(ctx)
