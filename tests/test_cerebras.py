@@ -23,7 +23,7 @@ import yaml
 from gpt2core import cerebras
 from gpt2core.cerebras.modelzoo import MODELZOO_PARAMS_FILE, modelzoo_params, write_modelzoo_params
 from gpt2core.cerebras.settings import resolve_settings
-from gpt2core.config import load_params
+from gpt2core.config import load_params, params_from_dict
 from gpt2core.errors import ConfigError, DataError
 
 SCHEDULE = [
@@ -219,8 +219,8 @@ def test_cpu_checkpoints_convert_and_evaluate_on_the_standard_path(cpu_run: dict
     trained = load_pretrained(model_dir)  # torch 2.13 here, the weights came from torch 2.4 + cstorch
 
     def eval_loss(model: torch.nn.Module) -> float:
-        batches = build_dataloader(tiny_dataset / "val", 8, shuffle=False)
-        return evaluate(model, batches, device=torch.device("cpu"), max_batches=4)["eval/loss"]
+        batches = build_dataloader(tiny_dataset / "val", 4, shuffle=False)
+        return evaluate(model, batches, device=torch.device("cpu"), max_batches=3)["eval/loss"]
 
     torch.manual_seed(params.runconfig.seed)
     untrained = eval_loss(GPT2(params.model))
@@ -235,9 +235,10 @@ def test_cpu_checkpoints_convert_and_evaluate_on_the_standard_path(cpu_run: dict
 def test_resume_from_a_cerebras_checkpoint_continues_at_its_step(cpu_run: dict, tiny_dataset: Path,
                                                                   tmp_path: Path):
     root = cpu_run["root"]
-    params = tiny(**{"runconfig.max_steps": TRAIN_STEPS + 2, "runconfig.log_steps": 1,
-                     "runconfig.checkpoint_path": str(root / "checkpoints" / "checkpoint_12.mdl"),
-                     "optimizer.learning_rate": SCHEDULE})
+    resumed = cpu_run["params"].to_dict()
+    resumed["runconfig"].update(max_steps=TRAIN_STEPS + 2, log_steps=1,
+                                checkpoint_path=str(root / "checkpoints" / f"checkpoint_{TRAIN_STEPS}.mdl"))
+    params = params_from_dict(resumed)
     streamed: list[tuple[int, dict]] = []
     result = cerebras.train(params, data_dir=tiny_dataset / "train", model_dir=tmp_path / "model",
                             checkpoint_dir=tmp_path / "checkpoints", work_dir=tmp_path / "work", backend="CPU",
@@ -279,8 +280,14 @@ def test_csx_training_needs_a_reachable_appliance(tiny_dataset: Path, tmp_path: 
         cerebras.train(unreachable, **train)
 
 
-def test_converting_something_that_is_not_a_checkpoint_is_a_data_error(sdk: str, tmp_path: Path):
+def test_converting_a_bad_or_mismatched_checkpoint_is_a_data_error(cpu_run: dict, tmp_path: Path):
     bogus = tmp_path / "checkpoint_5.mdl"
     bogus.write_bytes(b"not an hdf5 file")
     with pytest.raises(DataError, match="not a readable cstorch checkpoint"):
-        cerebras.convert_checkpoint(bogus, tiny(), tmp_path / "out")
+        cerebras.convert_checkpoint(bogus, cpu_run["params"], tmp_path / "out")
+    wider = cpu_run["params"].to_dict()
+    wider["model"]["hidden_size"] *= 2
+    with pytest.raises(DataError, match=r"do not fit the model config .*transformer\..* is \("):
+        cerebras.convert_checkpoint(cpu_run["root"] / "checkpoints" / f"checkpoint_{TRAIN_STEPS}.mdl",
+                                    params_from_dict(wider), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -14,7 +14,9 @@ also gives every run the fresh SDK backend it needs (the SDK allows one backend 
 Metrics stream back while training; errors come back as the same ``gpt2core.errors`` class.
 
 ``backend`` is ``"CSX"`` (a Wafer-Scale Cluster, settings from ``runconfig``) or ``"CPU"`` (the
-SDK's CPU backend: same flow, no appliance; for tests and laptops).
+SDK's CPU backend: same flow, no appliance; for tests and laptops). Left out, it is
+``$GPT2OPS_CEREBRAS_BACKEND`` or CSX: whether an appliance exists is a property of where a stage
+runs, not of the model, so the pipeline's ``target cerebras`` stays one target.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from gpt2core.errors import ConfigError, Gpt2opsError, TrainingError
 log = logging.getLogger(__name__)
 
 ENV_PYTHON = "GPT2OPS_CEREBRAS_PYTHON"
+ENV_BACKEND = "GPT2OPS_CEREBRAS_BACKEND"
 REPO_ROOT = Path(gpt2core.__file__).resolve().parent.parent
 VENV_PYTHON = REPO_ROOT / ".venv-cerebras" / "bin" / "python"
 METRICS_PREFIX = "@gpt2ops-metrics "
@@ -72,21 +75,25 @@ def sdk_python() -> str:
                       f"{VENV_PYTHON} does not exist; create it: {SETUP_HINT}")
 
 
-def validate(params: Params, *, data_dir: str | Path, work_dir: str | Path, backend: str = "CSX") -> dict[str, Any]:
+def default_backend() -> str:
+    return os.environ.get(ENV_BACKEND, "CSX").upper()
+
+
+def validate(params: Params, *, data_dir: str | Path, work_dir: str | Path, backend: str | None = None) -> dict[str, Any]:
     """Trace, lower and validate one training step (CSX: the SDK's validate_only, which runs on
     this machine; CPU: one real step). Returns the report."""
     return _run("validate", params, {"data_dir": str(data_dir), "work_dir": str(work_dir), "backend": backend})
 
 
 def compile(params: Params, *, data_dir: str | Path, work_dir: str | Path,  # noqa: A001 - the stage's name
-            backend: str = "CSX") -> dict[str, Any]:
+            backend: str | None = None) -> dict[str, Any]:
     """compile_only: lower here, compile on the appliance (``runconfig.mgmt_address``; without it a
     ConfigError names the setting once lowering is done). Local artifacts: ``work_dir/cerebras_logs``."""
     return _run("compile", params, {"data_dir": str(data_dir), "work_dir": str(work_dir), "backend": backend})
 
 
 def train(params: Params, *, data_dir: str | Path, model_dir: str | Path, checkpoint_dir: str | Path,
-          work_dir: str | Path, backend: str = "CSX", on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
+          work_dir: str | Path, backend: str | None = None, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
     """Train; cstorch checkpoints go to ``checkpoint_dir``, the final model (safetensors, our
     saved-model layout) to ``model_dir``, with a Model Zoo params YAML of the same run beside it."""
     return _run("train", params, {"data_dir": str(data_dir), "model_dir": str(model_dir),
@@ -102,6 +109,7 @@ def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Pa
 
 def _run(op: str, params: Params, args: dict[str, Any], *, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
     if "backend" in args:
+        args["backend"] = default_backend() if args["backend"] is None else args["backend"].upper()
         # Config mistakes fail here in a second, before the SDK's slow start in the child.
         resolve_settings(params, args["backend"], need_appliance=(op == "train"))
     python = sdk_python()

@@ -243,11 +243,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: not a readable cstorch checkpoint ({exc})") from None
 
 
-def model_state_from_checkpoint(state: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+def load_model_state(model: GPT2, state: dict[str, Any], path: str | Path) -> None:
+    """Put a checkpoint's model weights into ``model``; weights that do not fit its config are a
+    DataError naming the checkpoint (not the SDK's or torch's wall of size mismatches)."""
     if "model" not in state or not isinstance(state["model"], dict):
         raise DataError(f"{path}: no 'model' state in this checkpoint (keys: {sorted(state)[:8]})")
-    return {name: torch.as_tensor(value).detach().to("cpu", torch.float32)
-            for name, value in state["model"].items()}
+    weights = {name: torch.as_tensor(value).detach().to("cpu", torch.float32) for name, value in state["model"].items()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if found != expected:
+        differ = sorted(n for n in expected.keys() & found.keys() if expected[n] != found[n])
+        raise DataError(
+            f"{path}: the checkpoint's weights do not fit the model config (missing "
+            f"{sorted(expected.keys() - found.keys())[:3]}, unexpected {sorted(found.keys() - expected.keys())[:3]}, "
+            + ", ".join(f"{n} is {found[n]} not {expected[n]}" for n in differ[:2]) + ")")
+    model.load_state_dict(weights)
 
 
 def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Path) -> Path:
@@ -255,12 +265,8 @@ def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Pa
     ``config.json``, ``params.yaml``): what the evaluate stage and the GPU path load."""
     from gpt2core.hf_checkpoint import save_pretrained
 
-    state = model_state_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     model = GPT2(params.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(f"{checkpoint}: weights do not fit model config (missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]})")
+    load_model_state(model, load_checkpoint(checkpoint), checkpoint)
     return save_pretrained(model, params, out_dir)
 
 
@@ -370,7 +376,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     start_step = 0
     if r.checkpoint_path:
         state = load_checkpoint(r.checkpoint_path)
-        model.load_state_dict(model_state_from_checkpoint(state, r.checkpoint_path))
+        load_model_state(model, state, r.checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         if precision.grad_scaler is not None and state.get("grad_scaler"):
