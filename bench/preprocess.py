@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,29 +46,37 @@ def corpus_dir(args: argparse.Namespace, scratch: Path) -> Path:
     return out
 
 
+def seconds_of(fn) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_preprocess(corpus: Path, scratch: Path, args: argparse.Namespace) -> dict:
-    processes = args.processes or os.cpu_count() or 1
+    """Peer and ours alternate for --rounds rounds; the medians are reported (shared machines are noisy)."""
+    workers = args.processes or os.cpu_count() or 1
     enc = get_tokenizer()
     docs = [doc for path in list_corpus_files(corpus) for doc in iter_documents(path)]
-    enc.encode_ordinary_batch(docs[:2], num_threads=processes)  # warm up
-    t0 = time.perf_counter()
-    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=processes)) + len(docs)
-    tiktoken_s = time.perf_counter() - t0
+    tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=workers)) + len(docs)
+    times: dict[str, list[float]] = {"tiktoken": [], "none": [], "gzip": []}
+    sizes = {}
+    for round_ in range(args.rounds):
+        times["tiktoken"].append(seconds_of(lambda: enc.encode_ordinary_batch(docs, num_threads=workers)))
+        for compression in ("none", "gzip"):
+            out = scratch / f"dataset-{compression}"
+            shutil.rmtree(out, ignore_errors=True)
+            params = PreprocessParams(max_seq_length=args.max_seq_length, processes=workers,
+                                      compression=compression, val_fraction=0.01)
+            times[compression].append(seconds_of(lambda: preprocess_corpus(corpus, out, params)))
+            sizes[compression] = sum(p.stat().st_size for p in out.rglob("*.h5"))
+    med = {k: statistics.median(v) for k, v in times.items()}
     result = {"corpus_mb": sum(len(d.encode()) for d in docs) / 1e6, "documents": len(docs), "tokens": tokens,
-              "processes": processes,
-              "tiktoken_encode_ordinary_batch_tokens_per_s": tokens / tiktoken_s}
+              "workers": workers, "rounds": args.rounds,
+              "tiktoken_encode_ordinary_batch_tokens_per_s": tokens / med["tiktoken"]}
     for compression in ("none", "gzip"):
-        out = scratch / f"dataset-{compression}"
-        params = PreprocessParams(max_seq_length=args.max_seq_length, processes=processes, compression=compression,
-                                  val_fraction=0.01)
-        t0 = time.perf_counter()
-        stats = preprocess_corpus(corpus, out, params)
-        seconds = time.perf_counter() - t0
-        assert stats["corpus"]["tokens"] == tokens, (stats["corpus"]["tokens"], tokens)
-        result[f"preprocess_{compression}_tokens_per_s"] = tokens / seconds
-        result[f"preprocess_{compression}_vs_tiktoken"] = tiktoken_s / seconds
-        result[f"preprocess_{compression}_bytes_per_token"] = (
-            sum(p.stat().st_size for p in out.rglob("*.h5")) / stats["train"]["num_tokens"])
+        result[f"preprocess_{compression}_tokens_per_s"] = tokens / med[compression]
+        result[f"preprocess_{compression}_vs_tiktoken"] = med["tiktoken"] / med[compression]
+        result[f"preprocess_{compression}_h5_bytes_per_token"] = sizes[compression] / tokens
     return result
 
 
@@ -87,23 +96,18 @@ def bench_loader(scratch: Path, args: argparse.Namespace) -> dict:
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + S].astype(np.int64) for i in ix]))
         return x, y
 
-    def rate(make_batches) -> float:
-        t0 = time.perf_counter()
-        count = make_batches()
-        return count * B * S / (time.perf_counter() - t0)
-
-    def ours(path: Path, num_workers: int = 0) -> float:
-        batches = iter(build_dataloader(path, B, seed=1, num_workers=num_workers))
-        next(batches)  # workers started, files opened
-        return rate(lambda: sum(1 for _ in zip(range(n_batches), batches)))
-
-    memmap_rate = rate(lambda: sum(1 for _ in (memmap_batch() for _ in range(n_batches))))
-    loader_rate = ours(train)
-    gzip_rate = ours(scratch / "dataset-gzip" / "train")
+    ours = {name: iter(build_dataloader(scratch / f"dataset-{name}" / "train", B, seed=1))
+            for name in ("none", "gzip")}
+    times: dict[str, list[float]] = {"memmap": [], "none": [], "gzip": []}
+    for _ in range(args.rounds):
+        times["memmap"].append(seconds_of(lambda: [memmap_batch() for _ in range(n_batches)]))
+        for name, batches in ours.items():
+            times[name].append(seconds_of(lambda: [next(batches) for _ in range(n_batches)]))
+    rate = {k: n_batches * B * S / statistics.median(v) for k, v in times.items()}
     return {"batch_size": B, "max_seq_length": S, "batches": n_batches,
-            "memmap_nanogpt_tokens_per_s": memmap_rate, "loader_tokens_per_s": loader_rate,
-            "loader_vs_memmap": loader_rate / memmap_rate,
-            "loader_gzip_tokens_per_s": gzip_rate, "loader_gzip_vs_memmap": gzip_rate / memmap_rate}
+            "memmap_nanogpt_tokens_per_s": rate["memmap"], "loader_tokens_per_s": rate["none"],
+            "loader_vs_memmap": rate["none"] / rate["memmap"],
+            "loader_gzip_tokens_per_s": rate["gzip"], "loader_gzip_vs_memmap": rate["gzip"] / rate["memmap"]}
 
 
 def main() -> None:
@@ -114,6 +118,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=0, help="0: all cores")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating peer/ours rounds (medians reported)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         scratch = Path(tmp)
