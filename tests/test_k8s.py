@@ -204,3 +204,13 @@ def test_workloads_run_as_non_root_with_pinned_images(rendered, overlay):
         assert pod.get("securityContext", {}).get("runAsNonRoot") is True, owner
         for c in containers(pod):
             assert ":" in c["image"] and not c["image"].endswith(":latest"), f"{owner}: {c['image']}"
+
+
+@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+def test_gpt2ops_images_are_this_release(rendered, overlay):
+    """The manifests run the images `python -m containers.build` tags for this version."""
+    from gpt2core.images import package_version
+
+    images = {c["image"] for _, pod, _ in pod_specs(rendered[overlay]) for c in containers(pod)}
+    ours = {image for image in images if image.split("/")[-1].startswith("gpt2ops-")}
+    assert ours and all(image.endswith(f":{package_version()}") for image in ours), ours
