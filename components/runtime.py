@@ -21,20 +21,20 @@ from pathlib import Path
 from gpt2core.errors import TrackingError
 from gpt2core.stages.common import RunContext, StageResult
 
-# Tag on the MLflow parent run holding the KFP run id; the components find their parent by it.
-PIPELINE_RUN_TAG = "gpt2ops.pipeline_run_id"
-
 
 def find_parent_run(pipeline_run_id: str, experiment: str) -> str:
+    """The MLflow parent run that start_run opened for this KFP run (tagged with its id)."""
     import mlflow
+
+    from gpt2core.tracking import TAG_KIND, TAG_PIPELINE_RUN
 
     runs = mlflow.search_runs(
         experiment_names=[experiment],
-        filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{pipeline_run_id}'",
+        filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' and tags.`{TAG_KIND}` = 'pipeline'",
         output_format="list",
     )
     if not runs:
-        raise TrackingError(f"no MLflow parent run tagged {PIPELINE_RUN_TAG}={pipeline_run_id} in "
+        raise TrackingError(f"no MLflow parent run tagged {TAG_PIPELINE_RUN}={pipeline_run_id} in "
                             f"experiment {experiment!r} at {mlflow.get_tracking_uri()}")
     return runs[0].info.run_id
 
@@ -88,21 +88,22 @@ def markdown_table(rows: Mapping[str, object], header: tuple[str, str] = ("name"
 
 
 def report_markdown(uri: str, title: str) -> str:
-    """A stage's report folder as Markdown: its .md files verbatim, its .json files as tables."""
-    from gpt2core.storage import local_input
+    """A stage's report folder as Markdown: its .md files verbatim, or else its .json files as
+    tables."""
+    from gpt2core.storage import MANIFEST, local_input
 
     parts = [f"# {title}\n", f"`{uri}`\n"]
     with local_input(uri) as folder:
-        for path in sorted(Path(folder).rglob("*")):
-            if path.name == "MANIFEST.json" or not path.is_file():
-                continue
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)
+        markdown = [p for p in files if p.suffix == ".md"]
+        for path in markdown or [p for p in files if p.suffix == ".json"]:
             if path.suffix == ".md":
                 parts.append(path.read_text())
-            elif path.suffix == ".json":
-                data = json.loads(path.read_text())
-                parts.append(f"## {path.name}\n")
-                parts.append(markdown_table(_flatten(data)) if isinstance(data, dict)
-                             else f"```json\n{json.dumps(data, indent=1)[:20000]}\n```\n")
+                continue
+            data = json.loads(path.read_text())
+            parts.append(f"## {path.name}\n")
+            parts.append(markdown_table(_flatten(data)) if isinstance(data, dict)
+                         else f"```json\n{json.dumps(data, indent=1)[:20000]}\n```\n")
     return "\n".join(parts)
 
 

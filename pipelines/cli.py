@@ -184,16 +184,14 @@ def run_summary(run_name: str, experiment: str) -> dict[str, object]:
 
 
 def read_samples(report_uri: str) -> list[str]:
-    """Generated texts from the evaluation report (a `samples` list in one of its JSON files)."""
+    """Generated texts (prompt + completion) from the evaluation report's samples.json."""
     from gpt2core.storage import local_input
 
     with local_input(report_uri) as folder:
-        for path in sorted(Path(folder).rglob("*.json")):
-            data = json.loads(path.read_text())
-            if isinstance(data, dict) and isinstance(data.get("samples"), list):
-                return [s if isinstance(s, str) else s.get("text") or json.dumps(s)
-                        for s in data["samples"]]
-    return []
+        samples = Path(folder) / "samples.json"
+        if not samples.exists():
+            return []
+        return [s["prompt"] + s["completion"] for s in json.loads(samples.read_text())]
 
 
 def format_summary(summary: dict[str, object]) -> str:

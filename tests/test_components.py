@@ -20,6 +20,7 @@ from components.train.component import train
 from components.validate.component import validate
 from gpt2core.errors import ConfigError, TrackingError
 from gpt2core.stages.common import StageResult
+from gpt2core.tracking import TAG_KIND, TAG_PIPELINE_RUN
 
 STAGES = (download, preprocess, validate, compile_model, train, evaluate)
 
@@ -93,8 +94,10 @@ def test_good_run_form_values_pass():
 
 def test_parent_run_is_found_by_its_pipeline_run_tag():
     mlflow.set_experiment("components-test")
-    with mlflow.start_run(tags={runtime.PIPELINE_RUN_TAG: "kfp-123"}) as run:
-        pass
+    with mlflow.start_run(tags={TAG_PIPELINE_RUN: "kfp-123", TAG_KIND: "pipeline"}) as run:
+        # stage runs carry the same pipeline run id; only the parent is a "pipeline" run
+        with mlflow.start_run(nested=True, tags={TAG_PIPELINE_RUN: "kfp-123", TAG_KIND: "stage"}):
+            pass
     assert runtime.find_parent_run("kfp-123", "components-test") == run.info.run_id
     ctx = runtime.stage_context("kfp-123", "s3://b/p", "components-test")
     assert ctx.parent_run_id == run.info.run_id
@@ -128,13 +131,14 @@ def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
     assert json.loads((tmp_path / "kfp" / "metrics").read_text()) == {"data/n_examples": 120.0}
 
 
-def test_report_markdown_renders_markdown_and_json_files(tmp_path):
-    (tmp_path / "summary.md").write_text("all checks passed\n")
+def test_report_markdown_prefers_the_markdown_files_else_renders_the_json(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"memory": {"peak_gb": 1.5}, "ok": True}))
     text = runtime.report_markdown(str(tmp_path), "Validation report")
     assert text.startswith("# Validation report")
-    assert "all checks passed" in text
     assert "| memory.peak_gb | 1.5 |" in text and "| ok | True |" in text
+    (tmp_path / "summary.md").write_text("all checks passed\n")
+    text = runtime.report_markdown(str(tmp_path), "Validation report")
+    assert "all checks passed" in text and "peak_gb" not in text
 
 
 def test_svg_line_chart_is_well_formed():

@@ -29,7 +29,7 @@ def start_run(
     """
     from mlflow.tracking import MlflowClient
 
-    from components.runtime import PIPELINE_RUN_TAG, check_pipeline_parameters
+    from components.runtime import check_pipeline_parameters
     from gpt2core import tracking
     from gpt2core.stages.common import RunContext
 
@@ -37,11 +37,9 @@ def start_run(
                 max_steps=max_steps, artifact_root=artifact_root)
     ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
                      experiment=experiment)
-    parent_run_id = tracking.start_pipeline_run(ctx, params=form)
-    client = MlflowClient()
-    client.set_tag(parent_run_id, PIPELINE_RUN_TAG, pipeline_run_id)
+    parent_run_id = tracking.start_pipeline_run(ctx, params=form)  # tagged with pipeline_run_id
     if run_name:
-        client.set_tag(parent_run_id, "mlflow.runName", run_name)
+        MlflowClient().set_tag(parent_run_id, "mlflow.runName", run_name)
     check_pipeline_parameters(**form)
     return parent_run_id
 
@@ -101,6 +99,6 @@ def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinal
         return
     succeeded = status.state == "SUCCEEDED"
     if not succeeded:
-        MlflowClient().set_tag(parent_run_id, "gpt2ops.error",
+        MlflowClient().set_tag(parent_run_id, tracking.TAG_ERROR,
                                (status.error_message or status.state)[:5000])
     tracking.end_pipeline_run(parent_run_id, "FINISHED" if succeeded else "FAILED")
