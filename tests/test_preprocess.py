@@ -301,3 +301,14 @@ def test_stages_through_s3(small_corpus: Path, s3_root: str, tmp_path: Path, mon
     with local_input(dataset) as local:
         batch = next(iter(build_dataloader(local / "train", 4)))
         assert batch["input_ids"].shape == (4, 64)
+
+
+def test_rerun_after_an_interrupted_write_removes_stale_files(small_corpus: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "data-00042.h5").write_bytes(b"left by a killed run")
+    (out / "train" / "data-00000.h5.tmp").write_bytes(b"half written")
+    preprocess_corpus(small_corpus, out, _params(samples_per_file=100, val_fraction=0.25))
+    names = sorted(p.name for p in (out / "train").iterdir())
+    assert "data-00042.h5" not in names and not any(n.endswith(".tmp") for n in names)
+    assert names[-1] == "data_params.json"

@@ -392,12 +392,11 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
                 continue
             chosen = val_mask == want_val
             tokens = np.memmap(cache / f"{meta['cache_key']}.bin", dtype=dtype, mode="r")
-            if chosen.all():
-                out.write(tokens.tobytes())
-            else:
-                ends = np.cumsum(lengths)
-                for i in np.flatnonzero(chosen):
-                    out.write(tokens[ends[i] - lengths[i]:ends[i]].tobytes())
+            ends = np.cumsum(lengths)
+            # one write per run of consecutive chosen documents
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], chosen.astype(np.int8), [0]])))
+            for first, stop in edges.reshape(-1, 2):
+                out.write(tokens[ends[first] - lengths[first]:ends[stop - 1]].tobytes())
             doc_lengths.append(lengths[chosen])
             n_docs += int(chosen.sum())
     doc_lengths_all = np.concatenate(doc_lengths) if doc_lengths else np.zeros(0, np.int64)
@@ -408,6 +407,8 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
 
     folder = output_dir / split
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("data-*.h5*"):  # left by an interrupted run (maybe of other parameters)
+        stale.unlink()
     spf, msl = params.samples_per_file, params.max_seq_length
     n_files = -(-len(starts) // spf)
     write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression)
