@@ -214,3 +214,49 @@ def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus
     if target == "cerebras" and not params.runconfig.mgmt_address:
         raise ConfigError(f"parameter target: cerebras needs the Wafer-Scale Cluster's management "
                           f"server, runconfig.mgmt_address, in config {config!r} (not set)")
+
+
+def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: str,
+                  eval_loss: float) -> dict[str, object]:
+    """Register the trained model and make it the `champion` only if it beats the current one on
+    this run's eval set. The champion's score is the one tagged on it when it was measured on the
+    same eval set (same dataset hash); otherwise the champion is evaluated on this eval set now."""
+    import dataclasses
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from gpt2core import tracking
+    from gpt2core.stages import evaluate
+    from gpt2core.storage import local_input, manifest_digest, read_manifest
+
+    name = tracking.default_model_name(ctx)
+    dataset_hash = manifest_digest(read_manifest(dataset_uri))
+    with tracking.stage_run("promote", ctx, params={"model_uri": model_uri, "model_name": name},
+                            tags={tracking.TAG_DATASET_HASH: dataset_hash}) as tracked:
+        version = tracking.find_model_version(name, model_uri)
+        if version is None:
+            with local_input(model_uri) as folder:
+                version = tracked.log_model(folder, registered_model_name=name, model_uri=model_uri)
+        champion = tracking.champion_version(name)
+        champion_score = None
+        if champion is not None and champion != version:
+            tags = MlflowClient().get_model_version(name, champion).tags
+            if tags.get(tracking.TAG_DATASET_HASH) == dataset_hash and "eval/loss" in tags:
+                champion_score = float(tags["eval/loss"])
+            else:
+                with tempfile.TemporaryDirectory(prefix="gpt2ops-champion-") as scratch:
+                    folder = tracking.download_model_version(name, champion, scratch)
+                    rerun = evaluate.run(
+                        config, model_uri=str(folder), overrides=stage_overrides(dataset_uri, 0),
+                        ctx=dataclasses.replace(
+                            ctx, pipeline_run_id=f"{ctx.pipeline_run_id}/champion-v{champion}"))
+                champion_score = rerun.metrics["eval/loss"]
+        promoted = tracking.promote_if_better(name, version, score=eval_loss,
+                                              champion_score=champion_score,
+                                              dataset_hash=dataset_hash)
+        decision = {"model_name": name, "version": version, "promoted": promoted,
+                    "eval/loss": eval_loss, "champion_version": champion,
+                    "champion_eval/loss": champion_score}
+        tracked.set_tags({"gpt2ops.promoted": str(promoted), "gpt2ops.model_version": version})
+    return decision

@@ -178,6 +178,8 @@ def run_summary(run_name: str, experiment: str) -> dict[str, object]:
         "stage_runs": {c.info.run_name: c.info.run_id for c in children},
         "artifacts": artifacts,
         "metrics": {k: v for k, v in sorted(parent.data.metrics.items()) if k.startswith("eval/")},
+        "model_version": tags.get("gpt2ops.model_version"),
+        "promoted": tags.get("gpt2ops.promoted") == "True",
         "samples": read_samples(artifacts["evaluate/report"]) if "evaluate/report" in artifacts else [],
         "tracking_uri": client.tracking_uri,
     }
@@ -208,6 +210,9 @@ def format_summary(summary: dict[str, object]) -> str:
     if summary["metrics"]:
         lines.append("evaluation: " + ", ".join(f"{k} = {v:.4g}"
                                                 for k, v in summary["metrics"].items()))
+    if summary["model_version"]:
+        lines.append(f"registered model version {summary['model_version']}: "
+                     + ("promoted to champion" if summary["promoted"] else "champion kept"))
     for sample in summary["samples"][:1]:
         lines.append(f"sample: {sample!r}")
     lines.append(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}  "

@@ -1,7 +1,7 @@
 """The GPT-2 pre-training pipeline (KFP v2):
 
     start_run -> download -> preprocess -> validate -> [gpu | cerebras | cpu: compile -> train]
-              -> evaluate -> record_results            (exit handler: end_run)
+              -> evaluate -> promote -> record_results            (exit handler: end_run)
 
 Every stage writes its artifacts to `<s3_prefix>/<kfp-run-id>/<stage>/<artifact>/` and logs an
 MLflow child run under the parent run that start_run opens; end_run closes the parent FINISHED or
@@ -17,6 +17,7 @@ from components.download.component import download
 from components.evaluate.component import evaluate
 from components.pipeline_run.component import end_run, record_results, start_run
 from components.preprocess.component import preprocess
+from components.promote.component import promote
 from components.train.component import train
 from components.validate.component import validate
 from gpt2core.data.download import QUICKSTART_SOURCE
@@ -124,6 +125,11 @@ def gpt2_pipeline(
         evaluated = evaluate(config=config, dataset_uri=dataset_uri, model_uri=model_uri, **run_ids)
         k8s.heavy_step(evaluated, cpu="4", memory="16Gi", timeout_s=6 * 3600, **heavy)
 
+        registered = promote(config=config, dataset_uri=dataset_uri, model_uri=model_uri,
+                             eval_metrics_json=evaluated.outputs["metrics_json"], **run_ids)
+        k8s.heavy_step(registered, cpu="4", memory="16Gi", timeout_s=6 * 3600, **heavy)
+        registered.set_caching_options(False)  # the champion may have changed since last time
+
         recorded = record_results(
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment,
             corpus_uri=fetched.outputs["corpus_uri"], dataset_uri=dataset_uri,
@@ -132,6 +138,8 @@ def gpt2_pipeline(
             checkpoints_uri=checkpoints_uri,
             eval_report_uri=evaluated.outputs["report_uri"],
             eval_metrics_json=evaluated.outputs["metrics_json"],
+            model_version=registered.outputs["model_version"],
+            promoted=registered.outputs["promoted"],
         )
         k8s.bookkeeping(recorded)
 

@@ -16,13 +16,14 @@ from components.download.component import download
 from components.evaluate.component import evaluate
 from components.pipeline_run.component import end_run, record_results, start_run
 from components.preprocess.component import preprocess
+from components.promote.component import promote
 from components.train.component import train
 from components.validate.component import validate
 from gpt2core.errors import ConfigError, TrackingError
 from gpt2core.stages.common import StageResult
 from gpt2core.tracking import TAG_KIND, TAG_PIPELINE_RUN
 
-STAGES = (download, preprocess, validate, compile_model, train, evaluate)
+STAGES = (download, preprocess, validate, compile_model, train, evaluate, promote)
 
 # Output artifacts each stage shows in the KFP UI (schema titles).
 EXPECTED_OUTPUTS = {
@@ -34,6 +35,7 @@ EXPECTED_OUTPUTS = {
     "train": {"model": "system.Model", "checkpoints": "system.Artifact",
               "metrics": "system.Metrics", "loss_curve": "system.HTML"},
     "evaluate": {"metrics": "system.Metrics", "report": "system.Markdown"},
+    "promote": {"decision": "system.Markdown"},
 }
 
 
@@ -60,8 +62,8 @@ def test_stage_components_take_run_ids_and_emit_typed_artifacts(component):
     outputs = {name: spec.type for name, spec in component.component_spec.outputs.items()}
     for name, schema in EXPECTED_OUTPUTS[component.name].items():
         assert outputs[name].startswith(schema), (name, outputs[name])
-    uri_outputs = [n for n, t in outputs.items() if t == "String"]
-    assert uri_outputs and all(n.endswith(("_uri", "_json")) for n in uri_outputs)
+    string_outputs = [n for n, t in outputs.items() if t == "String"]
+    assert string_outputs and all(n.endswith(("_uri", "_json", "_version")) for n in string_outputs)
 
 
 GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",

@@ -12,7 +12,7 @@ import yaml
 from pipelines.cli import PACKAGE_PATH
 from pipelines.kubernetes import MLFLOW_SECRET, S3_SECRET
 
-HEAVY = ("validate", "compile-model", "train", "evaluate")
+HEAVY = ("validate", "compile-model", "train", "evaluate", "promote")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_every_run_form_parameter_has_a_default_and_a_description(compiled):
 def test_heavy_steps_carry_node_pool_secrets_shm_and_timeouts(compiled):
     spec, k8s = compiled
     heavy = [name for name in k8s if name.removeprefix("exec-").rstrip("-23") in HEAVY]
-    assert len(heavy) == 8  # validate, evaluate, and compile + train in each of the three branches
+    assert len(heavy) == 9  # validate, evaluate, promote, compile + train in each of 3 branches
     for name in heavy:
         settings = k8s[name]
         assert settings["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith(
@@ -106,7 +106,7 @@ def test_exit_handler_closes_the_run_and_bookkeeping_is_never_cached(compiled):
     end = all_tasks["end-run"]
     assert end["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert end["dependentTasks"] == ["exit-handler-1"]
-    for name in ("start-run", "record-results", "end-run"):
+    for name in ("start-run", "promote", "record-results", "end-run"):
         assert not all_tasks[name]["cachingOptions"].get("enableCache"), name
     for name in ("download", "preprocess", "validate", "compile-model", "train", "evaluate"):
         assert all_tasks[name]["cachingOptions"]["enableCache"], name

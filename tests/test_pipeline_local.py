@@ -18,7 +18,7 @@ from gpt2core.storage import artifact_exists, read_manifest, s3_client, split_s3
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "preprocess", "validate", "compile", "train", "evaluate")
+STAGES = ("download", "preprocess", "validate", "compile", "train", "evaluate", "promote")
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
 
 
@@ -73,8 +73,9 @@ def test_pipeline_runs_end_to_end_then_from_cache_then_fails_cleanly(
     eval_metrics = parent.data.metrics
     assert 1.0 < eval_metrics["eval/lm_perplexity"] < 60000
     assert 0.0 <= eval_metrics["eval/accuracy"] <= 1.0
+    assert parent.data.tags["gpt2ops.promoted"] == "True"  # the first model is the champion
     for shown in ("pipeline run: FINISHED", parent.info.run_id, artifacts["train/model"],
-                  "eval/lm_perplexity", "sample:", "mlflow ui"):
+                  "eval/lm_perplexity", "sample:", "promoted to champion", "mlflow ui"):
         assert shown in out, shown
 
     # 2. The same parameters again: every stage is served from the cache, a new parent run still
@@ -83,7 +84,9 @@ def test_pipeline_runs_end_to_end_then_from_cache_then_fails_cleanly(
     assert code == 0
     again, again_children = parent_run("cached")
     assert again.info.status == "FINISHED" and again.info.run_id != parent.info.run_id
-    assert again_children == []  # no stage ran
+    # no stage ran; promote (never cached) found the same model already registered and champion
+    assert [c.info.run_name for c in again_children] == ["promote"]
+    assert again.data.tags["gpt2ops.model_version"] == parent.data.tags["gpt2ops.model_version"]
     assert {k: v for k, v in again.data.tags.items() if k.startswith("artifact.")} == {
         f"artifact.{k}": v for k, v in artifacts.items()}
     assert again.data.metrics["eval/loss"] == pytest.approx(eval_metrics["eval/loss"])

@@ -56,6 +56,8 @@ def record_results(
     checkpoints_uri: str,
     eval_report_uri: str,
     eval_metrics_json: str,
+    model_version: str,
+    promoted: bool,
     summary: Output[Markdown],
 ) -> None:
     """Put every artifact URI and the eval metrics on the parent run (also when the stages were
@@ -77,8 +79,12 @@ def record_results(
         client.set_tag(parent_run_id, f"artifact.{name}", uri)
     for name, value in eval_metrics.items():
         client.log_metric(parent_run_id, name, float(value))
+    client.set_tag(parent_run_id, "gpt2ops.model_version", model_version)
+    client.set_tag(parent_run_id, "gpt2ops.promoted", str(promoted))
     write_text(summary, "# gpt2ops pipeline run\n\n"
                f"MLflow parent run `{parent_run_id}` (experiment `{experiment}`)\n\n"
+               f"Model version {model_version}: "
+               f"{'promoted to champion' if promoted else 'champion kept'}\n\n"
                "## Evaluation\n\n" + markdown_table(eval_metrics, header=("metric", "value"))
                + "\n## Artifacts\n\n" + markdown_table(artifacts, header=("artifact", "uri")))
 
