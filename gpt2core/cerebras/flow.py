@@ -33,6 +33,7 @@ import torch
 import cerebras.pytorch as cstorch
 from cerebras.appliance.cluster.config import ClusterConfigError
 
+from gpt2core.cerebras.checkpoints import checkpoint_path, list_checkpoints
 from gpt2core.cerebras.settings import CerebrasSettings, resolve_settings
 from gpt2core.config import Params, SchedulerParams
 from gpt2core.data.loader import build_dataloader
@@ -42,8 +43,6 @@ from gpt2core.model import GPT2
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
-CHECKPOINT_PREFIX = "checkpoint_"
-CHECKPOINT_SUFFIX = ".mdl"  # the Model Zoo's name for cstorch checkpoints
 
 
 # ----------------------------------------------------------------------------- backend
@@ -152,9 +151,8 @@ class Precision:
         if settings.half_dtype:
             cstorch.amp.set_half_dtype(settings.half_dtype)
 
-    def attach(self, optimizer: cstorch.optim.Optimizer) -> None:
-        """Make the GradScaler once the optimizer exists: it hooks the optimizers registered so far."""
-        del optimizer  # registered with the backend when it was made
+    def make_grad_scaler(self) -> None:
+        """Call once the optimizer exists: the GradScaler hooks the optimizers the backend knows."""
         if self.settings.uses_grad_scaler:
             o = self.params.optimizer
             self.grad_scaler = cstorch.amp.GradScaler(
@@ -206,10 +204,6 @@ def make_dataloader(params: Params, data_dir: str | Path, start_step: int = 0) -
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_path(directory: Path, step: int) -> Path:
-    return directory / f"{CHECKPOINT_PREFIX}{step}{CHECKPOINT_SUFFIX}"
-
-
 def checkpoint_schedule(start_step: int, max_steps: int, checkpoint_steps: int) -> Any:
     """The executor's checkpoint steps (0-based, counted from ``start_step``) for global steps that
     are multiples of ``checkpoint_steps``, plus the final step; 0 means only the final one."""
@@ -221,16 +215,6 @@ def checkpoint_schedule(start_step: int, max_steps: int, checkpoint_steps: int) 
     first_global = (start_step // checkpoint_steps + 1) * checkpoint_steps
     first_local = min(first_global - start_step, num_steps) - 1
     return Schedule([Schedule.Range(start=first_local, end=num_steps, step=checkpoint_steps, include_last=True)])
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """cstorch checkpoints in ``directory``, oldest step first."""
-    found = []
-    for path in Path(directory).glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}"):
-        step = path.name[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)]
-        if step.isdigit():
-            found.append((int(step), path))
-    return [p for _, p in sorted(found)]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -288,7 +272,7 @@ class _Run:
         self.compiled = cstorch.compile(self.model, backend)
         self.optimizer = build_optimizer(self.model, params)
         self.scheduler = build_lr_scheduler(self.optimizer, params)
-        self.precision.attach(self.optimizer)
+        self.precision.make_grad_scaler()
         self.step = _training_step(self.compiled, self.model, self.optimizer, self.scheduler, self.precision)
 
 
@@ -374,18 +358,23 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     model, optimizer, scheduler, precision = run.model, run.optimizer, run.scheduler, run.precision
 
     start_step = 0
-    if r.checkpoint_path:
-        state = load_checkpoint(r.checkpoint_path)
-        load_model_state(model, state, r.checkpoint_path)
+    resume = r.checkpoint_path
+    if resume:
+        state = load_checkpoint(resume)
+        missing = [key for key in ("optimizer", "lr_scheduler", "global_step") if key not in state]
+        if missing:
+            raise DataError(f"runconfig.checkpoint_path: {resume} has no {', '.join(missing)} state "
+                            f"(expected a checkpoint written by this flow)")
+        load_model_state(model, state, resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         if precision.grad_scaler is not None and state.get("grad_scaler"):
             precision.grad_scaler.load_state_dict(state["grad_scaler"])
         start_step = int(state["global_step"])
         if start_step >= r.max_steps:
-            raise ConfigError(f"runconfig.checkpoint_path: {r.checkpoint_path} is at step {start_step}, "
+            raise ConfigError(f"runconfig.checkpoint_path: {resume} is at step {start_step}, "
                               f"already at runconfig.max_steps={r.max_steps}")
-        log.info("resuming from %s at step %d", r.checkpoint_path, start_step)
+        log.info("resuming from %s at step %d", resume, start_step)
 
     num_steps = r.max_steps - start_step
     executor = cstorch.utils.data.DataExecutor(
@@ -438,6 +427,8 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     convert_checkpoint(final, params, model_dir)
     return {
         "backend": settings.backend,
+        "train/steps": float(r.max_steps),
+        "train/tokens_per_s": tokens_per_step * num_steps / seconds if seconds > 0 else 0.0,
         "steps": num_steps,
         "start_step": start_step,
         "final_step": r.max_steps,
