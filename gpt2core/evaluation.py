@@ -1,0 +1,80 @@
+"""Evaluation metrics as the Cerebras GPT-2 reference defines them, and text sampling.
+
+- ``eval/loss``: the model's loss (with the config's loss scaling) averaged over eval batches;
+- ``eval/lm_perplexity``: exp(masked cross entropy summed over the whole eval set / real tokens);
+- ``eval/accuracy``: mask-weighted accuracy of the argmax next-token prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt2core.training.parallel import all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, device: torch.device,
+             max_batches: int | None = None, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The three eval metrics over ``batches`` (at most ``max_batches``), summed across ranks."""
+    was_training = model.training
+    model.eval()
+    # loss sum, batches, masked CE sum, real tokens, correct tokens
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    for batch in itertools.islice(batches, max_batches):
+        ids, mask, labels = (batch[k].to(device, non_blocking=True)
+                             for k in ("input_ids", "attention_mask", "labels"))
+        with autocast:
+            logits, loss = model(ids, attention_mask=mask, labels=labels)
+        weights = mask.flatten().double()
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), reduction="none")
+        correct = (logits.argmax(dim=-1) == labels).flatten().double()
+        totals += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device),
+                               (per_token.double() * weights).sum(), weights.sum(), (correct * weights).sum()])
+    model.train(was_training)
+    loss_sum, n_batches, ce_sum, tokens, correct = all_reduce_sum(totals).tolist()
+    if n_batches == 0 or tokens == 0:
+        raise ValueError("evaluation saw no batches with real tokens")
+    return {
+        "eval/loss": loss_sum / n_batches,
+        "eval/lm_perplexity": math.exp(ce_sum / tokens),
+        "eval/accuracy": correct / tokens,
+        "eval/tokens": tokens,
+    }
+
+
+@torch.no_grad()
+def sample(model: nn.Module, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int | None = None, eos_id: int | None = None,
+           generator: torch.Generator | None = None) -> list[int]:
+    """Continue ``prompt_ids`` by sampling from softmax(logits / temperature), restricted to the
+    ``top_k`` most likely tokens; stops early at ``eos_id``. Returns only the new tokens."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    context_size = model.params.max_position_embeddings
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits, _ = model(ids[:, -context_size:])  # no KV cache: samples are short
+        logits = logits[0, -1].float() / temperature
+        if top_k is not None and top_k < logits.numel():
+            threshold = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+        if eos_id is not None and token.item() == eos_id:
+            break
+        new.append(int(token.item()))
+        ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    model.train(was_training)
+    return new

@@ -1,0 +1,116 @@
+"""Evaluate stage: `gpt2ops evaluate --params CFG --model_dir MODEL [--checkpoint_path CKPT]`.
+
+Scores a trained model on ``eval_input.data_dir`` (``eval/loss``, ``eval/lm_perplexity``,
+``eval/accuracy``, as the reference defines them) and writes text samples (temperature, top-k from
+``runconfig.sample_*``). Output: the ``report`` artifact with ``metrics.json``, ``samples.json``,
+``report.md`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2core.config import Params, load_params
+from gpt2core.errors import DataError
+from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
+from gpt2core.stages.train import data_input, local_checkpoint, overrides_from_args
+from gpt2core.storage import local_input, local_output
+from gpt2core.tracking import stage_run
+
+STAGE = "evaluate"
+
+
+def run(params: str, *, ctx: RunContext, model_uri: str, overrides: dict | None = None,
+        checkpoint_path: str | None = None) -> StageResult:
+    """Evaluate the saved model at ``model_uri`` (or the weights of training checkpoint ``checkpoint_path``)."""
+    from gpt2core.data.loader import build_dataloader
+    from gpt2core.evaluation import evaluate
+
+    cfg = load_params(params, overrides)
+    report_uri = ctx.artifact_uri(STAGE, "report")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags={"config_hash": cfg.config_hash(),
+                                                                "model_uri": model_uri}) as tracked:
+        started = time.monotonic()
+        model = _load_model(cfg, model_uri, checkpoint_path).to(device)
+        with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:
+            loader = build_dataloader(eval_dir, cfg.eval_input.batch_size, shuffle=False, drop_last=False,
+                                      num_workers=cfg.eval_input.num_workers)
+            steps = len(loader) if cfg.runconfig.eval_steps is None else min(len(loader), cfg.runconfig.eval_steps)
+            autocast = torch.bfloat16 if device.type == "cuda" and cfg.model.mixed_precision else None
+            metrics = evaluate(model, loader, device=device, max_batches=steps, autocast_dtype=autocast)
+        samples = _samples(model, cfg, device)
+        metrics["eval/seconds"] = time.monotonic() - started
+        with local_output(report_uri) as out:
+            _write_report(out, metrics, samples, model_uri)
+        tracked.log_metrics(metrics)
+    return StageResult(outputs={"report": report_uri}, metrics=metrics)
+
+
+def _load_model(cfg: Params, model_uri: str, checkpoint_path: str | None):  # noqa: ANN202 - GPT2
+    from gpt2core.hf_checkpoint import load_pretrained
+    from gpt2core.model import GPT2
+
+    if checkpoint_path:
+        path = local_checkpoint(checkpoint_path, Path(cfg.runconfig.model_dir))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        model = GPT2(cfg.model)
+        try:
+            model.load_state_dict(state["model"])
+        except (KeyError, RuntimeError) as exc:
+            raise DataError(f"--checkpoint_path {checkpoint_path}: weights do not fit model config ({exc})") from exc
+        return model
+    with local_input(model_uri) as folder:
+        return load_pretrained(folder)
+
+
+def _samples(model, cfg: Params, device: torch.device) -> list[dict[str, str]]:  # noqa: ANN001
+    from gpt2core.evaluation import sample
+    from gpt2core.tokenizer import EOS_ID, get_tokenizer
+
+    r = cfg.runconfig
+    tokenizer = get_tokenizer()
+    generator = torch.Generator(device=device).manual_seed(r.seed)
+    out = []
+    for prompt in r.sample_prompts:
+        ids = tokenizer.encode(prompt) or [EOS_ID]
+        new = sample(model, ids, max_new_tokens=r.sample_max_new_tokens, temperature=r.sample_temperature,
+                     top_k=r.sample_top_k, eos_id=EOS_ID, generator=generator)
+        out.append({"prompt": prompt, "completion": tokenizer.decode(new)})
+    return out
+
+
+def _write_report(out: Path, metrics: dict[str, float], samples: list[dict[str, str]], model_uri: str) -> None:
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+    rows = "\n".join(f"| `{k}` | {v:.6g} |" for k, v in metrics.items())
+    texts = "\n\n".join(f"**{s['prompt']}**{s['completion']}".replace("\n", "  \n") for s in samples)
+    (out / "report.md").write_text(f"# Evaluation\n\nModel: `{model_uri}`\n\n| metric | value |\n|---|---|\n"
+                                   f"{rows}\n\n## Samples\n\n{texts}\n")
+    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>" for k, v in metrics.items())
+    blocks = "".join(f"<pre><b>{html.escape(s['prompt'])}</b>{html.escape(s['completion'])}</pre>" for s in samples)
+    (out / "report.html").write_text(f"<html><body><h1>Evaluation</h1><p>Model: <code>{html.escape(model_uri)}"
+                                     f"</code></p><table>{table}</table><h2>Samples</h2>{blocks}</body></html>\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", required=True, help="config: bundled name, YAML path or s3:// URI")
+    parser.add_argument("--model_dir", required=True, help="the train stage's model artifact (local or s3://)")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="evaluate this training checkpoint's weights instead (file or folder, local or s3://)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any config key, e.g. --set eval_input.data_dir=/data/val")
+    add_context_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args.params, ctx=context_from_args(args), model_uri=args.model_dir,
+                 overrides=overrides_from_args(args), checkpoint_path=args.checkpoint_path)
+    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
+    return 0

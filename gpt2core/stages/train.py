@@ -1,0 +1,165 @@
+"""Train stage: `gpt2ops train --params CFG --model_dir DIR [--checkpoint_path CKPT] [--max_steps N]`.
+
+Data comes from ``train_input.data_dir`` (local or s3://). Outputs two artifacts: ``model``
+(``model.safetensors`` in Hugging Face layout, ``config.json``, ``params.yaml``) and
+``checkpoints`` (the last ``runconfig.keep_last_checkpoints`` training checkpoints). ``model_dir``
+is the local working folder: checkpoints land there as training goes, and a rerun with the same
+folder resumes from the newest one. On GPUs start it under ``torchrun``: every rank trains, rank 0
+tracks and publishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from gpt2core.config import Params, load_params, parse_override
+from gpt2core.errors import ConfigError, DataError, StorageError
+from gpt2core.hf_checkpoint import save_pretrained
+from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
+from gpt2core.storage import fetch_file, is_s3, local_input, local_output
+from gpt2core.tracking import stage_run
+from gpt2core.training.checkpoint import list_checkpoints
+
+STAGE = "train"
+TARGETS = ("cpu", "gpu", "cerebras")
+
+
+def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_dir: str | None = None,
+        checkpoint_path: str | None = None, compile_cache_uri: str | None = None,
+        target: str = "cpu") -> StageResult:
+    """Train the model of config ``params`` and publish its weights and checkpoints."""
+    if target not in TARGETS:
+        raise ConfigError(f"target {target!r}: expected one of {TARGETS}")
+    cfg = load_params(params, overrides)
+    outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
+    work_dir = Path(model_dir or cfg.runconfig.model_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:  # another torchrun rank: train, leave the rest to rank 0
+        _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target, log_metrics=None)
+        return StageResult(outputs=outputs)
+
+    tags = {"config_hash": cfg.config_hash(), "target": target}
+    with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
+        started = time.monotonic()
+        with local_output(outputs["model"]) as model_out:
+            if target == "cerebras":
+                metrics = _train_cerebras(cfg, work_dir, model_out, tracked.log_metrics)
+            else:
+                result = _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target,
+                                      log_metrics=tracked.log_metrics)
+                save_pretrained(result.model, cfg, model_out)
+                metrics = {"train/loss": result.final_loss, "train/tokens_per_s": result.tokens_per_s,
+                           "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
+        with local_output(outputs["checkpoints"]) as checkpoints_out:
+            for checkpoint in list_checkpoints(work_dir / "checkpoints"):
+                shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
+        metrics["train/seconds"] = time.monotonic() - started
+        tracked.log_metrics(metrics)
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compile_cache_uri: str | None,
+                 target: str, log_metrics):  # noqa: ANN001, ANN202 - (metrics, step) callback; TrainResult
+    from gpt2core.training import train  # torch and the trainer only when training
+
+    with contextlib.ExitStack() as stack:
+        data_dir = stack.enter_context(data_input("train_input.data_dir", cfg.train_input.data_dir))
+        eval_dir = (stack.enter_context(data_input("eval_input.data_dir", cfg.eval_input.data_dir))
+                    if cfg.runconfig.eval_frequency else None)
+        if compile_cache_uri and cfg.runconfig.torch_compile:
+            _use_compile_cache(compile_cache_uri, work_dir)
+        resume = local_checkpoint(checkpoint_path, work_dir) if checkpoint_path else None
+        return train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
+                     resume_from=resume, log_metrics=log_metrics)
+
+
+def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, log_metrics) -> dict[str, float]:  # noqa: ANN001
+    from gpt2core import cerebras
+
+    with data_input("train_input.data_dir", cfg.train_input.data_dir) as data_dir:
+        result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out, checkpoint_dir=work_dir / "checkpoints",
+                                work_dir=work_dir, on_metrics=log_metrics)
+    return {k: float(v) for k, v in result.items() if k.startswith("train/") and isinstance(v, (int, float))}
+
+
+@contextlib.contextmanager
+def data_input(key: str, uri: str) -> Iterator[Path]:
+    try:
+        with local_input(uri) as path:
+            yield path
+    except StorageError as exc:
+        raise DataError(f"{key}: {exc}") from exc
+
+
+def local_checkpoint(uri: str, work_dir: Path) -> Path:
+    """A local copy of the checkpoint at ``uri``: a checkpoint file, or a folder of them (the newest)."""
+    if is_s3(uri) and uri.endswith(".pt"):
+        return fetch_file(uri, work_dir / f"resume-rank{os.environ.get('RANK', '0')}" / uri.rsplit("/", 1)[-1])
+    if is_s3(uri):
+        with local_input(uri) as folder:
+            newest = _newest(folder, uri)
+            return Path(shutil.copy2(newest, _fresh(work_dir / f"resume-rank{os.environ.get('RANK', '0')}")))
+    path = Path(uri)
+    if path.is_dir():
+        return _newest(path, uri)
+    if not path.is_file():
+        raise DataError(f"--checkpoint_path {uri}: no such checkpoint file or folder")
+    return path
+
+
+def _newest(folder: Path, uri: str) -> Path:
+    found = list_checkpoints(folder)
+    if not found:
+        raise DataError(f"--checkpoint_path {uri}: no checkpoint_*.pt files in this folder")
+    return found[-1]
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _use_compile_cache(uri: str, work_dir: Path) -> None:
+    """The compile stage's Inductor cache (a TORCHINDUCTOR_CACHE_DIR), so torch.compile reuses its kernels."""
+    cache = _fresh(work_dir / "inductor_cache")
+    with local_input(uri) as folder:
+        shutil.copytree(folder, cache, dirs_exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
+    parser.add_argument("--model_dir", default=None,
+                        help="local working folder for checkpoints (default: runconfig.model_dir); reruns resume")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="resume from this checkpoint file or folder (local or s3://)")
+    parser.add_argument("--max_steps", type=int, default=None, help="override runconfig.max_steps")
+    parser.add_argument("--target", choices=TARGETS, default="cpu")
+    parser.add_argument("--compile_cache", default=None, help="the compile stage's cache artifact (gpu)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any config key, e.g. --set train_input.data_dir=s3://b/data/train")
+    add_context_arguments(parser)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
+    overrides = dict(parse_override(text) for text in args.set)
+    if getattr(args, "max_steps", None) is not None:
+        overrides["runconfig.max_steps"] = args.max_steps
+    return overrides
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args),
+                 model_dir=args.model_dir, checkpoint_path=args.checkpoint_path,
+                 compile_cache_uri=args.compile_cache, target=args.target)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
+    return 0

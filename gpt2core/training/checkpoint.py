@@ -1,0 +1,124 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+One file per step, ``checkpoint_00000100.pt``, holding the model, optimizer, scheduler, grad
+scaler, loader position, step and every rank's RNG state. States are gathered as full (unsharded)
+tensors with ``torch.distributed.checkpoint.state_dict``, so a checkpoint written by DDP or FSDP2
+on N processes loads on any number. The file is written to a temporary name, fsynced and renamed:
+a kill leaves either the old set of checkpoints or the new one, never a torn file. Only the last K
+are kept. Files load with ``weights_only=True`` (no pickled code runs on load).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from gpt2core.errors import TrainingError
+from gpt2core.training.parallel import DistInfo
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, *, keep_last: int, info: DistInfo):
+        self.directory, self.keep_last, self.info = Path(directory), keep_last, info
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.directory)
+        return found[-1] if found else None
+
+    def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, scaler: torch.amp.GradScaler | None, loader: Any) -> Path:
+        """Write the checkpoint of ``step`` (every rank must call this; rank 0 writes the file)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+        rngs = [None] * self.info.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, rng_state(self.info.device))
+        else:
+            rngs = [rng_state(self.info.device)]
+        path = self.directory / checkpoint_name(step)
+        if self.info.is_main:
+            state = {
+                "step": step, "world_size": self.info.world_size,
+                "model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "loader": loader.state_dict(), "rng": rngs,
+            }
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            for old in list_checkpoints(self.directory)[:-self.keep_last]:
+                old.unlink(missing_ok=True)
+            log.info("saved checkpoint %s", path)
+        if dist.is_initialized():
+            dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+        return path
+
+    def load(self, path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, scaler: torch.amp.GradScaler | None, loader: Any) -> int:
+        """Restore everything from ``path``; returns the step it was taken after."""
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise TrainingError(f"{path}: not a readable training checkpoint ({exc})") from exc
+        missing = {"step", "model", "optimizer", "scheduler", "loader", "rng"} - set(state)
+        if missing:
+            raise TrainingError(f"{path}: not a training checkpoint (missing {sorted(missing)})")
+        try:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise TrainingError(f"{path}: does not fit this model/optimizer ({exc})") from exc
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])
+        if state["world_size"] == self.info.world_size:
+            set_rng_state(state["rng"][self.info.rank], self.info.device)
+        else:  # data order is exact on any world size; dropout streams cannot be
+            log.warning("%s: written by %d processes, resumed on %d: RNG streams start afresh",
+                        path, state["world_size"], self.info.world_size)
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return int(state["step"])

@@ -1,0 +1,235 @@
+"""The training loop, assembled from small parts: model, parallelism, optimizer, schedule, data,
+checkpoints and metrics.
+
+    result = train(params, data_dir=..., work_dir=..., target="cpu", log_metrics=tracked.log_metrics)
+
+One optimizer step consumes the global batch ``train_input.batch_size``, split over the
+data-parallel ranks and ``optimizer.grad_accum_steps`` micro-batches. Each micro-batch's loss is
+weighted by its share of the step's real tokens (or sequences, for ``loss_scaling: batch_size``)
+counted over all ranks, so the step loss and gradients are those of the whole global batch: 2
+processes give the losses of 1, and a padded batch counts each real token once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from gpt2core.config import Params
+from gpt2core.data.loader import build_dataloader
+from gpt2core.errors import ConfigError, TrainingError
+from gpt2core.evaluation import evaluate
+from gpt2core.model import GPT2
+from gpt2core.training.checkpoint import Checkpointer
+from gpt2core.training.metrics import ThroughputMeter, peak_flops
+from gpt2core.training.optimizer import build_optimizer
+from gpt2core.training.parallel import FSDPModule, DistInfo, all_reduce_sum, gradient_sync, init_distributed, parallelize
+from gpt2core.training.schedule import build_lr_scheduler
+
+log = logging.getLogger(__name__)
+
+LOSSES_FILE = "losses.jsonl"
+
+
+@dataclass
+class TrainResult:
+    model: GPT2  # the trained model (on its device; under FSDP2 its parameters are sharded)
+    step: int
+    final_loss: float
+    losses: dict[int, float] = field(default_factory=dict)  # steps run by this call -> loss
+    tokens_per_s: float = 0.0  # mean over this call's steps, excluding the first (warm-up, compile)
+    mfu: float = 0.0
+    checkpoint: Path | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def autocast_dtype(params: Params, device: torch.device) -> torch.dtype | None:
+    """Mixed precision runs on GPUs only; CPU training is fp32 (exact and reproducible)."""
+    if device.type != "cuda" or not params.model.mixed_precision:
+        return None
+    return torch.float16 if params.model.fp16_type == "float16" else torch.bfloat16
+
+
+def micro_batch_size(params: Params, world_size: int) -> int:
+    batch, accum = params.train_input.batch_size, params.optimizer.grad_accum_steps
+    if batch % (world_size * accum):
+        raise ConfigError(f"train_input.batch_size: {batch} is not divisible by {world_size} processes x "
+                          f"optimizer.grad_accum_steps {accum}")
+    return batch // (world_size * accum)
+
+
+def grad_scaler(params: Params, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (dynamic, or static when loss_scaling_factor is a number); bf16 does not."""
+    if dtype is not torch.float16:
+        return None
+    factor = params.optimizer.loss_scaling_factor
+    if factor == "dynamic":
+        return torch.amp.GradScaler("cuda", init_scale=params.optimizer.initial_loss_scale or 2.0**16)
+    return torch.amp.GradScaler("cuda", init_scale=float(factor), growth_interval=2**31 - 1)
+
+
+def train(params: Params, *, data_dir: str | Path, work_dir: str | Path, target: str = "cpu",
+          eval_data_dir: str | Path | None = None, resume_from: str | Path | None = None,
+          log_metrics=None) -> TrainResult:  # noqa: ANN001 - log_metrics(metrics: dict, step: int)
+    """Train for ``runconfig.max_steps``, resuming from ``resume_from`` or else the newest checkpoint
+    in ``work_dir/checkpoints``. Rank 0 calls ``log_metrics`` every ``runconfig.log_steps``."""
+    info = init_distributed(target)
+    return Trainer(params, info, Path(work_dir), log_metrics).fit(data_dir, eval_data_dir, resume_from)
+
+
+class Trainer:
+    def __init__(self, params: Params, info: DistInfo, work_dir: Path, log_metrics=None):  # noqa: ANN001
+        self.params, self.info, self.work_dir = params, info, work_dir
+        self.log_metrics = log_metrics if info.is_main else None
+        run, device = params.runconfig, info.device
+        self.amp_dtype = autocast_dtype(params, device)
+
+        torch.manual_seed(run.seed)  # identical initial weights on every rank
+        self.model = GPT2(params.model).to(device)
+        torch.manual_seed(run.seed + 1 + info.rank)  # independent dropout streams per rank
+        self.train_model = parallelize(self.model, kind=run.parallelism, info=info, param_dtype=self.amp_dtype,
+                                       compile=run.torch_compile, activation_checkpointing=run.activation_checkpointing)
+        self.optimizer = build_optimizer(self.model, params.optimizer, fused=device.type == "cuda")
+        self.scheduler = build_lr_scheduler(self.optimizer, params.optimizer.learning_rate)
+        self.scaler = grad_scaler(params, self.amp_dtype)
+        self.checkpointer = Checkpointer(work_dir / "checkpoints", keep_last=run.keep_last_checkpoints, info=info)
+        self.meter = ThroughputMeter(self.model.flops_per_token(params.train_input.max_sequence_length),
+                                     peak_flops(device, self.amp_dtype)[0])
+
+    def fit(self, data_dir: str | Path, eval_data_dir: str | Path | None,
+            resume_from: str | Path | None) -> TrainResult:
+        p, run, info = self.params, self.params.runconfig, self.info
+        loader = build_dataloader(data_dir, micro_batch_size(p, info.world_size), seed=p.train_input.shuffle_seed,
+                                  shuffle=p.train_input.shuffle, drop_last=True, rank=info.rank,
+                                  world_size=info.world_size, num_workers=p.train_input.num_workers)
+        if loader.dataset.max_seq_length != p.train_input.max_sequence_length:
+            raise ConfigError(f"train_input.max_sequence_length: {p.train_input.max_sequence_length}, but "
+                              f"{data_dir} holds sequences of {loader.dataset.max_seq_length} tokens")
+        state = dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                     loader=loader)
+        resume_from = resume_from or self.checkpointer.latest()
+        step = self.checkpointer.load(resume_from, **state) if resume_from else 0
+        if step == 0 and run.save_initial_checkpoint:
+            self.checkpointer.save(0, **state)
+        result = TrainResult(model=self.model, step=step, final_loss=math.nan)
+        if step >= run.max_steps:
+            log.info("checkpoint is at step %d >= runconfig.max_steps %d: nothing to train", step, run.max_steps)
+            return result
+
+        tokens_per_step = p.train_input.batch_size * p.train_input.max_sequence_length
+        log.info("training %s parameters on %s x%d from step %d to %d (%d tokens/step)",
+                 f"{self.model.num_params():,}", info.device, info.world_size, step, run.max_steps, tokens_per_step)
+        batches = iter(loader)
+        first_step, timed_since = step, None  # the first step (warm-up, compilation) is not timed
+        self.train_model.train()
+        while step < run.max_steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            micro = [next(batches) for _ in range(p.optimizer.grad_accum_steps)]
+            loss, grad_norm = self._step(micro)
+            step += 1
+            if not math.isfinite(loss):
+                last = self.checkpointer.latest()
+                raise TrainingError(f"step {step}: loss is {loss}; training stopped. The last good checkpoint is "
+                                    f"{last or 'none (no checkpoint was written yet)'}; lower the learning rate "
+                                    f"or check the data, then resume with --checkpoint_path")
+            result.losses[step] = result.final_loss = loss
+            self.meter.add(tokens_per_step)
+            if step == first_step + 1:
+                timed_since = time.perf_counter()
+            if run.save_losses and info.is_main:
+                with open(self.work_dir / LOSSES_FILE, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+            if step % run.log_steps == 0 or step == run.max_steps:
+                tokens_per_s, mfu = self.meter.read()
+                self._log(step, loss, lr, grad_norm, tokens_per_s, mfu)
+            if eval_data_dir and run.eval_frequency and step % run.eval_frequency == 0:
+                self._log_eval(step, self.evaluate(eval_data_dir))
+            if run.checkpoint_steps and step % run.checkpoint_steps == 0 and step < run.max_steps:
+                self.checkpointer.save(step, **state)
+        if step > first_step + 1:
+            result.tokens_per_s = (step - first_step - 1) * tokens_per_step / (time.perf_counter() - timed_since)
+            result.mfu = result.tokens_per_s * self.meter.flops_per_token / self.meter.peak
+        result.step = step
+        result.checkpoint = self.checkpointer.save(step, **state)
+        result.model = self._full_model()
+        if eval_data_dir:
+            result.eval_metrics = self.evaluate(eval_data_dir)
+            self._log_eval(step, result.eval_metrics)
+        return result
+
+    def _full_model(self) -> GPT2:
+        """The trained model with whole (unsharded) parameters; under FSDP2 a CPU copy, on every rank."""
+        if not isinstance(self.model, FSDPModule):
+            return self.model
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = GPT2(self.params.model)
+        full.load_state_dict(state)
+        return full
+
+    def _step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; returns (global loss, gradient norm)."""
+        device, world = self.info.device, self.info.world_size
+        by_tokens = self.params.model.loss_scaling == "num_tokens"
+        units = [(b["attention_mask"].sum() if by_tokens else b["input_ids"].new_tensor(b["input_ids"].size(0)))
+                 .to(device, torch.float32) for b in micro]
+        total_units = all_reduce_sum(torch.stack(units).sum())
+        step_loss = torch.zeros((), device=device)
+        autocast = (torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        for i, (batch, n) in enumerate(zip(micro, units)):
+            ids, mask, labels = (batch[k].to(device, non_blocking=True)
+                                 for k in ("input_ids", "attention_mask", "labels"))
+            share = n / total_units  # of the global step; DDP averages over ranks, hence x world
+            with gradient_sync(self.train_model, enabled=i == len(micro) - 1), autocast:
+                _, loss = self.train_model(ids, attention_mask=mask, labels=labels)
+                weighted = loss * share * world
+            (self.scaler.scale(weighted) if self.scaler else weighted).backward()
+            step_loss += loss.detach() * share
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.params.optimizer.max_gradient_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm or math.inf)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        return all_reduce_sum(step_loss).item(), float(grad_norm)
+
+    def evaluate(self, eval_data_dir: str | Path) -> dict[str, float]:
+        p = self.params.eval_input
+        loader = build_dataloader(eval_data_dir, max(1, p.batch_size // self.info.world_size), shuffle=False,
+                                  drop_last=False, rank=self.info.rank, world_size=self.info.world_size,
+                                  num_workers=p.num_workers)
+        n = len(loader) if self.params.runconfig.eval_steps is None else min(len(loader), self.params.runconfig.eval_steps)
+        return evaluate(self.train_model, loader, device=self.info.device, max_batches=n,
+                        autocast_dtype=self.amp_dtype)
+
+    def _log(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float) -> None:
+        if not self.info.is_main:
+            return
+        log.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %s tok/s | mfu %.1f%%",
+                 step, self.params.runconfig.max_steps, loss, lr, grad_norm, f"{tokens_per_s:,.0f}", 100 * mfu)
+        if self.log_metrics:
+            self.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                              "train/tokens_per_s": tokens_per_s, "train/mfu": mfu}, step=step)
+
+    def _log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.info.is_main:
+            return
+        log.info("step %d eval | loss %.4f | perplexity %.2f | accuracy %.4f", step, metrics["eval/loss"],
+                 metrics["eval/lm_perplexity"], metrics["eval/accuracy"])
+        if self.log_metrics:
+            self.log_metrics(metrics, step=step)

@@ -1,0 +1,208 @@
+"""Training on real English: loss falls, exact resume after a kill, DDP = one process, NaN stops,
+the schedule follows the reference's formulas, and the train stage publishes loadable artifacts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2core.config import load_params
+from gpt2core.errors import ConfigError, TrainingError
+from gpt2core.training import train
+from gpt2core.training.checkpoint import list_checkpoints
+from gpt2core.training.optimizer import build_optimizer
+from gpt2core.training.schedule import build_lr_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Smaller than gpt2_tiny: the 50257-way head is most of the work, so these steps cost ~0.1 s.
+MICRO = {"model.hidden_size": 32, "model.num_hidden_layers": 1, "model.num_heads": 2, "model.filter_size": 128,
+         "train_input.max_sequence_length": 64, "eval_input.max_sequence_length": 64,
+         "train_input.batch_size": 4, "eval_input.batch_size": 4, "runconfig.log_steps": 1,
+         "runconfig.checkpoint_steps": 0}
+
+
+def micro_params(data_dir: Path, **overrides):
+    return load_params("gpt2_tiny", {**MICRO, "train_input.data_dir": str(data_dir / "train"),
+                                     "eval_input.data_dir": str(data_dir / "val"), **overrides})
+
+
+def run_in_process(params, data_dir: Path, work_dir: Path, **kwargs):
+    return train(params, data_dir=data_dir / "train", work_dir=work_dir, **kwargs)
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def test_schedule_chains_reference_formulas():
+    p = load_params("gpt2_tiny", {"optimizer.learning_rate": [
+        {"scheduler": "Linear", "initial_learning_rate": 0.0, "end_learning_rate": 1.0, "total_iters": 4},
+        {"scheduler": "CosineDecay", "initial_learning_rate": 1.0, "end_learning_rate": 0.1, "total_iters": 6},
+        {"scheduler": "Constant", "learning_rate": 0.2, "total_iters": 2},
+        {"scheduler": "Exponential", "initial_learning_rate": 0.2, "decay_rate": 0.5, "total_iters": 2},
+    ]})
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), p.optimizer, fused=False)
+    scheduler = build_lr_scheduler(optimizer, p.optimizer.learning_rate)
+    seen = []
+    for _ in range(16):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 6)) for t in range(6)]
+    expected = [0, 0.25, 0.5, 0.75] + cosine + [0.2, 0.2] + [0.2 * 0.5 ** (t / 2) for t in range(4)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    # a schedule restored from its state dict continues where it was
+    again = build_lr_scheduler(build_optimizer(torch.nn.Linear(2, 2), p.optimizer, fused=False),
+                               p.optimizer.learning_rate)
+    again.load_state_dict(scheduler.state_dict())
+    again.step()
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5 ** (5 / 2))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    from gpt2core.model import GPT2
+
+    p = load_params("gpt2_tiny", MICRO)
+    model = GPT2(p.model)
+    decay, no_decay = build_optimizer(model, p.optimizer, fused=False).param_groups
+    assert decay["weight_decay"] == p.optimizer.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(t.dim() == 2 for t in decay["params"]) and all(t.dim() == 1 for t in no_decay["params"])
+    assert sum(t.numel() for g in (decay, no_decay) for t in g["params"]) == model.num_params(non_embedding=False)
+
+
+def test_batch_must_split_evenly(tiny_dataset_64, tmp_path):
+    params = micro_params(tiny_dataset_64, **{"optimizer.grad_accum_steps": 3})
+    with pytest.raises(ConfigError, match="train_input.batch_size: 4 is not divisible"):
+        run_in_process(params, tiny_dataset_64, tmp_path)
+
+
+def test_sequence_length_must_match_the_data(tiny_dataset, tmp_path):
+    params = micro_params(tiny_dataset, **{"train_input.max_sequence_length": 64})
+    with pytest.raises(ConfigError, match="train_input.max_sequence_length: 64, but .* 128 tokens"):
+        run_in_process(params, tiny_dataset, tmp_path)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_english(tiny_dataset_64, tmp_path):
+    """gpt2_tiny (hidden 64, 2 layers) on Shakespeare: 60 steps take the loss from ~10.8 to < 7.5."""
+    steps = 60
+    params = load_params("gpt2_tiny", {
+        "train_input.data_dir": str(tiny_dataset_64 / "train"), "eval_input.data_dir": str(tiny_dataset_64 / "val"),
+        "train_input.max_sequence_length": 64, "eval_input.max_sequence_length": 64,
+        "runconfig.max_steps": steps, "runconfig.log_steps": 20, "runconfig.checkpoint_steps": 0,
+        "runconfig.eval_steps": 8, "optimizer.learning_rate.0.total_iters": 10,
+        "optimizer.learning_rate.1.total_iters": steps - 10})
+    result = train(params, data_dir=tiny_dataset_64 / "train", work_dir=tmp_path,
+                   eval_data_dir=tiny_dataset_64 / "val")
+    first = result.losses[1]
+    last = sum(result.losses[s] for s in range(steps - 4, steps + 1)) / 5
+    assert first > 10.0 and last < 7.5, (first, last)
+    assert result.eval_metrics["eval/loss"] < 8.0
+    assert 0 < result.tokens_per_s and 0 < result.mfu < 1
+
+
+def test_grad_accumulation_matches_the_full_batch(tiny_dataset_64, tmp_path):
+    full = run_in_process(micro_params(tiny_dataset_64, **{"runconfig.max_steps": 3}), tiny_dataset_64, tmp_path / "a")
+    accumulated = run_in_process(micro_params(tiny_dataset_64, **{"runconfig.max_steps": 3,
+                                                                   "optimizer.grad_accum_steps": 2}),
+                                 tiny_dataset_64, tmp_path / "b")
+    assert list(accumulated.losses.values()) == pytest.approx(list(full.losses.values()), rel=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_64, tmp_path):
+    params = micro_params(tiny_dataset_64, **{"runconfig.max_steps": 5, "runconfig.checkpoint_steps": 1,
+                                              "optimizer.learning_rate": 1.0e38, "optimizer.max_gradient_norm": None})
+    with pytest.raises(TrainingError, match=r"step 2: loss is nan.*checkpoint_00000001\.pt"):
+        run_in_process(params, tiny_dataset_64, tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint_00000001.pt"]
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint_00000001.pt", weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# ----------------------------------------------------------------------------- resume and DDP
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from gpt2core.config import load_params
+    from gpt2core.training import train
+    from gpt2core.training.parallel import shutdown_distributed
+    overrides, data_dir, work_dir = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    result = train(load_params("gpt2_tiny", overrides), data_dir=data_dir, work_dir=work_dir)
+    shutdown_distributed()
+""")
+
+
+def run_worker(tmp_path: Path, overrides: dict, data_dir: Path, work_dir: Path, *, nproc: int = 1,
+               wait: bool = True) -> subprocess.Popen:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*launcher, str(script), json.dumps(overrides), str(data_dir), str(work_dir)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+    return proc
+
+
+def read_losses(work_dir: Path) -> dict[int, float]:
+    """Step -> loss from losses.jsonl; a step run again after a resume keeps its last value."""
+    losses = {}
+    for line in (work_dir / "losses.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        losses[record["step"]] = record["loss"]
+    return losses
+
+
+def test_resume_after_kill_reproduces_the_losses(tiny_dataset_64, tmp_path):
+    steps = 10
+    overrides = {**MICRO, "runconfig.max_steps": steps, "runconfig.checkpoint_steps": 3,
+                 "runconfig.keep_last_checkpoints": 2, "runconfig.save_losses": True,
+                 "model.dropout_rate": 0.1}  # dropout: the RNG state must resume too
+    data = tiny_dataset_64 / "train"
+    run_worker(tmp_path, overrides, data, tmp_path / "straight")
+
+    proc = run_worker(tmp_path, overrides, data, tmp_path / "killed", wait=False)
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "killed" / "checkpoints" / "checkpoint_00000003.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(read_losses(tmp_path / "killed")) < steps  # it really was interrupted
+    run_worker(tmp_path, overrides, data, tmp_path / "killed")  # same folder: resumes from the newest
+
+    assert read_losses(tmp_path / "killed") == read_losses(tmp_path / "straight")  # bitwise equal
+    assert [p.name for p in list_checkpoints(tmp_path / "killed" / "checkpoints")] == [
+        "checkpoint_00000009.pt", "checkpoint_00000010.pt"]
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_two_processes_give_the_losses_of_one(tiny_dataset_64, tmp_path, parallelism):
+    overrides = {**MICRO, "runconfig.max_steps": 4, "runconfig.save_losses": True,
+                 "runconfig.parallelism": parallelism}
+    data = tiny_dataset_64 / "train"
+    single = run_in_process(load_params("gpt2_tiny", overrides), tiny_dataset_64, tmp_path / "one")
+    run_worker(tmp_path, overrides, data, tmp_path / "two", nproc=2)
+    two = read_losses(tmp_path / "two")
+    assert list(two.values()) == pytest.approx(list(single.losses.values()), rel=1e-5)
+    # the checkpoint of 2 processes resumes in 1
+    resumed = run_in_process(load_params("gpt2_tiny", {**overrides, "runconfig.max_steps": 5}), tiny_dataset_64,
+                             tmp_path / "two")
+    assert list(resumed.losses) == [5]
