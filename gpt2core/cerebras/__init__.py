@@ -49,8 +49,7 @@ VENV_PYTHON = REPO_ROOT / ".venv-cerebras" / "bin" / "python"
 METRICS_PREFIX = "@gpt2ops-metrics "
 MetricsCallback = Callable[[dict[str, float], int], None]
 
-SETUP_HINT = (f"python3.11 -m venv .venv-cerebras && .venv-cerebras/bin/pip install -r requirements/cerebras.txt "
-              f"&& .venv-cerebras/bin/pip install --no-deps -e .   (in {REPO_ROOT}), or set {ENV_PYTHON}")
+SETUP_HINT = f"run {REPO_ROOT / 'scripts' / 'setup-cerebras-venv.sh'} (about 5 minutes), or set {ENV_PYTHON}"
 
 
 def sdk_importable() -> bool:

@@ -17,10 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from gpt2core.cerebras import METRICS_PREFIX
 from gpt2core.config import load_params, params_from_dict
 from gpt2core.errors import Gpt2opsError
-
-METRICS_PREFIX = "@gpt2ops-metrics "  # same as gpt2core.cerebras.METRICS_PREFIX (not imported: keeps this light)
 
 
 def emit_metrics(metrics: dict[str, float], step: int) -> None:

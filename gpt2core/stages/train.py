@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpt2core.cerebras.checkpoints import list_checkpoints as list_cerebras_checkpoints
 from gpt2core.config import Params, load_params, parse_override
 from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.hf_checkpoint import save_pretrained
@@ -50,7 +51,7 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
         started = time.monotonic()
         with local_output(outputs["model"]) as model_out:
             if target == "cerebras":
-                metrics = _train_cerebras(cfg, work_dir, model_out, tracked.log_metrics)
+                metrics = _train_cerebras(cfg, work_dir, model_out, checkpoint_path, tracked.log_metrics)
             else:
                 result = _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target,
                                       log_metrics=tracked.log_metrics)
@@ -58,7 +59,8 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
                 metrics = {"train/loss": result.final_loss, "train/tokens_per_s": result.tokens_per_s,
                            "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
         with local_output(outputs["checkpoints"]) as checkpoints_out:
-            for checkpoint in list_checkpoints(work_dir / "checkpoints"):
+            listing = list_cerebras_checkpoints if target == "cerebras" else list_checkpoints
+            for checkpoint in listing(work_dir / "checkpoints"):
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
         tracked.log_metrics(metrics)
@@ -80,9 +82,13 @@ def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compi
                      resume_from=resume, log_metrics=log_metrics)
 
 
-def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, log_metrics) -> dict[str, float]:  # noqa: ANN001
+def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_path: str | None,
+                    log_metrics) -> dict[str, float]:  # noqa: ANN001
     from gpt2core import cerebras
 
+    if checkpoint_path:  # the cstorch flow resumes from runconfig.checkpoint_path (a .mdl file)
+        cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir,
+                                                             listing=list_cerebras_checkpoints))
     with data_input("train_input.data_dir", cfg.train_input.data_dir) as data_dir:
         result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out, checkpoint_dir=work_dir / "checkpoints",
                                 work_dir=work_dir, on_metrics=log_metrics)
@@ -98,26 +104,27 @@ def data_input(key: str, uri: str) -> Iterator[Path]:
         raise DataError(f"{key}: {exc}") from exc
 
 
-def local_checkpoint(uri: str, work_dir: Path) -> Path:
-    """A local copy of the checkpoint at ``uri``: a checkpoint file, or a folder of them (the newest)."""
-    if is_s3(uri) and uri.endswith(".pt"):
+def local_checkpoint(uri: str, work_dir: Path, *, listing=list_checkpoints) -> Path:  # noqa: ANN001
+    """A local copy of the checkpoint at ``uri``: a checkpoint file, or a folder of them (the newest
+    that ``listing`` finds: torch ``.pt`` or, for the cerebras target, cstorch ``.mdl`` files)."""
+    if is_s3(uri) and uri.endswith((".pt", ".mdl")):
         return fetch_file(uri, work_dir / f"resume-rank{os.environ.get('RANK', '0')}" / uri.rsplit("/", 1)[-1])
     if is_s3(uri):
         with local_input(uri) as folder:
-            newest = _newest(folder, uri)
+            newest = _newest(folder, uri, listing)
             return Path(shutil.copy2(newest, _fresh(work_dir / f"resume-rank{os.environ.get('RANK', '0')}")))
     path = Path(uri)
     if path.is_dir():
-        return _newest(path, uri)
+        return _newest(path, uri, listing)
     if not path.is_file():
         raise DataError(f"--checkpoint_path {uri}: no such checkpoint file or folder")
     return path
 
 
-def _newest(folder: Path, uri: str) -> Path:
-    found = list_checkpoints(folder)
+def _newest(folder: Path, uri: str, listing=list_checkpoints) -> Path:  # noqa: ANN001
+    found = listing(folder)
     if not found:
-        raise DataError(f"--checkpoint_path {uri}: no checkpoint_*.pt files in this folder")
+        raise DataError(f"--checkpoint_path {uri}: no checkpoints (checkpoint_<step>.pt or .mdl) in this folder")
     return found[-1]
 
 
