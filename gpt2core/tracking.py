@@ -360,7 +360,8 @@ def find_model_version(name: str, model_uri: str) -> str | None:
     client = _client()
     with _tracking_errors(f"search versions of model {name!r}"):
         versions = client.search_model_versions(f"name = '{name}' and tags.`{TAG_MODEL_URI}` = '{model_uri}'")
-    return max((v.version for v in versions), key=int, default=None)
+    found = max((int(v.version) for v in versions), default=None)
+    return None if found is None else str(found)
 
 
 def champion_version(name: str) -> str | None:

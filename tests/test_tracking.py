@@ -93,3 +93,39 @@ def test_unwritable_sqlite_store_names_the_uri(ctx, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(TrackingError, match=f"MLflow at {uri}: could not"):
         tracking.start_pipeline_run(ctx)
+
+
+def test_model_registered_and_champion_moves_only_when_better(ctx, tmp_path):
+    import mlflow
+    import torch
+
+    from gpt2core.config import load_params
+    from gpt2core.hf_checkpoint import WEIGHTS_FILE, load_pretrained, save_pretrained
+    from gpt2core.model import GPT2
+
+    params = load_params("gpt2_tiny", {"runconfig.sample_max_new_tokens": 4})
+    torch.manual_seed(0)
+    save_pretrained(GPT2(params.model), params, tmp_path / "model")
+    name = tracking.default_model_name(ctx)
+    versions = []
+    for i in range(2):
+        with tracking.stage_run("train", ctx) as run:
+            versions.append(run.log_model(tmp_path / "model", model_uri=f"{ctx.artifact_root}/m{i}"))
+    v1, v2 = versions
+    assert tracking.find_model_version(name, f"{ctx.artifact_root}/m1") == v2
+    assert tracking.champion_version(name) is None
+    assert tracking.promote_if_better(name, v1, score=3.0, champion_score=None, dataset_hash="d1")
+    assert not tracking.promote_if_better(name, v2, score=3.5, champion_score=3.0)  # worse: kept
+    client = MlflowClient()
+    assert tracking.champion_version(name) == v1
+    assert str(client.get_model_version_by_alias(name, tracking.CHALLENGER).version) == v2
+    assert tracking.promote_if_better(name, v2, score=2.9, champion_score=3.0)  # better: promoted
+    assert tracking.champion_version(name) == v2
+    assert client.get_model_version(name, v1).tags["eval/loss"] == "3"
+    # the registered artifact is the saved model, and it serves text
+    folder = tracking.download_model_version(name, v1, tmp_path / "dl")
+    assert (folder / WEIGHTS_FILE).read_bytes() == (tmp_path / "model" / WEIGHTS_FILE).read_bytes()
+    assert load_pretrained(folder).num_params() == GPT2(params.model).num_params()
+    served = mlflow.pyfunc.load_model(f"models:/{name}@{tracking.CHAMPION}")
+    texts = served.predict(["The meaning of life is"])
+    assert len(texts) == 1 and isinstance(texts[0], str)
