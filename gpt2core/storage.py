@@ -411,17 +411,43 @@ def artifact_exists(uri: str) -> bool:
     return True
 
 
+def _locate(uri: str) -> tuple[str, dict]:
+    """The manifest describing uri: its own, or, for a folder inside an artifact (a dataset's
+    ``train/``), the enclosing artifact's entries for that folder with paths made relative to it."""
+    uri = str(uri).rstrip("/")
+    try:
+        return uri, read_manifest(uri)
+    except NotFound as exc:
+        missing = exc
+    bucket, key = split_s3_uri(uri)
+    parts = key.split("/")
+    for depth in range(len(parts) - 1, 0, -1):
+        artifact = f"s3://{bucket}/{'/'.join(parts[:depth])}"
+        try:
+            manifest = read_manifest(artifact)
+        except NotFound:
+            continue
+        sub = "/".join(parts[depth:]) + "/"
+        files = [dict(f, path=f["path"][len(sub):]) for f in manifest["files"] if f["path"].startswith(sub)]
+        if not files:
+            raise NotFound(f"{uri}: artifact {artifact} has no folder {sub.rstrip('/')}")
+        return artifact + "/" + sub.rstrip("/"), {"files": files,
+                                                  "total_bytes": sum(f["bytes"] for f in files)}
+    raise missing
+
+
 def download_dir(uri: str, local: str | Path) -> dict:
-    """Download the artifact at uri into local (created), verifying every file's size and sha256
-    against the manifest; the manifest is copied too. Returns the manifest."""
+    """Download the artifact at uri (or a folder inside one) into local (created), verifying every
+    file's size and sha256 against the manifest; the manifest is copied too. Returns the manifest."""
     local = Path(local)
-    manifest = read_manifest(uri)
     if not is_s3(uri):
+        manifest = read_manifest(uri)
         src = _local_path(uri)
         for entry in manifest["files"]:
             (local / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / entry["path"], local / entry["path"])
     else:
+        uri, manifest = _locate(uri)
         bucket, prefix = split_s3_uri(uri)
         progress = _Progress("downloading", uri, manifest["total_bytes"])
         for entry in manifest["files"]:
@@ -455,7 +481,7 @@ def local_input(uri: str) -> Iterator[Path]:
     """A local folder holding the artifact at uri, for the duration of the block.
 
     s3://: downloaded into a scratch folder (removed afterwards) and checksum-verified; no manifest
-    means no artifact. Local path: used in place; if it has a manifest (it was written by a stage)
+    means no artifact. uri may also be a folder inside an artifact (``<dataset>/train``). Local path: used in place; if it has a manifest (it was written by a stage)
     its files must be present with the listed sizes; a plain folder of user data is accepted as is.
     """
     if not is_s3(uri):

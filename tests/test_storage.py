@@ -62,6 +62,20 @@ def test_error_inside_output_publishes_nothing_and_keeps_old_artifact(where, s3_
         assert storage._list_keys(bucket, prefix) == []
 
 
+def test_a_folder_inside_an_artifact_is_an_input_too(s3_root):
+    with storage.local_output(f"{s3_root}/dataset") as out:
+        _write_tree(out, FILES)
+    with storage.local_input(f"{s3_root}/dataset/train") as path:
+        assert sorted(p.name for p in path.iterdir()) == ["MANIFEST.json", "data_0.h5"]
+        assert (path / "data_0.h5").read_bytes() == FILES["train/data_0.h5"]
+    with pytest.raises(storage.NotFound, match="has no folder test"):
+        with storage.local_input(f"{s3_root}/dataset/test"):
+            pass
+    with pytest.raises(storage.NotFound, match="no such artifact"):
+        with storage.local_input(f"{s3_root}/elsewhere/train"):
+            pass
+
+
 def test_republish_removes_files_of_the_older_version(s3_root):
     uri = f"{s3_root}/ckpt"
     with storage.local_output(uri) as out:
