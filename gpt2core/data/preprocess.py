@@ -20,7 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -162,7 +164,8 @@ def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, enc: tiktok
     dtype = _token_dtype(enc.n_vocab)
     eos = np.array([enc.eot_token], dtype=dtype)
     stats, lengths, skipped = ReadStats(), [], 0
-    tmp = tokens_path.with_suffix(".bin.tmp")
+    unique = uuid.uuid4().hex[:8]  # two runs may share a cache folder
+    tmp = tokens_path.with_suffix(f".bin.{unique}.tmp")
     with tmp.open("wb") as out:
         for text in iter_documents(item.path, text_key, stats):
             if not text:
@@ -177,7 +180,7 @@ def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, enc: tiktok
     meta = {"relpath": item.relpath, "cache_key": item.cache_key, "documents": len(lengths), "empty_documents": skipped,
             "tokens": int(sum(lengths)), "bytes": stats.bytes, "replaced_chars": stats.replaced_chars,
             "lengths": lengths}
-    tmp_meta = meta_path.with_suffix(".json.tmp")
+    tmp_meta = meta_path.with_suffix(f".json.{unique}.tmp")
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_meta, meta_path)
     return meta
@@ -347,9 +350,7 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
             _write_data_params(output_dir / split, split, input_dir, text_key, params, fingerprint,
                                stats[split], corpus)
     if own_cache:
-        for p in cache.iterdir():
-            p.unlink()
-        cache.rmdir()
+        shutil.rmtree(cache)
     log.info("wrote %s: %d sequences, %d tokens in %.1f s", output_dir,
              sum(s["num_sequences"] for s in stats.values()), sum(s["num_tokens"] for s in stats.values()),
              time.monotonic() - started)
@@ -383,7 +384,7 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
                  output_dir: Path, params: PreprocessParams, pool: ThreadPoolExecutor) -> dict:
     """Concatenate this split's documents in file order, cut windows, write the HDF5 files."""
     want_val = split == "val"
-    stream_path = cache / f"{split}.stream"
+    stream_path = cache / f"{split}.{uuid.uuid4().hex[:8]}.stream"
     doc_lengths, n_docs = [], 0
     with stream_path.open("wb") as out:
         for meta, val_mask in zip(metas, in_val):
