@@ -23,3 +23,7 @@ class TrackingError(Gpt2opsError):
 
 class TrainingError(Gpt2opsError):
     """Training cannot continue (e.g. a NaN/Inf loss); the last good checkpoint is kept."""
+
+
+class ValidationError(Gpt2opsError):
+    """The validate stage found problems; the message lists all of them and names the report."""
