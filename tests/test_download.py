@@ -23,6 +23,7 @@ from gpt2core.stages import download as download_stage
 from gpt2core.stages.common import RunContext
 
 JSONL = b"".join(json.dumps({"text": f"document {i} " * 30}).encode() + b"\n" for i in range(20))
+BIG_JSONL = JSONL * 30  # 400 KB: a cut transfer has received whole chunks
 
 
 class _Server(ThreadingHTTPServer):
@@ -50,9 +51,13 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None or fault == "500":
             self.send_error(404 if body is None else 500)
             return
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        if self.headers.get("If-Range", etag) != etag:  # changed since: the whole file
+            range_header = None
         start = int(range_header.split("=")[1].split("-")[0]) if range_header else 0
         payload = body[start:]
         self.send_response(206 if range_header else 200)
+        self.send_header("ETag", etag)
         if range_header:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(payload)))
@@ -132,6 +137,21 @@ def test_http_resumes_a_partial_file_from_an_earlier_run(http_server: _Server, t
     download_source(url, tmp_path / "out")
     assert (tmp_path / "out" / "data.jsonl").read_bytes() == JSONL
     assert http_server.requests == [("/data.jsonl", "bytes=1000-")]
+
+
+def test_http_restarts_when_the_file_changed_since_the_partial_download(http_server: _Server, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    url = f"{http_server.url}/big.jsonl"
+    old, new = BIG_JSONL.replace(b"document", b"DOCUMENT"), BIG_JSONL
+    http_server.files["/big.jsonl"] = old
+    http_server.faults = ["cut", "500"]  # leaves part of the old file in the cache
+    monkeypatch.setattr(download, "HTTP_ATTEMPTS", 2)
+    with pytest.raises(DataError, match="after 2 attempts"):
+        download_source(url, tmp_path / "a")
+    http_server.files["/big.jsonl"] = new
+    download_source(url, tmp_path / "b")
+    assert (tmp_path / "b" / "big.jsonl").read_bytes() == new
+    assert http_server.requests[-1][1] is not None  # it asked for the rest and got the new whole file
 
 
 def test_http_retries_server_errors(http_server: _Server, tmp_path: Path):

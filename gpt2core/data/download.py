@@ -90,10 +90,15 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
         log.info("%s: using the verified copy in %s", url, final)
         return final
     part = final.with_name(final.name + ".part")
+    # The ETag / Last-Modified of the partial file's response: with If-Range the server sends the
+    # whole file instead of the rest when the file changed since, so old and new bytes never mix.
+    validator = final.with_name(final.name + ".part.validator")
     delay, last_error = HTTP_BACKOFF_S, ""
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         have = part.stat().st_size if part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and validator.exists():
+            headers["If-Range"] = validator.read_text()
         try:
             with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as resp:
                 if resp.status_code == 416 and have:  # the partial file is already whole
@@ -103,6 +108,8 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
                 if resp.status_code >= 400:
                     raise DataError(f"{url}: HTTP {resp.status_code} {resp.reason}")
                 resumed = resp.status_code == 206
+                if not resumed:
+                    _remember_validator(resp, validator)
                 total = int(resp.headers.get("Content-Length", 0)) + (have if resumed else 0)
                 if have:
                     log.info("%s: %s at byte %d", url, "resuming" if resumed else "server ignores Range, restarting", have)
@@ -126,7 +133,17 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
             part.unlink()
             raise DataError(f"{url}: sha256 is {actual}, expected {sha256} (download discarded)")
     os.replace(part, final)
+    validator.unlink(missing_ok=True)
     return final
+
+
+def _remember_validator(resp, path: Path) -> None:  # noqa: ANN001 - a requests.Response
+    etag = resp.headers.get("ETag", "")
+    value = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified", "")
+    if value:
+        path.write_text(value)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _stream_to(resp, part: Path, *, append: bool, url: str, total: int) -> None:  # noqa: ANN001
