@@ -347,7 +347,7 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
         stats = {}
         for split in SPLITS:
             stats[split] = _write_split(split, metas, in_val, cache, dtype, output_dir, params, pool)
-            _write_data_params(output_dir / split, split, input_dir, text_key, params, fingerprint,
+            _write_data_params(output_dir / split, split, input_dir, text_key, params, enc, fingerprint,
                                stats[split], corpus)
     if own_cache:
         shutil.rmtree(cache)
@@ -417,6 +417,7 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     for name in pool.map(lambda piece: write(*piece), pieces):
         log.debug("wrote %s/%s", folder, name)
     stream_path.unlink()
+    log.info("%s: %d sequences from %d documents in %d files", folder, len(starts), n_docs, n_files)
 
     real = int((lengths - 1).sum())  # positions with a label; the rest is padding
     num_tokens = len(starts) * msl
@@ -431,9 +432,8 @@ def _corpus_stats(metas: list[dict]) -> dict:
 
 
 def _write_data_params(folder: Path, split: str, input_dir: Path, text_key: str, params: PreprocessParams,
-                       fingerprint: str, stats: dict, corpus: dict) -> None:
+                       enc: tiktoken.Encoding, fingerprint: str, stats: dict, corpus: dict) -> None:
     """The reference's data_params.json (sections setup / processing / dataset / h5_dataset_stats)."""
-    enc = get_tokenizer(params.vocab_file, params.encoder_file)
     doc = {
         "setup": {"input_dir": str(input_dir), "fingerprint": fingerprint,
                   "format": "gpt2ops-hdf5/1"},
