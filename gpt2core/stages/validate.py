@@ -1,0 +1,123 @@
+"""Validate stage: `gpt2ops validate --params CFG --target gpu --num_gpus 8 --gpu_type H100`.
+
+The reference's validate_only: checks config, datasets and memory without training, and fails the
+pipeline before accelerator time is spent. Every problem is listed at once in the ``report``
+artifact (``report.json`` + ``report.md``, also on the MLflow run); the stage raises after writing
+it. The cerebras target runs the Cerebras SDK's validate_only (``gpt2core.cerebras``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+
+from gpt2core.config import load_params
+from gpt2core.errors import Gpt2opsError, ValidationError
+from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
+from gpt2core.storage import MANIFEST, local_input, local_output, manifest_digest
+from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.validation import (GPU_MEMORY_GB, ValidationReport, check_data_volume, check_dataset,
+                                 check_job)
+
+STAGE = "validate"
+TARGETS = ("cpu", "gpu", "cerebras")
+
+
+def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: str = "cpu",
+        num_gpus: int = 1, gpu_type: str = "H100") -> StageResult:
+    """Validate config ``params`` (with overrides) for ``target``; returns the report's URI."""
+    report_uri = ctx.artifact_uri(STAGE, "report")
+    report = ValidationReport(target=target)
+    if target not in TARGETS:
+        report.problems.append(f"target: {target!r} is not one of {', '.join(TARGETS)}")
+    cfg = None
+    try:
+        cfg = load_params(params, overrides)
+    except Gpt2opsError as exc:
+        report.problems.append(f"config {params}: {exc}")
+    tags = {TAG_CONFIG_HASH: cfg.config_hash()} if cfg else {}
+    run_params = cfg.to_flat_dict() if cfg else {"params": params}
+    with stage_run(STAGE, ctx, params={**run_params, "validate.target": target, "validate.num_gpus": num_gpus,
+                                       "validate.gpu_type": gpu_type}, tags=tags) as tracked, \
+            contextlib.ExitStack() as inputs:
+        if cfg is not None:
+            report.config = {"params": params, "config_hash": cfg.config_hash(),
+                             "max_steps": cfg.runconfig.max_steps, "batch_size": cfg.train_input.batch_size,
+                             "max_sequence_length": cfg.train_input.max_sequence_length}
+            if target in ("cpu", "gpu"):
+                check_job(cfg, report, target=target, num_gpus=num_gpus, gpu_type=gpu_type)
+            local_dirs = {}
+            for key, uri in (("train_input.data_dir", cfg.train_input.data_dir),
+                             ("eval_input.data_dir", cfg.eval_input.data_dir)):
+                try:
+                    local_dirs[key] = inputs.enter_context(local_input(uri))
+                except Gpt2opsError as exc:
+                    report.problems.append(f"{key}: {exc}")
+                    continue
+                stats = check_dataset(key, uri, local_dirs[key], cfg, report)
+                if key.startswith("train") and stats is not None:
+                    check_data_volume(cfg, stats, report)
+            train_manifest = local_dirs.get("train_input.data_dir", Path("/nonexistent")) / MANIFEST
+            if train_manifest.is_file():
+                tracked.set_tags({TAG_DATASET_HASH: manifest_digest(json.loads(train_manifest.read_text()))})
+            if target == "cerebras" and "train_input.data_dir" in local_dirs:
+                _validate_cerebras(cfg, local_dirs["train_input.data_dir"], report)
+        metrics = _metrics(report)
+        with local_output(report_uri) as out:
+            (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+            (out / "report.md").write_text(report.to_markdown())
+            tracked.log_artifact(out, "report")
+        tracked.log_metrics(metrics)
+        if report.problems:
+            raise ValidationError(f"{len(report.problems)} problem(s) (report: {report_uri}):\n  - "
+                                  + "\n  - ".join(report.problems))
+    return StageResult(outputs={"report": report_uri}, metrics=metrics)
+
+
+def _validate_cerebras(cfg, train_dir: Path, report: ValidationReport) -> None:  # noqa: ANN001 - Params
+    from gpt2core import cerebras
+
+    with tempfile.TemporaryDirectory(prefix="gpt2ops-cerebras-validate-") as work_dir:
+        try:
+            report.model["cerebras"] = cerebras.validate(cfg, data_dir=train_dir, work_dir=work_dir)
+        except Gpt2opsError as exc:
+            report.problems.append(f"cerebras validate_only: {exc}")
+
+
+def _metrics(report: ValidationReport) -> dict[str, float]:
+    metrics = {"validate/problems": float(len(report.problems)), "validate/ok": float(report.ok)}
+    for key in ("num_params", "num_params_non_embedding", "flops_per_token"):
+        if key in report.model:
+            metrics[f"validate/{key}"] = float(report.model[key])
+    if report.memory:
+        metrics["validate/memory_gb"] = report.memory["total_gb"]
+        metrics["validate/device_memory_gb"] = report.memory["device_gb"]
+        metrics["validate/activations_gb"] = report.memory["activations_gb"]
+    for key, name in (("train_input.data_dir", "train"), ("eval_input.data_dir", "eval")):
+        if key in report.datasets:
+            metrics[f"validate/{name}_sequences"] = float(report.datasets[key].get("num_sequences", 0))
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
+    parser.add_argument("--target", choices=TARGETS, default="cpu")
+    parser.add_argument("--num_gpus", type=int, default=1, help="GPUs per training run (gpu target)")
+    parser.add_argument("--gpu_type", default="H100",
+                        help=f"GPU model whose memory the estimate is checked against: {', '.join(GPU_MEMORY_GB)}")
+    parser.add_argument("--max_steps", type=int, default=None, help="override runconfig.max_steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any config key, e.g. --set train_input.data_dir=s3://b/data/train")
+    add_context_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from gpt2core.stages.train import overrides_from_args
+
+    result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args),
+                 target=args.target, num_gpus=args.num_gpus, gpu_type=args.gpu_type)
+    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
+    return 0
