@@ -61,8 +61,12 @@ PARAMETER_NAMES = ("config", "source", "source_include", "source_sha256", "targe
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:
-    return {name: getattr(args, name) for name in PARAMETER_NAMES
-            if getattr(args, name, None) is not None}
+    arguments = {name: getattr(args, name) for name in PARAMETER_NAMES
+                 if getattr(args, name, None) is not None}
+    if "source" in arguments:  # the default file selection and checksum belong to the default source
+        arguments.setdefault("source_include", "")
+        arguments.setdefault("source_sha256", "")
+    return arguments
 
 
 def pipeline_defaults() -> dict[str, object]:

@@ -56,7 +56,8 @@ def gpt2_pipeline(
     Args:
         config: Config name (gpt2_tiny, gpt2_small, gpt2_medium, gpt2_large, gpt2_xl) or the path /
             s3:// URI of a Cerebras Model Zoo GPT-2 YAML.
-        source: Raw text corpus: http(s):// URL, s3:// URI or path of a text file, archive or jsonl.
+        source: Raw text corpus: http(s):// URL, s3:// URI, hf://datasets/... or path of a text file,
+            archive or jsonl (clear source_include and source_sha256 when changing it).
         source_include: Comma-separated glob patterns of the files to take from an archive source
             (empty: all files).
         source_sha256: Expected sha256 of the downloaded source (empty: not checked).

@@ -145,7 +145,9 @@ def test_schedule_creates_an_uncached_recurring_run(host, kfp_api, capsys):
     assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
     assert body["max_concurrency"] == "1" or body["max_concurrency"] == 1
     assert body["no_catchup"] is True
-    assert body["runtime_config"]["parameters"] == {"source": "https://example.org/fresh.jsonl"}
+    # A new source drops the default source's file selection and checksum.
+    assert body["runtime_config"]["parameters"] == {
+        "source": "https://example.org/fresh.jsonl", "source_include": "", "source_sha256": ""}
     # Fresh data each time: every task of the spec has caching switched off.
     tasks = sent_spec(body)["root"]["dag"]["tasks"]
     assert tasks and all(not t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
