@@ -20,6 +20,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,15 @@ def corpus_dir(args: argparse.Namespace, scratch: Path) -> Path:
     return out
 
 
-def seconds_of(fn) -> float:  # noqa: ANN001
+def seconds_of(fn, *args) -> float:  # noqa: ANN001
     t0 = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - t0
+
+
+def repeat(make, n: int) -> None:  # noqa: ANN001
+    for _ in range(n):
+        make()
 
 
 def bench_preprocess(corpus: Path, scratch: Path, args: argparse.Namespace) -> dict:
@@ -61,14 +67,14 @@ def bench_preprocess(corpus: Path, scratch: Path, args: argparse.Namespace) -> d
     tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(docs, num_threads=workers)) + len(docs)
     times: dict[str, list[float]] = {"tiktoken": [], "none": [], "gzip": []}
     sizes = {}
-    for round_ in range(args.rounds):
-        times["tiktoken"].append(seconds_of(lambda: enc.encode_ordinary_batch(docs, num_threads=workers)))
+    for _ in range(args.rounds):
+        times["tiktoken"].append(seconds_of(partial(enc.encode_ordinary_batch, num_threads=workers), docs))
         for compression in ("none", "gzip"):
             out = scratch / f"dataset-{compression}"
             shutil.rmtree(out, ignore_errors=True)
             params = PreprocessParams(max_seq_length=args.max_seq_length, processes=workers,
                                       compression=compression, val_fraction=0.01)
-            times[compression].append(seconds_of(lambda: preprocess_corpus(corpus, out, params)))
+            times[compression].append(seconds_of(preprocess_corpus, corpus, out, params))
             sizes[compression] = sum(p.stat().st_size for p in out.rglob("*.h5"))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"corpus_mb": sum(len(d.encode()) for d in docs) / 1e6, "documents": len(docs), "tokens": tokens,
@@ -107,10 +113,10 @@ def bench_loader(scratch: Path, args: argparse.Namespace) -> dict:
             for name in ("none", "gzip")}
     times: dict[str, list[float]] = {"memmap": [], "gather": [], "none": [], "gzip": []}
     for _ in range(args.rounds):
-        times["memmap"].append(seconds_of(lambda: [memmap_batch() for _ in range(n_batches)]))
-        times["gather"].append(seconds_of(lambda: [memmap_gather_batch() for _ in range(n_batches)]))
+        times["memmap"].append(seconds_of(repeat, memmap_batch, n_batches))
+        times["gather"].append(seconds_of(repeat, memmap_gather_batch, n_batches))
         for name, batches in ours.items():
-            times[name].append(seconds_of(lambda: [next(batches) for _ in range(n_batches)]))
+            times[name].append(seconds_of(repeat, partial(next, batches), n_batches))
     rate = {k: n_batches * B * S / statistics.median(v) for k, v in times.items()}
     return {"batch_size": B, "max_seq_length": S, "batches": n_batches,
             "memmap_nanogpt_tokens_per_s": rate["memmap"], "loader_tokens_per_s": rate["none"],

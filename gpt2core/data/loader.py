@@ -154,8 +154,8 @@ class HDF5DataLoader:
         self.drop_last, self.rank, self.world_size, self.num_workers = drop_last, rank, world_size, num_workers
         self.epoch, self.next_batch = 0, 0
         if len(self) == 0:
-            raise DataError(f"{dataset.data_dir}: {len(dataset)} sequences make no full batch of "
-                            f"batch_size {batch_size} x world_size {world_size} (use drop_last=False or a smaller batch)")
+            raise DataError(f"{dataset.data_dir}: {len(dataset)} sequences make no full batch of batch_size "
+                            f"{batch_size} x world_size {world_size} (use drop_last=False or a smaller batch)")
 
     @property
     def global_batch_size(self) -> int:

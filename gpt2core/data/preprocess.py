@@ -359,7 +359,7 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
 
 def _assign_splits(metas: list[dict], params: PreprocessParams) -> list[np.ndarray]:
     picks, draws = zip(*(_val_documents(m["relpath"], m["documents"], params.seed, params.val_fraction)
-                         for m in metas))
+                         for m in metas), strict=True)
     picks = [p.copy() for p in picks]
     flat = np.concatenate(draws)
     n_docs, n_val = len(flat), int(sum(p.sum() for p in picks))
@@ -387,7 +387,7 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     stream_path = cache / f"{split}.{uuid.uuid4().hex[:8]}.stream"
     doc_lengths, n_docs = [], 0
     with stream_path.open("wb") as out:
-        for meta, val_mask in zip(metas, in_val):
+        for meta, val_mask in zip(metas, in_val, strict=True):
             lengths = np.asarray(meta["lengths"], dtype=np.int64)
             if not len(lengths):
                 continue
@@ -413,7 +413,8 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     spf, msl = params.samples_per_file, params.max_seq_length
     n_files = -(-len(starts) // spf)
     write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression)
-    pieces = [(starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf], folder / h5_name(i)) for i in range(n_files)]
+    pieces = [(starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf], folder / h5_name(i))
+              for i in range(n_files)]
     for name in pool.map(lambda piece: write(*piece), pieces):
         log.debug("wrote %s/%s", folder, name)
     stream_path.unlink()

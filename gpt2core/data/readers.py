@@ -69,7 +69,8 @@ def _parquet(path: Path, text_key: str) -> Iterator[str]:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
     if text_key not in pfile.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_key!r} (columns: {pfile.schema_arrow.names}; set --jsonl_key / text_key)")
+        raise DataError(f"{path}: no column {text_key!r} (columns: {pfile.schema_arrow.names}; "
+                        f"set --jsonl_key / text_key)")
     for batch in pfile.iter_batches(columns=[text_key], batch_size=4096):
         for text in batch.column(0).to_pylist():
             if text is not None:

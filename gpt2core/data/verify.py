@@ -83,7 +83,8 @@ def _verify_split(folder: Path, max_seq_length: int | None, vocab_size: int, pro
             recorded = {}
         for key in ("num_sequences", "loss_valid_tokens"):
             if key in recorded and recorded[key] != stats[key]:
-                problems.append(f"{params_file}: h5_dataset_stats.{key}={recorded[key]} but the files hold {stats[key]}")
+                problems.append(f"{params_file}: h5_dataset_stats.{key}={recorded[key]} "
+                                f"but the files hold {stats[key]}")
     else:
         log.warning("%s: no %s beside the files (counts not cross-checked)", folder, DATA_PARAMS)
     return stats

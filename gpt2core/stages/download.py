@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text_key", default=None, help="JSON/parquet field holding the text (default: text)")
     parser.add_argument("--sha256", default=None, help="expected sha256 of the downloaded file")
     parser.add_argument("--output_dir", default=None,
-                        help="where the corpus goes: folder or s3:// URI (default: <artifact_root>/<run>/download/corpus)")
+                        help="folder or s3:// URI for the corpus (default: <artifact_root>/<run>/download/corpus)")
     add_context_arguments(parser)
 
 

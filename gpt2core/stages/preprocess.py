@@ -81,7 +81,8 @@ def _bool(value: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PreprocessParams()
-    parser.add_argument("--input_dir", required=True, help="corpus folder or s3:// URI (e.g. the download stage's corpus)")
+    parser.add_argument("--input_dir", required=True,
+                        help="corpus folder or s3:// URI (e.g. the download stage's corpus)")
     parser.add_argument("--output_dir", default=None,
                         help="dataset folder or s3:// URI (default: <artifact_root>/<run>/preprocess/dataset)")
     parser.add_argument("--max_seq_length", type=int, default=d.max_seq_length)
