@@ -97,8 +97,9 @@ def test_sequence_length_must_match_the_data(tiny_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_config_learns_english(tiny_dataset_64, tmp_path):
-    """gpt2_tiny (hidden 64, 2 layers) on Shakespeare: 60 steps take the loss from ~10.8 to < 7.5."""
-    steps = 60
+    """gpt2_tiny (hidden 64, 2 layers) on Shakespeare: 80 steps take the loss from ~10.8 to < 7.5
+    (measured: 6.7 at step 80)."""
+    steps = 80
     params = load_params("gpt2_tiny", {
         "train_input.data_dir": str(tiny_dataset_64 / "train"), "eval_input.data_dir": str(tiny_dataset_64 / "val"),
         "train_input.max_sequence_length": 64, "eval_input.max_sequence_length": 64,
@@ -122,14 +123,15 @@ def test_grad_accumulation_matches_the_full_batch(tiny_dataset_64, tmp_path):
     assert list(accumulated.losses.values()) == pytest.approx(list(full.losses.values()), rel=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_64, tmp_path):
-    params = micro_params(tiny_dataset_64, **{"runconfig.max_steps": 5, "runconfig.checkpoint_steps": 1,
-                                              "optimizer.learning_rate": 1.0e38, "optimizer.max_gradient_norm": None})
-    with pytest.raises(TrainingError, match=r"step 2: loss is nan.*checkpoint_00000001\.pt"):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_64, tmp_path):
+    # An infinite loss weight makes step 1's loss inf, right after the initial checkpoint.
+    params = micro_params(tiny_dataset_64, **{"runconfig.max_steps": 5, "runconfig.save_initial_checkpoint": True,
+                                              "model.loss_scaling": "batch_size", "model.loss_weight": math.inf})
+    with pytest.raises(TrainingError, match=r"step 1: loss is inf; .*checkpoint_00000000\.pt"):
         run_in_process(params, tiny_dataset_64, tmp_path)
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint_00000001.pt"]
-    state = torch.load(tmp_path / "checkpoints" / "checkpoint_00000001.pt", weights_only=True)
-    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint_00000000.pt"]
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint_00000000.pt", weights_only=True)
+    assert state["step"] == 0 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 # ----------------------------------------------------------------------------- resume and DDP

@@ -41,7 +41,7 @@ LOSSES_FILE = "losses.jsonl"
 
 @dataclass
 class TrainResult:
-    model: GPT2  # the trained model (on its device; under FSDP2 its parameters are sharded)
+    model: GPT2  # the trained model, whole on rank 0 (other FSDP2 ranks keep their shards)
     step: int
     final_loss: float
     losses: dict[int, float] = field(default_factory=dict)  # steps run by this call -> loss
@@ -88,6 +88,7 @@ def train(params: Params, *, data_dir: str | Path, work_dir: str | Path, target:
 class Trainer:
     def __init__(self, params: Params, info: DistInfo, work_dir: Path, log_metrics=None):  # noqa: ANN001
         self.params, self.info, self.work_dir = params, info, work_dir
+        work_dir.mkdir(parents=True, exist_ok=True)
         self.log_metrics = log_metrics if info.is_main else None
         run, device = params.runconfig, info.device
         self.amp_dtype = autocast_dtype(params, device)
@@ -166,10 +167,13 @@ class Trainer:
         return result
 
     def _full_model(self) -> GPT2:
-        """The trained model with whole (unsharded) parameters; under FSDP2 a CPU copy, on every rank."""
+        """The trained model with whole parameters. Under FSDP2 every rank joins the gather and rank 0
+        gets a CPU copy (the others keep their shards: only rank 0 publishes)."""
         if not isinstance(self.model, FSDPModule):
             return self.model
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.info.is_main:
+            return self.model
         full = GPT2(self.params.model)
         full.load_state_dict(state)
         return full

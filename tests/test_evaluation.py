@@ -1,0 +1,103 @@
+"""Eval metrics as the reference defines them, sampling, and the train -> evaluate stages end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2core.config import load_params
+from gpt2core.evaluation import evaluate, sample
+from gpt2core.model import GPT2
+from gpt2core.stages import evaluate as evaluate_stage
+from gpt2core.stages import train as train_stage
+from gpt2core.stages.common import RunContext
+
+MICRO = {"model.hidden_size": 32, "model.num_hidden_layers": 1, "model.num_heads": 2, "model.filter_size": 128,
+         "train_input.max_sequence_length": 64, "eval_input.max_sequence_length": 64}
+
+
+def micro_model(seed: int = 0) -> GPT2:
+    torch.manual_seed(seed)
+    return GPT2(load_params("gpt2_tiny", MICRO).model)
+
+
+def test_metrics_follow_the_reference_definitions():
+    model = micro_model().eval()
+    torch.manual_seed(1)
+    batches = []
+    for n_real in (16, 9):  # the second batch is right-padded
+        ids = torch.randint(0, 50257, (2, 16), dtype=torch.int32)
+        mask = torch.zeros_like(ids)
+        mask[:, :n_real] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": torch.roll(ids, -1, dims=1)})
+    metrics = evaluate(model, batches, device=torch.device("cpu"))
+
+    losses, ce_sum, tokens, correct = [], 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits, loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            mask = b["attention_mask"].double()
+            ce = F.cross_entropy(logits.transpose(1, 2), b["labels"].long(), reduction="none").double()
+            losses.append(loss.item())
+            ce_sum += (ce * mask).sum().item()
+            tokens += mask.sum().item()
+            correct += ((logits.argmax(-1) == b["labels"]).double() * mask).sum().item()
+    assert metrics["eval/loss"] == pytest.approx(sum(losses) / 2)
+    assert metrics["eval/lm_perplexity"] == pytest.approx(math.exp(ce_sum / tokens))
+    assert metrics["eval/accuracy"] == pytest.approx(correct / tokens)
+    assert metrics["eval/tokens"] == 16 * 2 + 9 * 2
+    # padding is not scored: the per-batch mean differs from the per-token mean of the whole set
+    assert metrics["eval/loss"] != pytest.approx(ce_sum / tokens, rel=1e-9)
+
+
+def test_sampling_top_k_temperature_and_eos():
+    model = micro_model()
+    prompt = [464, 3290, 286]
+    greedy = sample(model, prompt, max_new_tokens=6, top_k=1)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert greedy == ids[0, 3:].tolist()
+
+    draw = lambda seed: sample(model, prompt, max_new_tokens=8, temperature=1.5, top_k=50,  # noqa: E731
+                               generator=torch.Generator().manual_seed(seed))
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    assert sample(model, prompt, max_new_tokens=6, top_k=1, eos_id=greedy[2]) == greedy[:2]
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample(model, prompt, max_new_tokens=1, temperature=0)
+
+
+def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
+    ctx = RunContext(pipeline_run_id="run1", artifact_root=str(tmp_path / "artifacts"))
+    overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"),
+                 "eval_input.data_dir": str(tiny_dataset_64 / "val"), "runconfig.max_steps": 3,
+                 "runconfig.checkpoint_steps": 2, "runconfig.log_steps": 1, "runconfig.eval_steps": 2,
+                 "runconfig.sample_max_new_tokens": 5, "runconfig.sample_prompts": ["To be, or not"]}
+    trained = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "work"))
+    model_dir = tmp_path / "artifacts" / "run1" / "train" / "model"
+    assert trained.outputs["model"] == str(model_dir)
+    assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.json", "params.yaml", "MANIFEST.json"}
+    assert load_params(model_dir / "params.yaml").runconfig.max_steps == 3
+    checkpoints = {p.name for p in (tmp_path / "artifacts" / "run1" / "train" / "checkpoints").iterdir()}
+    assert checkpoints == {"checkpoint_00000002.pt", "checkpoint_00000003.pt", "MANIFEST.json"}
+    assert trained.metrics["train/loss"] > 0 and trained.metrics["train/steps"] == 3
+
+    result = evaluate_stage.run("gpt2_tiny", ctx=ctx, model_uri=trained.outputs["model"], overrides=overrides)
+    report = tmp_path / "artifacts" / "run1" / "evaluate" / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics == result.metrics
+    assert set(metrics) >= {"eval/loss", "eval/lm_perplexity", "eval/accuracy"}
+    assert 8 < metrics["eval/loss"] < 11.5 and 0 <= metrics["eval/accuracy"] < 0.2
+    samples = json.loads((report / "samples.json").read_text())
+    assert samples[0]["prompt"] == "To be, or not" and isinstance(samples[0]["completion"], str)
+    assert "To be, or not" in (report / "report.md").read_text() and (report / "report.html").is_file()
+
+    # the same weights, read from the final training checkpoint instead, score the same
+    from_checkpoint = evaluate_stage.run("gpt2_tiny", ctx=ctx, model_uri=trained.outputs["model"],
+                                         overrides=overrides, checkpoint_path=trained.outputs["checkpoints"])
+    assert from_checkpoint.metrics["eval/loss"] == pytest.approx(metrics["eval/loss"])
