@@ -64,7 +64,8 @@ def test_cerebras_layout(small_corpus: Path, tmp_path: Path):
         assert recorded == stats[split]
         assert recorded["num_sequences"] == total == len(rows)
         assert recorded["num_tokens"] == total * 64
-        assert recorded["loss_valid_tokens"] == recorded["non_pad_tokens"] == int(rows[:, 1].sum())
+        assert recorded["loss_valid_tokens"] == int(rows[:, 1].sum())
+        assert recorded["non_pad_tokens"] == int((rows[:, 0] != EOS_ID).sum())  # the reference's definition
         assert params["processing"]["max_seq_length"] == 64
         assert params["processing"]["files_per_record"] == 200
         assert params["processing"]["eos_id"] == params["processing"]["pad_id"] == EOS_ID

@@ -235,25 +235,29 @@ def h5_name(index: int) -> str:
 
 
 def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.ndarray, out_path: Path, *,
-              msl: int, compression: str) -> str:
+              msl: int, compression: str) -> int:
+    """Write one HDF5 file of the windows (starts, lengths); returns its count of non-EOS input ids."""
     stream = np.memmap(stream_path, dtype=np.dtype(dtype), mode="r")
     tmp = out_path.with_name(out_path.name + ".tmp")
     n = len(starts)
     # Fixed layout and no timestamps: the bytes depend only on the data. Uncompressed files are
     # contiguous so the loader can memory-map them; compressed ones use the reference's row chunks.
     layout = {} if compression == "none" else {"chunks": (1, 3, msl), "compression": compression}
+    non_eos = 0
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["n_examples"] = np.int64(n)
             data = f.create_dataset("data", shape=(n, 3, msl), dtype="<i4", track_times=False, **layout)
             for lo in range(0, n, _ROWS_PER_WRITE):
                 hi = min(n, lo + _ROWS_PER_WRITE)
-                data[lo:hi] = _sequences(stream, starts[lo:hi], lengths[lo:hi], msl)
+                rows = _sequences(stream, starts[lo:hi], lengths[lo:hi], msl)
+                data[lo:hi] = rows
+                non_eos += int((rows[:, 0] != PAD_ID).sum())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out_path)
-    return out_path.name
+    return non_eos
 
 
 def _fingerprint(params: PreprocessParams, files: Sequence[_InputFile], text_key: str) -> str:
@@ -415,15 +419,15 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression)
     pieces = [(starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf], folder / h5_name(i))
               for i in range(n_files)]
-    for name in pool.map(lambda piece: write(*piece), pieces):
-        log.debug("wrote %s/%s", folder, name)
+    non_pad = sum(pool.map(lambda piece: write(*piece), pieces))
     stream_path.unlink()
     log.info("%s: %d sequences from %d documents in %d files", folder, len(starts), n_docs, n_files)
 
     real = int((lengths - 1).sum())  # positions with a label; the rest is padding
     num_tokens = len(starts) * msl
+    # non_pad_tokens as the reference counts it: input ids other than EOS/PAD (it cannot tell them apart)
     return {"num_documents": n_docs, "num_sequences": len(starts), "num_tokens": num_tokens,
-            "non_pad_tokens": real, "loss_valid_tokens": real, "num_pad_tokens": num_tokens - real,
+            "non_pad_tokens": non_pad, "loss_valid_tokens": real, "num_pad_tokens": num_tokens - real,
             "num_files": n_files}
 
 
