@@ -220,6 +220,8 @@ def test_folder_file_uri_and_single_file(tmp_path: Path):
     (src / "sub" / "a.jsonl").write_bytes(JSONL)
     (src / "b.txt").write_text("hello " * 50)
     (src / "notes.md").write_text("skipped: not a corpus file")
+    (src / ".cache").mkdir()
+    (src / ".cache" / "hidden.txt").write_text("tool metadata, not corpus")
     info = download_source(f"file://{src}", tmp_path / "all")
     assert info["files"] == 2 and info["skipped_files"] == 1
     assert (tmp_path / "all" / "sub" / "a.jsonl").read_bytes() == JSONL

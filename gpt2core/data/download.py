@@ -248,9 +248,11 @@ def _url_name(url: str) -> str:
 def _members(fetched: Path, single_name: str) -> Iterator[tuple[str, object]]:
     """(relative path, opener) for every regular file of a folder, an archive or a single file
     (named `single_name`: a download's name in the cache is not its name in the corpus)."""
-    if fetched.is_dir():
+    if fetched.is_dir():  # hidden entries (.git, huggingface_hub's .cache) are not corpus
         for p in sorted(q for q in fetched.rglob("*") if q.is_file()):
-            yield p.relative_to(fetched).as_posix(), p
+            rel = p.relative_to(fetched)
+            if not any(part.startswith(".") for part in rel.parts):
+                yield rel.as_posix(), p
     elif fetched.name.lower().endswith(".zip"):
         try:
             with zipfile.ZipFile(fetched) as zf:
