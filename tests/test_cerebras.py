@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from gpt2core.cerebras.modelzoo import MODELZOO_PARAMS_FILE, modelzoo_params, wr
 from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import load_params, params_from_dict
 from gpt2core.errors import ConfigError, DataError
+from gpt2core.stages.common import RunContext
 
 SCHEDULE = [
     {"scheduler": "Linear", "initial_learning_rate": 0.0, "end_learning_rate": 3.0e-3, "total_iters": 3},
@@ -167,27 +169,48 @@ def test_modelzoo_export_maps_every_schedule_kind():
 # ----------------------------------------------------------------------------- the cstorch flow (SDK venv)
 
 
+def stage_metric(pipeline_run_id: str, stage: str, name: str) -> list[tuple[int, float]]:
+    """(step, value) history of a metric of a stage's MLflow run, without the stage's closing summary
+    (logged with no step, which MLflow records as step 0)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+        f"tags.`gpt2ops.pipeline_run_id` = '{pipeline_run_id}' and tags.`gpt2ops.stage` = '{stage}'"))
+    history = sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name))
+    return [(step, value) for step, value in history if step > 0]
+
+
 @pytest.fixture(scope="module")
-def cpu_run(sdk: str, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """gpt2_tiny trained for TRAIN_STEPS on the SDK's CPU backend, metrics as the stage receives them."""
+def cpu_run(sdk: str, tiny_dataset: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The train stage, target cerebras on the SDK's CPU backend: gpt2_tiny for TRAIN_STEPS, metrics
+    to MLflow, model and cstorch checkpoints to S3 (SeaweedFS), exactly as the pipeline runs it."""
+    from gpt2core.stages import train as train_stage
+
     root = tmp_path_factory.mktemp("cerebras_cpu")
-    params = tiny(**{"runconfig.max_steps": TRAIN_STEPS, "runconfig.log_steps": 2, "runconfig.checkpoint_steps": 5,
-                     "runconfig.keep_last_checkpoints": 2, "optimizer.learning_rate": SCHEDULE})
-    streamed: list[tuple[int, dict]] = []
-    result = cerebras.train(params, data_dir=tiny_dataset / "train", model_dir=root / "model",
-                            checkpoint_dir=root / "checkpoints", work_dir=root / "work", backend="CPU",
-                            on_metrics=lambda metrics, step: streamed.append((step, metrics)))
-    return {"params": params, "result": result, "streamed": streamed, "root": root}
+    overrides = {"train_input.data_dir": str(tiny_dataset / "train"), "eval_input.data_dir": str(tiny_dataset / "val"),
+                 "runconfig.max_steps": TRAIN_STEPS, "runconfig.log_steps": 2, "runconfig.checkpoint_steps": 5,
+                 "runconfig.keep_last_checkpoints": 2, "runconfig.eval_steps": 4, "runconfig.sample_max_new_tokens": 4,
+                 "optimizer.learning_rate": SCHEDULE}
+    ctx = RunContext(pipeline_run_id=f"cerebras-{uuid.uuid4().hex[:8]}",
+                     artifact_root=f"s3://{s3_server.bucket}/tests/cerebras-{uuid.uuid4().hex[:8]}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(cerebras.ENV_BACKEND, "CPU")
+        result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(root / "work"),
+                                 target="cerebras")
+    return {"params": load_params("gpt2_tiny", overrides), "overrides": overrides, "ctx": ctx, "result": result,
+            "root": root, "losses": stage_metric(ctx.pipeline_run_id, "train", "train/loss")}
 
 
-def test_cpu_backend_trains_with_falling_loss_and_streams_metrics(cpu_run: dict):
-    result, streamed = cpu_run["result"], cpu_run["streamed"]
-    assert result["backend"] == "CPU" and result["steps"] == TRAIN_STEPS and result["sdk_version"] == "2.10.0"
-    assert [step for step, _ in streamed] == list(range(2, TRAIN_STEPS + 1, 2))
-    losses = [m["train/loss"] for _, m in streamed]
-    assert math.isclose(losses[0], math.log(50257), abs_tol=0.5)  # near-uniform start
-    assert losses[-1] < losses[0] - 1.0, losses
-    assert all(m["train/tokens_per_s"] > 0 for _, m in streamed)
+def test_cpu_backend_trains_with_falling_loss_logged_to_mlflow(cpu_run: dict):
+    losses = cpu_run["losses"]
+    assert [step for step, _ in losses] == list(range(2, TRAIN_STEPS + 1, 2))
+    values = [value for _, value in losses]
+    assert math.isclose(values[0], math.log(50257), abs_tol=0.5)  # near-uniform start
+    assert values[-1] < values[0] - 1.0, values
+    metrics = cpu_run["result"].metrics
+    assert metrics["train/steps"] == TRAIN_STEPS and metrics["train/loss"] == values[-1]
+    assert metrics["train/tokens_per_s"] > 0
 
 
 def test_cpu_backend_follows_the_torch_trainers_schedule(cpu_run: dict):
@@ -200,54 +223,73 @@ def test_cpu_backend_follows_the_torch_trainers_schedule(cpu_run: dict):
         expected[step] = reference.param_groups[0]["lr"]
         reference.step()
         scheduler.step()
-    for step, metrics in cpu_run["streamed"]:
-        assert math.isclose(metrics["train/lr"], expected[step], rel_tol=1e-5, abs_tol=1e-9), step
+    logged = stage_metric(cpu_run["ctx"].pipeline_run_id, "train", "train/lr")
+    assert [step for step, _ in logged] == list(range(2, TRAIN_STEPS + 1, 2))
+    for step, lr in logged:
+        assert math.isclose(lr, expected[step], rel_tol=1e-5, abs_tol=1e-9), step
 
 
-def test_cpu_checkpoints_convert_and_evaluate_on_the_standard_path(cpu_run: dict, tiny_dataset: Path):
+def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(cpu_run: dict, tiny_dataset: Path):
     from gpt2core.data.loader import build_dataloader
     from gpt2core.evaluation import evaluate
-    from gpt2core.hf_checkpoint import load_pretrained
     from gpt2core.model import GPT2
+    from gpt2core.stages import evaluate as evaluate_stage
+    from gpt2core.storage import local_input
 
-    root, params = cpu_run["root"], cpu_run["params"]
-    # checkpoint_steps 5 over 12 steps: 5, 10 and the final 12; the last two are kept.
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["checkpoint_10.mdl", "checkpoint_12.mdl"]
-    model_dir = root / "model"
-    assert {p.name for p in model_dir.iterdir()} >= {"model.safetensors", "config.json", "params.yaml",
+    outputs, params = cpu_run["result"].outputs, cpu_run["params"]
+    # checkpoint_steps 5 over 12 steps: 5, 10 and the final 12; the last two are kept and published.
+    with local_input(outputs["checkpoints"]) as folder:
+        assert sorted(p.name for p in folder.iterdir() if p.suffix == ".mdl") == [
+            "checkpoint_10.mdl", f"checkpoint_{TRAIN_STEPS}.mdl"]
+    with local_input(outputs["model"]) as folder:
+        assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "config.json", "params.yaml",
                                                       MODELZOO_PARAMS_FILE}
-    trained = load_pretrained(model_dir)  # torch 2.13 here, the weights came from torch 2.4 + cstorch
+        exported = yaml.safe_load((folder / MODELZOO_PARAMS_FILE).read_text())["trainer"]
+        assert exported["init"]["loop"]["max_steps"] == TRAIN_STEPS
+        assert exported["fit"]["train_dataloader"]["data_dir"] == str(tiny_dataset / "train")
 
-    def eval_loss(model: torch.nn.Module) -> float:
-        batches = build_dataloader(tiny_dataset / "val", 4, shuffle=False)
-        return evaluate(model, batches, device=torch.device("cpu"), max_batches=3)["eval/loss"]
-
+    # The evaluate stage (torch 2.13) loads what cstorch (torch 2.4) trained, like any model artifact.
+    evaluated = evaluate_stage.run("gpt2_tiny", ctx=cpu_run["ctx"], model_uri=outputs["model"],
+                                   overrides=cpu_run["overrides"]).metrics
     torch.manual_seed(params.runconfig.seed)
-    untrained = eval_loss(GPT2(params.model))
-    after = eval_loss(trained)
-    assert after < untrained - 1.0, (untrained, after)
-    # The exported Model Zoo params describe this run.
-    exported = yaml.safe_load((model_dir / MODELZOO_PARAMS_FILE).read_text())["trainer"]
-    assert exported["init"]["loop"]["max_steps"] == TRAIN_STEPS
-    assert exported["fit"]["train_dataloader"]["data_dir"] == str(tiny_dataset / "train")
+    untrained = evaluate(GPT2(params.model), build_dataloader(tiny_dataset / "val", params.eval_input.batch_size,
+                                                              shuffle=False, drop_last=False),
+                         device=torch.device("cpu"), max_batches=params.runconfig.eval_steps)
+    assert evaluated["eval/tokens"] == untrained["eval/tokens"]
+    assert evaluated["eval/loss"] < untrained["eval/loss"] - 0.5, (untrained, evaluated)
 
 
-def test_resume_from_a_cerebras_checkpoint_continues_at_its_step(cpu_run: dict, tiny_dataset: Path,
-                                                                  tmp_path: Path):
-    root = cpu_run["root"]
-    resumed = cpu_run["params"].to_dict()
-    resumed["runconfig"].update(max_steps=TRAIN_STEPS + 2, log_steps=1,
-                                checkpoint_path=str(root / "checkpoints" / f"checkpoint_{TRAIN_STEPS}.mdl"))
-    params = params_from_dict(resumed)
-    streamed: list[tuple[int, dict]] = []
-    result = cerebras.train(params, data_dir=tiny_dataset / "train", model_dir=tmp_path / "model",
-                            checkpoint_dir=tmp_path / "checkpoints", work_dir=tmp_path / "work", backend="CPU",
-                            on_metrics=lambda metrics, step: streamed.append((step, metrics)))
-    assert (result["start_step"], result["steps"]) == (TRAIN_STEPS, 2)
-    assert [step for step, _ in streamed] == [TRAIN_STEPS + 1, TRAIN_STEPS + 2]
+def test_resume_from_the_published_checkpoints_continues_at_their_step(cpu_run: dict, tmp_path: Path):
+    from gpt2core.stages import train as train_stage
+
+    ctx = RunContext(pipeline_run_id=f"cerebras-resume-{uuid.uuid4().hex[:8]}",
+                     artifact_root=cpu_run["ctx"].artifact_root)
+    overrides = {**cpu_run["overrides"], "runconfig.max_steps": TRAIN_STEPS + 2, "runconfig.log_steps": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(cerebras.ENV_BACKEND, "CPU")
+        result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path),
+                                 checkpoint_path=cpu_run["result"].outputs["checkpoints"], target="cerebras")
+    resumed = stage_metric(ctx.pipeline_run_id, "train", "train/loss")
+    assert [step for step, _ in resumed] == [TRAIN_STEPS + 1, TRAIN_STEPS + 2]
     # Trained weights and optimizer state came back: the loss goes on from where it was.
-    assert streamed[0][1]["train/loss"] < cpu_run["streamed"][-1][1]["train/loss"] + 0.5
-    assert (tmp_path / "checkpoints" / f"checkpoint_{TRAIN_STEPS + 2}.mdl").is_file()
+    assert resumed[0][1] < cpu_run["losses"][-1][1] + 0.5
+    assert result.metrics["train/steps"] == TRAIN_STEPS + 2
+
+
+def test_converting_a_bad_or_mismatched_checkpoint_is_a_data_error(cpu_run: dict, tmp_path: Path):
+    from gpt2core.storage import local_input
+
+    bogus = tmp_path / "checkpoint_5.mdl"
+    bogus.write_bytes(b"not an hdf5 file")
+    with pytest.raises(DataError, match="not a readable cstorch checkpoint"):
+        cerebras.convert_checkpoint(bogus, cpu_run["params"], tmp_path / "out")
+    wider = cpu_run["params"].to_dict()
+    wider["model"]["hidden_size"] *= 2
+    with local_input(cpu_run["result"].outputs["checkpoints"]) as folder:
+        with pytest.raises(DataError, match=r"do not fit the model config .*transformer\..* is \("):
+            cerebras.convert_checkpoint(folder / f"checkpoint_{TRAIN_STEPS}.mdl", params_from_dict(wider),
+                                        tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_csx_validate_traces_and_lowers_the_step_locally(sdk: str, tiny_dataset: Path, tmp_path: Path):
@@ -278,16 +320,3 @@ def test_csx_training_needs_a_reachable_appliance(tiny_dataset: Path, tmp_path: 
     unreachable = csx_tiny(**{"runconfig.mgmt_address": f"127.0.0.1:{closed_port()}"})
     with pytest.raises(ConfigError, match=r"runconfig\.mgmt_address: cannot reach"):
         cerebras.train(unreachable, **train)
-
-
-def test_converting_a_bad_or_mismatched_checkpoint_is_a_data_error(cpu_run: dict, tmp_path: Path):
-    bogus = tmp_path / "checkpoint_5.mdl"
-    bogus.write_bytes(b"not an hdf5 file")
-    with pytest.raises(DataError, match="not a readable cstorch checkpoint"):
-        cerebras.convert_checkpoint(bogus, cpu_run["params"], tmp_path / "out")
-    wider = cpu_run["params"].to_dict()
-    wider["model"]["hidden_size"] *= 2
-    with pytest.raises(DataError, match=r"do not fit the model config .*transformer\..* is \("):
-        cerebras.convert_checkpoint(cpu_run["root"] / "checkpoints" / f"checkpoint_{TRAIN_STEPS}.mdl",
-                                    params_from_dict(wider), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
