@@ -13,10 +13,9 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-from gpt2core.training.parallel import all_reduce_sum
 
 
 @torch.no_grad()
@@ -40,7 +39,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, de
         totals += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device),
                                (per_token.double() * weights).sum(), weights.sum(), (correct * weights).sum()])
     model.train(was_training)
-    loss_sum, n_batches, ce_sum, tokens, correct = all_reduce_sum(totals).tolist()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, n_batches, ce_sum, tokens, correct = totals.tolist()
     if n_batches == 0 or tokens == 0:
         raise ValueError("evaluation saw no batches with real tokens")
     return {
