@@ -97,6 +97,7 @@ def test_reachable_appliance_address_passes_the_preflight():
     ({"runconfig.parallelism": "fsdp"}, "runconfig.parallelism"),
     ({"runconfig.activation_checkpointing": True}, "runconfig.activation_checkpointing"),
     ({"optimizer.grad_accum_steps": 2}, "optimizer.grad_accum_steps"),
+    ({"runconfig.eval_frequency": 100}, "runconfig.eval_frequency"),
     ({"model.mixed_precision": False}, "model.mixed_precision"),
     ({"optimizer.loss_scaling_factor": 128.0}, "optimizer.loss_scaling_factor"),
     ({"runconfig.num_csx": 3}, "train_input.batch_size"),

@@ -35,7 +35,6 @@ from typing import Any
 
 import gpt2core
 from gpt2core import errors
-from gpt2core.cerebras.checkpoints import checkpoint_path, list_checkpoints  # noqa: F401 - for the stages
 from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import Params
 from gpt2core.errors import ConfigError, Gpt2opsError, TrainingError

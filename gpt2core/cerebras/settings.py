@@ -149,6 +149,8 @@ def _check_torch_only_options(params: Params, backend: str) -> None:
                                   "the cluster scales with runconfig.num_csx, not torch parallelism"),
         "optimizer.grad_accum_steps": (o.grad_accum_steps != 1,
                                        "the CSX compiler picks micro-batches itself; set 1"),
+        "runconfig.eval_frequency": (r.eval_frequency is not None,
+                                     "the cerebras flow trains only; the evaluate stage scores the model"),
     }
     for key, (is_set, why) in unsupported.items():
         if is_set:
