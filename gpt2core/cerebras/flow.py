@@ -1,7 +1,7 @@
 """The cstorch flow: validate, compile and train our GPT-2 with the Cerebras PyTorch SDK.
 
-Imports ``cerebras.pytorch``, so it runs only where the SDK is installed (the cerebras image, or
-``.venv-cerebras``); ``gpt2core.cerebras`` decides whether to call it in-process or in that venv.
+Imports ``cerebras.pytorch``, so it runs only where the SDK is installed (``.venv-cerebras`` or the
+cerebras image), in the child process that ``gpt2core.cerebras`` starts for each call.
 
 The shape is the SDK's documented training flow, as the Model Zoo 2.x trainer uses it:
 
