@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.checkpoint and args.params and args.out):
             parser.error("convert needs --checkpoint, --params and --out")
         try:
-            print(execute("convert", load_params(args.params), {"checkpoint": args.checkpoint, "out_dir": args.out}))
+            result = execute("convert", load_params(args.params), {"checkpoint": args.checkpoint, "out_dir": args.out})
+            print(result["model_dir"])
         except Gpt2opsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

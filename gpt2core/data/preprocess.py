@@ -6,7 +6,7 @@ int32 `[n, 3, max_seq_length]` = (input_ids, attention_mask, labels), attribute 
 attention_mask is 1 on real tokens and is the loss mask; labels are the inputs shifted by one.
 
 How it runs, in two phases so the result never depends on the number of workers:
-1. tokenize: one task per input file, on a thread pool; each writes its token stream and document lengths
+1. tokenize: one task per input file, on a process pool; each writes its token stream and document lengths
    to a cache folder (write then rename), so a rerun after a crash skips what is done;
 2. pack and write: the documents of each split (chosen per document from the seed) are concatenated
    in file order, cut into windows, and the HDF5 files are written in parallel, each to a temporary
@@ -24,7 +24,8 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,7 +65,7 @@ class PreprocessParams:
     compression: Literal["none", "gzip", "lzf"] = "none"
     val_fraction: float = 0.01  # documents drawn into val/ (at least one when > 0)
     seed: int = 0
-    processes: int = 0  # worker threads (the reference's --processes); 0: all cores
+    processes: int = 0  # 0: all cores
     jsonl_key: str | None = None  # None: the corpus's text key (corpus.json) or "text"
     vocab_file: str | None = None
     encoder_file: str | None = None
@@ -156,11 +157,13 @@ def _token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
 
 
-def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, enc: tiktoken.Encoding) -> dict:
+def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, vocab_file: str | None,
+                   encoder_file: str | None) -> dict:
     """Token stream (every document + EOS) and per-document lengths of one file, into the cache."""
     tokens_path, meta_path = cache_dir / f"{item.cache_key}.bin", cache_dir / f"{item.cache_key}.json"
     if meta_path.exists():  # written last: the entry is complete
         return json.loads(meta_path.read_text())
+    enc = get_tokenizer(vocab_file, encoder_file)  # loaded before the fork: inherited, not reloaded
     dtype = _token_dtype(enc.n_vocab)
     eos = np.array([enc.eot_token], dtype=dtype)
     stats, lengths, skipped = ReadStats(), [], 0
@@ -260,6 +263,13 @@ def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.nda
     return non_eos
 
 
+def _worker_pool(processes: int) -> ProcessPoolExecutor:
+    """Processes, so JSON decoding and HDF5 compression run on every core too. Forked where the OS
+    can: workers then start in milliseconds and inherit the tokenizer this process already loaded."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method))
+
+
 def _fingerprint(params: PreprocessParams, files: Sequence[_InputFile], text_key: str) -> str:
     blob = json.dumps({"params": params.data_fields(), "text_key": text_key,
                        "files": [(f.relpath, f.cache_key) for f in files]}, sort_keys=True)
@@ -329,11 +339,11 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
     processes = params.processes or os.cpu_count() or 1
     dtype = _token_dtype(enc.n_vocab)
 
-    # Threads, not processes: tiktoken encodes without the GIL (as its own encode_ordinary_batch
-    # relies on), so workers start instantly and share one tokenizer; map() keeps the file order.
-    with ThreadPoolExecutor(processes, thread_name_prefix="preprocess") as pool:
+    with _worker_pool(processes) as pool:
         metas, done_bytes, last_log = [], 0, time.monotonic()
-        for meta in pool.map(partial(_tokenize_file, cache_dir=cache, text_key=text_key, enc=enc), files):
+        tokenize = partial(_tokenize_file, cache_dir=cache, text_key=text_key, vocab_file=params.vocab_file,
+                           encoder_file=params.encoder_file)
+        for meta in pool.map(tokenize, files):  # in file order
             metas.append(meta)
             done_bytes += meta["bytes"]
             if time.monotonic() - last_log > 10 or len(metas) == len(files):
@@ -385,7 +395,7 @@ def _flip(picks: list[np.ndarray], flat_index: int, value: bool) -> None:
 
 
 def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache: Path, dtype: np.dtype,
-                 output_dir: Path, params: PreprocessParams, pool: ThreadPoolExecutor) -> dict:
+                 output_dir: Path, params: PreprocessParams, pool: ProcessPoolExecutor) -> dict:
     """Concatenate this split's documents in file order, cut windows, write the HDF5 files."""
     want_val = split == "val"
     stream_path = cache / f"{split}.{uuid.uuid4().hex[:8]}.stream"
@@ -417,9 +427,9 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     spf, msl = params.samples_per_file, params.max_seq_length
     n_files = -(-len(starts) // spf)
     write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression)
-    pieces = [(starts[i * spf:(i + 1) * spf], lengths[i * spf:(i + 1) * spf], folder / h5_name(i))
-              for i in range(n_files)]
-    non_pad = sum(pool.map(lambda piece: write(*piece), pieces))
+    pieces = range(n_files)
+    non_pad = sum(pool.map(write, [starts[i * spf:(i + 1) * spf] for i in pieces],
+                           [lengths[i * spf:(i + 1) * spf] for i in pieces], [folder / h5_name(i) for i in pieces]))
     stream_path.unlink()
     log.info("%s: %d sequences from %d documents in %d files", folder, len(starts), n_docs, n_files)
 
