@@ -167,6 +167,20 @@ def test_modelzoo_export_maps_every_schedule_kind():
         {"ConstantLR": {"learning_rate": 2e-4}}]
 
 
+def test_modelzoo_export_by_hand_needs_no_sdk(tmp_path: Path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "params.yaml"
+    done = subprocess.run([sys.executable, "-m", "gpt2core.cerebras", "modelzoo", "--params", "gpt2_tiny",
+                           "--out", str(out), "--train_data_dir", "/data/train"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(out.read_text())["trainer"]["fit"]["train_dataloader"]["data_dir"] == "/data/train"
+    bad = subprocess.run([sys.executable, "-m", "gpt2core.cerebras", "modelzoo", "--params", "gpt2_nope",
+                          "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "gpt2_nope: no such config file" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- the cstorch flow (SDK venv)
 
 

@@ -4,7 +4,9 @@ Two ways in:
 - ``--request request.json --result result.json``: what ``gpt2core.cerebras`` runs; metrics are
   printed as ``@gpt2ops-metrics {json}`` lines, the outcome (or the error) goes to result.json;
 - ``convert --checkpoint ckpt.mdl --params params.yaml --out DIR``: convert a Cerebras checkpoint
-  into our saved-model folder by hand.
+  into our saved-model folder by hand (needs the SDK);
+- ``modelzoo --params CFG --out params.yaml [--train_data_dir D --eval_data_dir D]``: write the
+  config as a Model Zoo 2.x ``trainer:`` YAML (no SDK needed).
 """
 
 from __future__ import annotations
@@ -46,16 +48,31 @@ def execute(op: str, params: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2core.cerebras", description=__doc__.splitlines()[0])
-    parser.add_argument("op", nargs="?", choices=["convert"], help="convert a checkpoint by hand")
+    parser.add_argument("op", nargs="?", choices=["convert", "modelzoo"],
+                        help="convert a checkpoint, or export a Model Zoo params YAML, by hand")
     parser.add_argument("--request", help="request JSON written by gpt2core.cerebras")
     parser.add_argument("--result", help="where to write the outcome JSON")
     parser.add_argument("--checkpoint", help="convert: the cstorch checkpoint (.mdl)")
     parser.add_argument("--params", help="convert: the run's params YAML")
-    parser.add_argument("--out", help="convert: output folder")
+    parser.add_argument("--out", help="convert: output folder; modelzoo: output YAML file")
+    parser.add_argument("--train_data_dir", help="modelzoo: training HDF5 folder (default: the config's)")
+    parser.add_argument("--eval_data_dir", help="modelzoo: eval HDF5 folder (default: the config's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.op == "modelzoo":
+        from gpt2core.cerebras.modelzoo import write_modelzoo_params
+
+        if not (args.params and args.out):
+            parser.error("modelzoo needs --params and --out")
+        try:
+            print(write_modelzoo_params(load_params(args.params), args.out, train_data_dir=args.train_data_dir,
+                                        eval_data_dir=args.eval_data_dir))
+        except Gpt2opsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.op == "convert":
         if not (args.checkpoint and args.params and args.out):
             parser.error("convert needs --checkpoint, --params and --out")
