@@ -142,8 +142,14 @@ def make_runner(runner: str, work_dir: Path):
 
 def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, cache: bool) -> None:
     """Run the pipeline through kfp.local; the outcome is read back from MLflow (run_summary)."""
+    import warnings
+
     from kfp import local
 
+    # Expected locally, once per step: resources and kfp-kubernetes settings apply on a cluster only,
+    # and SubprocessRunner runs the steps in this venv rather than in their image.
+    warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
+    warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
     local.init(runner=make_runner(runner, work_dir), pipeline_root=str(work_dir / "kfp"),
                enable_caching=cache, cache_root=str(work_dir / "kfp-cache"), raise_on_error=False)
     from pipelines.gpt2_pipeline import gpt2_pipeline  # after the image env is set
