@@ -76,7 +76,9 @@ def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compi
         eval_dir = (stack.enter_context(data_input("eval_input.data_dir", cfg.eval_input.data_dir))
                     if cfg.runconfig.eval_frequency else None)
         if compile_cache_uri and cfg.runconfig.torch_compile:
-            _use_compile_cache(compile_cache_uri, work_dir)
+            from gpt2core.compilation import load_compile_cache
+
+            load_compile_cache(compile_cache_uri)  # the compile stage's caches: training starts warm
         resume = local_checkpoint(checkpoint_path, work_dir) if checkpoint_path else None
         return train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
                      resume_from=resume, log_metrics=log_metrics)
@@ -132,14 +134,6 @@ def _fresh(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
-
-
-def _use_compile_cache(uri: str, work_dir: Path) -> None:
-    """The compile stage's Inductor cache (a TORCHINDUCTOR_CACHE_DIR), so torch.compile reuses its kernels."""
-    cache = _fresh(work_dir / "inductor_cache")
-    with local_input(uri) as folder:
-        shutil.copytree(folder, cache, dirs_exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
