@@ -1,0 +1,78 @@
+"""Compile stage: `gpt2ops compile --params CFG --target gpu`.
+
+The reference's compile_only: ``torch.compile`` the training step on the target device, warm it up,
+and publish the compiler caches (``torch.compiler.save_cache_artifacts``) as the ``compile_cache``
+artifact; the train stage loads them (``gpt2core.compilation.load_compile_cache``) and starts warm.
+Reports the first-step time cold (empty caches) and warm (caches loaded) in a new process. A config
+with ``runconfig.torch_compile: false`` trains eagerly, so then only a report saying so is published
+(``--set runconfig.torch_compile=true`` compiles). The cerebras target compiles on the appliance through ``gpt2core.cerebras`` and publishes its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+from gpt2core.compilation import compile_training_step, write_report, write_skipped_report
+from gpt2core.config import load_params
+from gpt2core.errors import ConfigError
+from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
+from gpt2core.storage import local_input, local_output
+from gpt2core.tracking import TAG_CONFIG_HASH, stage_run
+
+STAGE = "compile"
+TARGETS = ("cpu", "gpu", "cerebras")
+
+
+def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: str = "cpu") -> StageResult:
+    """Compile config ``params``'s training step for ``target``; returns the cache artifact's URI."""
+    if target not in TARGETS:
+        raise ConfigError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
+    cfg = load_params(params, overrides)
+    cache_uri = ctx.artifact_uri(STAGE, "compile_cache")
+    with stage_run(STAGE, ctx, params={**cfg.to_flat_dict(), "compile.target": target},
+                   tags={TAG_CONFIG_HASH: cfg.config_hash()}) as tracked:
+        with local_output(cache_uri) as out:
+            if target == "cerebras":
+                metrics = _compile_cerebras(cfg, out)
+            elif not cfg.runconfig.torch_compile:
+                # Training follows the config and runs eagerly: compiling here would be wasted time.
+                write_skipped_report(out, "runconfig.torch_compile is false: training runs eagerly")
+                metrics = {}
+            else:
+                report = compile_training_step(cfg, target, out)
+                write_report(report, out)
+                metrics = {"compile/cold_s": report.cold_s, "compile/warm_s": report.warm_s,
+                           "compile/speedup": report.speedup, "compile/step_s": report.step_s,
+                           "compile/cache_mb": report.cache_bytes / 1e6}
+            tracked.log_artifact(out, "compile_cache")
+        tracked.log_metrics(metrics)
+    return StageResult(outputs={"compile_cache": cache_uri}, metrics=metrics)
+
+
+def _compile_cerebras(cfg, out) -> dict[str, float]:  # noqa: ANN001 - Params, Path
+    from gpt2core import cerebras
+
+    with local_input(cfg.train_input.data_dir) as data_dir, \
+            tempfile.TemporaryDirectory(prefix="gpt2ops-cerebras-compile-") as work_dir:
+        report = cerebras.compile(cfg, data_dir=data_dir, work_dir=work_dir)
+    (out / "cerebras_compile_report.json").write_text(json.dumps(report, indent=1, default=str))
+    return {f"compile/{k}": float(v) for k, v in report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
+    parser.add_argument("--target", choices=TARGETS, default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any config key, e.g. --set train_input.batch_size=8")
+    add_context_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from gpt2core.stages.train import overrides_from_args
+
+    result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args), target=args.target)
+    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
+    return 0
