@@ -125,14 +125,18 @@ def _run(op: str, params: Params, args: dict[str, Any], *, on_metrics: MetricsCa
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1) as child:
             assert child.stdout is not None
-            for line in child.stdout:
-                if line.startswith(METRICS_PREFIX):
-                    record = json.loads(line[len(METRICS_PREFIX):])
-                    if on_metrics:
-                        on_metrics(record["metrics"], record["step"])
-                    continue
-                tail.append(line.rstrip("\n"))
-                sys.stderr.write(line)
+            try:
+                for line in child.stdout:
+                    if line.startswith(METRICS_PREFIX):
+                        record = json.loads(line[len(METRICS_PREFIX):])
+                        if on_metrics:
+                            on_metrics(record["metrics"], record["step"])
+                        continue
+                    tail.append(line.rstrip("\n"))
+                    sys.stderr.write(line)
+            except BaseException:  # e.g. MLflow refused a metric, or Ctrl-C: do not leave the run going
+                child.kill()
+                raise
             returncode = child.wait()
         outcome = json.loads(result_file.read_text()) if result_file.is_file() else None
     if outcome and "error" in outcome:
