@@ -244,6 +244,7 @@ def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: 
     (context / "entrypoint.sh").chmod(0o755)
 
     log(f"docker build {tag} (base {base_image})")
+    previous = client.images.get(tag).id if image_exists(client, tag) else None
     image_id = None
     for chunk in client.api.build(path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
                                   buildargs={"BASE_IMAGE": base_image, "TARGET": target,
@@ -255,7 +256,21 @@ def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: 
             raise ImageError(f"docker build of {tag} failed: {chunk['error'].strip()}")
         image_id = chunk.get("aux", {}).get("ID", image_id)
     shutil.rmtree(context)
-    return image_id or client.images.get(tag).id
+    image_id = image_id or client.images.get(tag).id
+    client.images.get(image_id).tag(tag.rsplit(":", 1)[0], "latest")
+    if previous and previous != image_id:
+        remove_if_unused(client, previous)
+    return image_id
+
+
+def remove_if_unused(client, image_id: str) -> None:
+    """Drop the image this build replaced, unless a container or another tag still uses it."""
+    import docker
+
+    try:
+        client.images.remove(image_id, noprune=False)
+    except docker.errors.APIError:
+        pass
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -304,7 +319,6 @@ def build_target(client, target: str, args: argparse.Namespace, base_image: str 
     repository = f"{args.registry.rstrip('/')}/{name}" if args.registry else name
     tag = f"{repository}:{package_version()}"
     image_id = build_image(client, target, wheelhouse=wheelhouse, base_image=base_image, tag=tag)
-    client.images.get(image_id).tag(repository, "latest")
     repo_digest = push_image(client, tag) if args.push else ""
     attrs = client.images.get(image_id).attrs
     record = {
