@@ -291,7 +291,9 @@ def test_stages_through_s3(small_corpus: Path, s3_root: str, tmp_path: Path, mon
     ctx = RunContext(pipeline_run_id="run7", artifact_root=s3_root)
     corpus = download.run(str(small_corpus), ctx=ctx).outputs["corpus"]
     assert corpus == f"{s3_root}/run7/download/corpus"
-    result = preprocess.run(corpus, ctx=ctx, params=_params(val_fraction=0.25, samples_per_file=100), verify=True)
+    # two forked workers inside a tracked stage run (MLflow's system-metrics thread is running)
+    params = _params(val_fraction=0.25, samples_per_file=100, processes=2)
+    result = preprocess.run(corpus, ctx=ctx, params=params, verify=True)
     dataset = result.outputs["dataset"]
     assert dataset == f"{s3_root}/run7/preprocess/dataset"
     paths = {f["path"] for f in read_manifest(dataset)["files"]}
