@@ -411,29 +411,45 @@ def artifact_exists(uri: str) -> bool:
     return True
 
 
-def _locate(uri: str) -> tuple[str, dict]:
-    """The manifest describing uri: its own, or, for a folder inside an artifact (a dataset's
-    ``train/``), the enclosing artifact's entries for that folder with paths made relative to it."""
+def find_artifact(uri: str, *, max_depth: int = 4) -> tuple[str, dict, str]:
+    """(artifact URI, its manifest, uri's folder inside it): uri itself when it is an artifact, else
+    the nearest enclosing one (a dataset's ``train/`` is inside the dataset artifact)."""
     uri = str(uri).rstrip("/")
-    try:
-        return uri, read_manifest(uri)
-    except NotFound as exc:
-        missing = exc
-    bucket, key = split_s3_uri(uri)
-    parts = key.split("/")
-    for depth in range(len(parts) - 1, 0, -1):
-        artifact = f"s3://{bucket}/{'/'.join(parts[:depth])}"
+    if is_s3(uri):
+        bucket, key = split_s3_uri(uri)
+        parts = key.split("/")
+        candidates = [(f"s3://{bucket}/{'/'.join(parts[:d])}", "/".join(parts[d:]))
+                      for d in range(len(parts), max(0, len(parts) - max_depth), -1)]
+    else:
+        path = _local_path(uri)
+        candidates = [(str(path), "")] + [(str(parent), path.relative_to(parent).as_posix())
+                                          for parent in list(path.parents)[:max_depth]]
+    for artifact, sub in candidates:
         try:
-            manifest = read_manifest(artifact)
+            return artifact, read_manifest(artifact), sub
         except NotFound:
             continue
-        sub = "/".join(parts[depth:]) + "/"
-        files = [dict(f, path=f["path"][len(sub):]) for f in manifest["files"] if f["path"].startswith(sub)]
-        if not files:
-            raise NotFound(f"{uri}: artifact {artifact} has no folder {sub.rstrip('/')}")
-        return artifact + "/" + sub.rstrip("/"), {"files": files,
-                                                  "total_bytes": sum(f["bytes"] for f in files)}
-    raise missing
+    raise NotFound(f"{uri}: no such artifact (no {MANIFEST} here or in the folders above: never "
+                   "written, or its upload did not finish)")
+
+
+def artifact_digest(uri: str) -> str | None:
+    """manifest_digest of the artifact holding uri (the dataset hash of ``<dataset>/train``), or None
+    when uri is in no artifact (a plain local folder; a missing one fails where it is read)."""
+    try:
+        return manifest_digest(find_artifact(uri)[1])
+    except NotFound:
+        return None
+
+
+def _subfolder_manifest(uri: str) -> tuple[str, dict]:
+    artifact, manifest, sub = find_artifact(uri)
+    if not sub:
+        return artifact, manifest
+    files = [dict(f, path=f["path"][len(sub) + 1:]) for f in manifest["files"] if f["path"].startswith(sub + "/")]
+    if not files:
+        raise NotFound(f"{uri}: artifact {artifact} has no folder {sub}")
+    return f"{artifact}/{sub}", {"files": files, "total_bytes": sum(f["bytes"] for f in files)}
 
 
 def download_dir(uri: str, local: str | Path) -> dict:
@@ -447,7 +463,7 @@ def download_dir(uri: str, local: str | Path) -> dict:
             (local / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / entry["path"], local / entry["path"])
     else:
-        uri, manifest = _locate(uri)
+        uri, manifest = _subfolder_manifest(uri)
         bucket, prefix = split_s3_uri(uri)
         progress = _Progress("downloading", uri, manifest["total_bytes"])
         for entry in manifest["files"]:

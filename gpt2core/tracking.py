@@ -248,7 +248,8 @@ def stage_run(stage: str, ctx: RunContext, *, params: Mapping[str, object] | Non
     import mlflow
 
     client = _client()
-    run_tags = {**_base_tags(ctx, "stage"), TAG_STAGE: stage, **(tags or {})}
+    run_tags = {**_base_tags(ctx, "stage"), TAG_STAGE: stage,
+                **{k: str(v) for k, v in (tags or {}).items() if v is not None}}  # None: not known
     experiment_id = _experiment_id(client, ctx)
     with _tracking_errors(f"start the {stage} run"):
         active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,

@@ -62,12 +62,18 @@ def test_error_inside_output_publishes_nothing_and_keeps_old_artifact(where, s3_
         assert storage._list_keys(bucket, prefix) == []
 
 
-def test_a_folder_inside_an_artifact_is_an_input_too(s3_root):
+def test_a_folder_inside_an_artifact_is_an_input_too(s3_root, tmp_path):
     with storage.local_output(f"{s3_root}/dataset") as out:
         _write_tree(out, FILES)
     with storage.local_input(f"{s3_root}/dataset/train") as path:
         assert sorted(p.name for p in path.iterdir()) == ["MANIFEST.json", "data_0.h5"]
         assert (path / "data_0.h5").read_bytes() == FILES["train/data_0.h5"]
+    # the dataset hash of a split is that of the whole artifact, wherever it is stored
+    digest = storage.manifest_digest(storage.read_manifest(f"{s3_root}/dataset"))
+    assert storage.artifact_digest(f"{s3_root}/dataset/train") == digest
+    local = storage.download_dir(f"{s3_root}/dataset", tmp_path / "dataset")
+    assert storage.artifact_digest(str(tmp_path / "dataset" / "train")) == storage.manifest_digest(local) == digest
+    assert storage.artifact_digest(str(tmp_path)) is None  # a plain folder
     with pytest.raises(storage.NotFound, match="has no folder test"):
         with storage.local_input(f"{s3_root}/dataset/test"):
             pass

@@ -17,7 +17,7 @@ from pathlib import Path
 from gpt2core.config import load_params
 from gpt2core.errors import Gpt2opsError, ValidationError
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import MANIFEST, local_input, local_output, manifest_digest
+from gpt2core.storage import artifact_digest, local_input, local_output
 from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
 from gpt2core.validation import (GPU_MEMORY_GB, ValidationReport, check_data_volume, check_dataset,
                                  check_job)
@@ -60,9 +60,8 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: 
                 stats = check_dataset(key, uri, local_dirs[key], cfg, report)
                 if key.startswith("train") and stats is not None:
                     check_data_volume(cfg, stats, report)
-            train_manifest = local_dirs.get("train_input.data_dir", Path("/nonexistent")) / MANIFEST
-            if train_manifest.is_file():
-                tracked.set_tags({TAG_DATASET_HASH: manifest_digest(json.loads(train_manifest.read_text()))})
+            if "train_input.data_dir" in local_dirs and artifact_digest(cfg.train_input.data_dir):
+                tracked.set_tags({TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir)})
             if target == "cerebras" and "train_input.data_dir" in local_dirs:
                 _validate_cerebras(cfg, local_dirs["train_input.data_dir"], report)
         metrics = _metrics(report)
