@@ -20,8 +20,8 @@ from gpt2core.config import Params, load_params
 from gpt2core.errors import DataError
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.stages.train import data_input, local_checkpoint, overrides_from_args
-from gpt2core.storage import local_input, local_output
-from gpt2core.tracking import stage_run
+from gpt2core.storage import artifact_digest, local_input, local_output
+from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI, stage_run
 
 STAGE = "evaluate"
 
@@ -35,8 +35,9 @@ def run(params: str, *, ctx: RunContext, model_uri: str, overrides: dict | None 
     cfg = load_params(params, overrides)
     report_uri = ctx.artifact_uri(STAGE, "report")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags={"config_hash": cfg.config_hash(),
-                                                                "model_uri": model_uri}) as tracked:
+    tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_MODEL_URI: model_uri,
+            TAG_DATASET_HASH: artifact_digest(cfg.eval_input.data_dir)}
+    with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         started = time.monotonic()
         model = _load_model(cfg, model_uri, checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:

@@ -24,8 +24,8 @@ from gpt2core.config import Params, load_params, parse_override
 from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import fetch_file, is_s3, local_input, local_output
-from gpt2core.tracking import stage_run
+from gpt2core.storage import artifact_digest, fetch_file, is_s3, local_input, local_output
+from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
 from gpt2core.training.checkpoint import list_checkpoints
 
 STAGE = "train"
@@ -46,7 +46,8 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
         _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target, log_metrics=None)
         return StageResult(outputs=outputs)
 
-    tags = {"config_hash": cfg.config_hash(), "target": target}
+    tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
+            "gpt2ops.target": target}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         started = time.monotonic()
         with local_output(outputs["model"]) as model_out:
@@ -58,12 +59,14 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
                 save_pretrained(result.model, cfg, model_out)
                 metrics = {"train/loss": result.final_loss, "train/tokens_per_s": result.tokens_per_s,
                            "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
+            tracked.log_model(model_out, model_uri=outputs["model"])  # safetensors + params.yaml, registered
         with local_output(outputs["checkpoints"]) as checkpoints_out:
             listing = list_cerebras_checkpoints if target == "cerebras" else list_checkpoints
             for checkpoint in listing(work_dir / "checkpoints"):
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
         tracked.log_metrics(metrics)
+        tracked.log_loss_curve()
     return StageResult(outputs=outputs, metrics=metrics)
 
 
