@@ -193,3 +193,69 @@ def test_whole_pipeline_runs_in_docker(cpu_image, english_text_dir, tmp_path):
     # The steps ran as the caller: nothing they left in the work folder belongs to someone else.
     foreign = [p for p in work.rglob("*") if p.stat().st_uid != os.getuid()]
     assert not foreign, foreign[:5]
+
+
+@pytest.mark.docker
+def test_image_serves_mlflow_as_the_k8s_deployment_runs_it(cpu_image, tmp_path):
+    """k8s/base/mlflow.yaml's command, args and settings, run in the image (read-only root, tmpfs
+    /tmp and home as in the pod): the server answers, and artifacts logged through its proxy land
+    in S3. Only the backend store differs: sqlite here instead of the Postgres StatefulSet."""
+    import socket
+    import time
+    import urllib.request
+
+    import boto3
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from gpt2core.s3server import SeaweedS3Server
+
+    docs = list(yaml.safe_load_all((REPO / "k8s" / "base" / "mlflow.yaml").read_text()))
+    settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [f"--port={port}" if a.startswith("--port=") else
+            "--backend-store-uri=sqlite:////tmp/mlflow.db" if a.startswith("--backend-store-uri=")
+            else a for a in container["args"]]
+    for key, value in settings.items():
+        args = [a.replace(f"$({key})", value) for a in args]
+    name = f"gpt2ops-mlflow-test-{uuid.uuid4().hex[:8]}"
+    with SeaweedS3Server(tmp_path / "s3") as s3:
+        env = {**settings, "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+               "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+        command = ["docker", "run", "-d", "--name", name, "--network", "host", "--read-only",
+                   "--tmpfs", "/tmp", "--tmpfs", "/home/gpt2ops",
+                   "--user", str(pod["securityContext"]["runAsUser"]),
+                   "--entrypoint", container["command"][0]]
+        for key, value in env.items():
+            command += ["-e", f"{key}={value}"]
+        subprocess.run([*command, cpu_image, *container["command"][1:], *args], check=True,
+                       capture_output=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 240
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                        assert response.status == 200
+                        break
+                except OSError:
+                    logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True)
+                    assert time.monotonic() < deadline, logs.stdout[-3000:] + logs.stderr[-3000:]
+                    time.sleep(2)
+            client = MlflowClient(tracking_uri=url)
+            run = client.create_run(client.create_experiment("k8s-config-check"))
+            report = tmp_path / "report.txt"
+            report.write_text("served through the artifact proxy\n")
+            client.log_artifact(run.info.run_id, str(report))
+            assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+            keys = [o["Key"] for o in boto3.client("s3", **{
+                "endpoint_url": s3.endpoint, "aws_access_key_id": s3.access_key,
+                "aws_secret_access_key": s3.secret_key, "region_name": "us-east-1",
+            }).list_objects_v2(Bucket="gpt2ops", Prefix="mlflow/").get("Contents", [])]
+            assert any(k.endswith(f"{run.info.run_id}/artifacts/report.txt") for k in keys), keys
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
