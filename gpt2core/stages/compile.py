@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 
 from gpt2core.compilation import compile_training_step, write_report, write_skipped_report
 from gpt2core.config import load_params
@@ -54,9 +53,11 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: 
 def _compile_cerebras(cfg, out) -> dict[str, float]:  # noqa: ANN001 - Params, Path
     from gpt2core import cerebras
 
-    with local_input(cfg.train_input.data_dir) as data_dir, \
-            tempfile.TemporaryDirectory(prefix="gpt2ops-cerebras-compile-") as work_dir:
-        report = cerebras.compile(cfg, data_dir=data_dir, work_dir=work_dir)
+    with local_input(cfg.train_input.data_dir) as data_dir:
+        # work_dir=out: the SDK's cerebras_logs/ (traced MLIR, the appliance's compile logs) is
+        # published with the report; the compiled program itself stays in the cluster's compile
+        # cache (runconfig.compile_dir), where the train job of the same config finds it.
+        report = cerebras.compile(cfg, data_dir=data_dir, work_dir=out)
     (out / "cerebras_compile_report.json").write_text(json.dumps(report, indent=1, default=str))
     return {f"compile/{k}": float(v) for k, v in report.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
