@@ -58,7 +58,7 @@ DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 DEFAULT_TORCH = {
     "cpu": ("torch==2.13.0+cpu", None),  # /opt/wheels or PIP_FIND_LINKS, else --torch-index-url
     "cuda": ("torch==2.13.0+cu128", "https://download.pytorch.org/whl/cu128"),
-    "cerebras": (None, None),
+    "cerebras": (None, None),  # e.g. --torch-spec torch==2.4.0+cpu --torch-index-url .../whl/cpu
 }
 CEREBRAS_REQUIREMENTS = REPO_ROOT / "requirements" / "cerebras.txt"
 
@@ -77,7 +77,10 @@ def install_requirements(target: str, torch_spec: str | None) -> str:
         if not CEREBRAS_REQUIREMENTS.exists():
             raise ImageError(f"{CEREBRAS_REQUIREMENTS} is missing: the cerebras image installs the "
                              "Cerebras SDK environment it describes")
-        return CEREBRAS_REQUIREMENTS.read_text()
+        # A torch spec may narrow the SDK's pin to a CPU build (torch==2.4.0+cpu): the appliance
+        # does the compute, so the CUDA wheels PyPI's torch 2.4.0 brings (~2.5 GB) are dead weight.
+        extra = f"{torch_spec}\n" if torch_spec else ""
+        return CEREBRAS_REQUIREMENTS.read_text() + extra
     # The cpu image also serves MLflow in k8s/ (the `server` extra: its Postgres driver).
     extras = "[server]" if target == "cpu" else ""
     lines = [f"gpt2ops{extras}=={package_version()}"]
@@ -304,10 +307,7 @@ def write_record(target: str, record: dict) -> Path:
 
 def build_target(client, target: str, args: argparse.Namespace, base_image: str | None) -> dict:
     torch_spec, torch_index_url = DEFAULT_TORCH[target]
-    if target == "cerebras":
-        torch_spec = None  # the SDK's requirements pin torch
-    else:
-        torch_spec = args.torch_spec or torch_spec
+    torch_spec = args.torch_spec or torch_spec
     torch_index_url = args.torch_index_url or torch_index_url
     started = time.monotonic()
     wheelhouse = build_wheelhouse(target, torch_spec=torch_spec, torch_index_url=torch_index_url,
@@ -351,7 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="extra folder of wheels for pip (repeatable), e.g. with a CUDA torch")
     parser.add_argument("--torch-index-url", help="extra index for the torch build (cuda default: "
                         f"{DEFAULT_TORCH['cuda'][1]})")
-    parser.add_argument("--torch-spec", help="torch requirement for cpu/cuda, e.g. torch==2.13.0+cu126")
+    parser.add_argument("--torch-spec", help="torch requirement, e.g. torch==2.13.0+cu126 (cuda) or "
+                        "torch==2.4.0+cpu (cerebras: the SDK's pin, CPU build)")
     parser.add_argument("--rebuild-wheelhouse", action="store_true", help="collect every wheel again")
     parser.add_argument("--wheelhouse-only", action="store_true", help="collect wheels, build nothing")
     parser.add_argument("--registry", help="registry prefix for the tags, e.g. ghcr.io/acme")
