@@ -314,6 +314,9 @@ def test_csx_validate_traces_and_lowers_the_step_locally(sdk: str, tiny_dataset:
     assert report["loss_scaling"] == "dynamic"  # the traced step went through cstorch.amp's GradScaler
     # The SDK wrote the traced step's MLIR, before and after lowering to its own dialect.
     assert report["lowered"]["torch.mlir"] > 10_000 and report["lowered"]["cirh.mlir"] > 10_000
+    # The appliance's workers would mount the data and import gpt2core's loader.
+    assert str((tiny_dataset / "train").resolve()) in report["mount_dirs"]
+    assert str(Path(cerebras.__file__).resolve().parents[2]) in report["python_paths"]
 
 
 def test_csx_compile_lowers_then_stops_at_the_appliance_naming_the_setting(sdk: str, tiny_dataset: Path,

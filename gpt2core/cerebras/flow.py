@@ -53,9 +53,10 @@ def sdk_lib_dir() -> Path:
     return Path(cstorch.__file__).parent / "lib"
 
 
-def make_backend(settings: CerebrasSettings, artifact_dir: Path, *, compile_only: bool = False,
-                 validate_only: bool = False) -> Any:
-    """``cstorch.backend(...)`` for these settings; one per process (the SDK allows no second)."""
+def make_backend(settings: CerebrasSettings, artifact_dir: Path, *, data_dir: str | Path,
+                 compile_only: bool = False, validate_only: bool = False) -> Any:
+    """``cstorch.backend(...)`` for these settings; one per process (the SDK allows no second).
+    On CSX the data folder is mounted into the appliance's streaming workers, which read it."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
     if not settings.is_csx:
         return cstorch.backend("CPU", artifact_dir=str(artifact_dir))
@@ -67,7 +68,7 @@ def make_backend(settings: CerebrasSettings, artifact_dir: Path, *, compile_only
         "mgmt_namespace": settings.mgmt_namespace,
         "credentials_path": settings.credentials_path,
         "num_csx": settings.num_csx,
-        "mount_dirs": list(settings.mount_dirs),
+        "mount_dirs": sorted({*settings.mount_dirs, str(Path(data_dir).resolve())}),
         "python_paths": list(settings.python_paths),
         "job_labels": list(settings.job_labels),
         "job_time_sec": settings.job_time_sec,
@@ -295,7 +296,7 @@ def trace_one_step(params: Params, data_dir: str | Path, work_dir: str | Path, *
     settings = resolve_settings(params, backend_name, need_appliance=False)
     work_dir = Path(work_dir)
     artifact_dir = work_dir / "cerebras_logs"
-    backend = make_backend(settings, artifact_dir, compile_only=(mode == "compile"),
+    backend = make_backend(settings, artifact_dir, data_dir=data_dir, compile_only=(mode == "compile"),
                            validate_only=(mode == "validate"))
     run = _Run(settings, params, backend)
     executor = cstorch.utils.data.DataExecutor(make_dataloader(params, data_dir), num_steps=1)
@@ -324,6 +325,9 @@ def trace_one_step(params: Params, data_dir: str | Path, work_dir: str | Path, *
         executor_dir = Path(executor.artifact_dir)
         report["lowered"] = _lowered_files(executor_dir)
         report["artifact_dir"] = str(artifact_dir)
+        cluster = backend.cluster_config
+        report["mount_dirs"] = sorted(str(m.path) for m in cluster.mount_dirs)
+        report["python_paths"] = sorted(cluster.python_paths)
         if not report["lowered"]:
             raise TrainingError(f"{executor_dir}: the SDK wrote no MLIR; the step was not lowered")
         report["result"] = "validated locally" if mode == "validate" else f"compiled on {settings.mgmt_address}"
@@ -353,7 +357,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     r = params.runconfig
     checkpoint_dir, model_dir, work_dir = Path(checkpoint_dir), Path(model_dir), Path(work_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    backend = make_backend(settings, work_dir / "cerebras_logs")
+    backend = make_backend(settings, work_dir / "cerebras_logs", data_dir=data_dir)
     run = _Run(settings, params, backend)
     model, optimizer, scheduler, precision = run.model, run.optimizer, run.scheduler, run.precision
 
