@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -31,7 +32,10 @@ import yaml
 import gpt2core
 from gpt2core.errors import ConfigError
 
-CONFIGS_DIR = Path(gpt2core.__file__).resolve().parent.parent / "configs"
+# A checkout has configs/ beside the package; an installed wheel has not, so the container images
+# (containers/Dockerfile) put them elsewhere and say where with GPT2OPS_CONFIG_DIR.
+CONFIGS_DIR = Path(os.environ.get("GPT2OPS_CONFIG_DIR")
+                   or Path(gpt2core.__file__).resolve().parent.parent / "configs")
 
 SCHEDULERS = ("Linear", "Constant", "CosineDecay", "Exponential")
 NONLINEARITIES = ("gelu", "gelu_new")  # exact erf GELU, tanh approximation (OpenAI's weights)
