@@ -25,7 +25,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -263,9 +263,18 @@ def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.nda
     return non_eos
 
 
-def _worker_pool(processes: int) -> ProcessPoolExecutor:
+class _InProcess(Executor):
+    """processes=1: the same tasks in this process; no pool to start and no arrays to pickle."""
+
+    def map(self, fn, *iterables, **_):  # noqa: ANN001, ANN201 - Executor.map's signature
+        return map(fn, *iterables)
+
+
+def _worker_pool(processes: int) -> Executor:
     """Processes, so JSON decoding and HDF5 compression run on every core too. Forked where the OS
     can: workers then start in milliseconds and inherit the tokenizer this process already loaded."""
+    if processes == 1:
+        return _InProcess()
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context(method))
 
@@ -395,7 +404,7 @@ def _flip(picks: list[np.ndarray], flat_index: int, value: bool) -> None:
 
 
 def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache: Path, dtype: np.dtype,
-                 output_dir: Path, params: PreprocessParams, pool: ProcessPoolExecutor) -> dict:
+                 output_dir: Path, params: PreprocessParams, pool: Executor) -> dict:
     """Concatenate this split's documents in file order, cut windows, write the HDF5 files."""
     want_val = split == "val"
     stream_path = cache / f"{split}.{uuid.uuid4().hex[:8]}.stream"
