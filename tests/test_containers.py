@@ -74,10 +74,11 @@ def test_image_runs_gpt2ops_as_non_root(cpu_image, client):
         assert shown.returncode == 0 and "--max_seq_length" in shown.stdout, shown.stderr
     # Configs, torch (CPU build) and the components are inside.
     probe = docker_run(cpu_image, "python", "-c",
-                       "import os, torch, components, pipelines; "
-                       "print(torch.__version__, sorted(os.listdir(os.environ['GPT2OPS_CONFIG_DIR'])))")
+                       "import torch, components, pipelines; from gpt2core import config; "
+                       "print(torch.__version__, config.available_configs()); "
+                       "config.load_params('gpt2_tiny')")
     assert probe.returncode == 0, probe.stderr
-    assert "+cpu" in probe.stdout and ".yaml" in probe.stdout
+    assert "+cpu" in probe.stdout and "gpt2_small" in probe.stdout
 
 
 @pytest.mark.docker
