@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,9 @@ class CompileReport:
     cold_s: float  # first training step with empty caches: tracing + compiling + running
     warm_s: float  # first training step in a new process after load_cache_artifacts
     step_s: float  # a compiled step once warm (what is left of the first step's time is compiling)
+    # CPU seconds of each whole process (compilers included): steadier than wall time on a busy host
+    cold_cpu_s: float
+    warm_cpu_s: float
     cache_bytes: int
     cache_entries: dict[str, int]
 
@@ -66,6 +70,7 @@ def compile_training_step(params: Params, target: str, out_dir: Path, *, timeout
         log.info("warm: first step %.1f s (cache entries loaded: %s)", warm["first_step_s"], warm["cache_entries"])
     return CompileReport(target=target, device=cold["device"], torch_version=cold["torch_version"],
                          cold_s=cold["first_step_s"], warm_s=warm["first_step_s"], step_s=cold["step_s"],
+                         cold_cpu_s=cold["process_cpu_s"], warm_cpu_s=warm["process_cpu_s"],
                          cache_bytes=cache_file.stat().st_size, cache_entries=warm["cache_entries"])
 
 
@@ -76,6 +81,7 @@ def _child(args: list[str], scratch: Path, timeout_s: float) -> dict:
     result_file = scratch / "result.json"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"),
            "TRITON_CACHE_DIR": str(scratch / "triton")}
+    cpu_before = _children_cpu_s()
     try:
         proc = subprocess.run([sys.executable, "-m", "gpt2core.compilation", *args, "--result", str(result_file)],
                               env=env, timeout=timeout_s, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -87,7 +93,12 @@ def _child(args: list[str], scratch: Path, timeout_s: float) -> dict:
     if proc.returncode != 0 or result is None:
         tail = "\n".join(proc.stdout.splitlines()[-20:])
         raise errors.TrainingError(f"compiling the training step failed (exit code {proc.returncode}):\n{tail}")
-    return result
+    return {**result, "process_cpu_s": _children_cpu_s() - cpu_before}
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants: the child and its gcc
+    return usage.ru_utime + usage.ru_stime
 
 
 def _synthetic_micro_batches(params: Params, batch_size: int):

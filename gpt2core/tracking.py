@@ -67,7 +67,7 @@ def redacted(uri: str) -> str:
 
 
 @contextlib.contextmanager
-def _tracking_errors(action: str) -> Iterator[None]:
+def tracking_errors(action: str) -> Iterator[None]:
     """Any failure talking to MLflow becomes a TrackingError naming the tracking URI."""
     try:
         yield
@@ -84,7 +84,7 @@ def _tracking_errors(action: str) -> Iterator[None]:
 _checked_uris: set[str] = set()
 
 
-def _client():
+def mlflow_client():
     """An MlflowClient for the configured store, checked once per process to answer quickly.
 
     MLflow's own HTTP retries take minutes to give up on a dead server; a short probe of /health
@@ -107,14 +107,14 @@ def _client():
             except requests.RequestException as exc:
                 raise TrackingError(f"MLflow tracking server {redacted(uri)} is unreachable "
                                     f"({type(exc).__name__}); start it or set MLFLOW_TRACKING_URI") from None
-        with _tracking_errors("open the tracking store"):
+        with tracking_errors("open the tracking store"):
             MlflowClient(uri).search_experiments(max_results=1)
         _checked_uris.add(uri)
     return MlflowClient(uri)
 
 
 def _experiment_id(client, ctx: RunContext) -> str:
-    with _tracking_errors(f"open experiment {ctx.experiment!r}"):
+    with tracking_errors(f"open experiment {ctx.experiment!r}"):
         experiment = client.get_experiment_by_name(ctx.experiment)
         if experiment is not None:
             return experiment.experiment_id
@@ -163,7 +163,7 @@ class StageRun:
     def log_params(self, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
 
-        with _tracking_errors(f"log params of run {self.run_id}"):
+        with tracking_errors(f"log params of run {self.run_id}"):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in _loggable_params(params).items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -172,13 +172,13 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        with _tracking_errors(f"log metrics of run {self.run_id}"):
+        with tracking_errors(f"log metrics of run {self.run_id}"):
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0)
                                                         for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents, under artifact_path."""
-        with _tracking_errors(f"upload {path} to run {self.run_id}"):
+        with tracking_errors(f"upload {path} to run {self.run_id}"):
             if Path(path).is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
@@ -186,19 +186,19 @@ class StageRun:
 
     def log_figure(self, figure, artifact_file: str) -> None:
         """A matplotlib figure as an image artifact (e.g. ``plots/loss_curve.png``)."""
-        with _tracking_errors(f"upload {artifact_file} to run {self.run_id}"):
+        with tracking_errors(f"upload {artifact_file} to run {self.run_id}"):
             self.client.log_figure(self.run_id, figure, artifact_file)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        with _tracking_errors(f"tag run {self.run_id}"):
+        with tracking_errors(f"tag run {self.run_id}"):
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_loss_curve(self, metrics: tuple[str, ...] = ("train/loss", "eval/loss")) -> None:
         """Plot this run's logged loss histories into one PNG artifact (``plots/loss_curve.png``)."""
         curves = {}
-        with _tracking_errors(f"read metric history of run {self.run_id}"):
+        with tracking_errors(f"read metric history of run {self.run_id}"):
             for key in metrics:
                 history = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
                 if history:
@@ -221,7 +221,7 @@ class StageRun:
         active = mlflow.active_run()
         if active is None or active.info.run_id != self.run_id:
             raise TrackingError(f"log_model: run {self.run_id} is not the active MLflow run of this thread")
-        with _tracking_errors(f"log and register model {name!r}"):
+        with tracking_errors(f"log and register model {name!r}"):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=GPT2PyFunc(), artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(__file__).parent)], pip_requirements=_model_requirements(),
@@ -235,7 +235,7 @@ class StageRun:
 
 
 def _start_run(client, ctx: RunContext, *, run_name: str, tags: dict[str, str]) -> str:
-    with _tracking_errors("create a run"):
+    with tracking_errors("create a run"):
         run = client.create_run(_experiment_id(client, ctx), run_name=run_name, tags=tags)
     return run.info.run_id
 
@@ -247,11 +247,11 @@ def stage_run(stage: str, ctx: RunContext, *, params: Mapping[str, object] | Non
     and recording system metrics; ends FINISHED, FAILED (error tagged) or KILLED."""
     import mlflow
 
-    client = _client()
+    client = mlflow_client()
     run_tags = {**_base_tags(ctx, "stage"), TAG_STAGE: stage,
                 **{k: str(v) for k, v in (tags or {}).items() if v is not None}}  # None: not known
     experiment_id = _experiment_id(client, ctx)
-    with _tracking_errors(f"start the {stage} run"):
+    with tracking_errors(f"start the {stage} run"):
         active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
                                   parent_run_id=ctx.parent_run_id, nested=mlflow.active_run() is not None,
                                   log_system_metrics=True)
@@ -278,7 +278,7 @@ def stage_run(stage: str, ctx: RunContext, *, params: Mapping[str, object] | Non
 
 def start_pipeline_run(ctx: RunContext, params: Mapping[str, object] | None = None) -> str:
     """Open the parent run of a pipeline run (left RUNNING); returns its run id."""
-    client = _client()
+    client = mlflow_client()
     run_id = _start_run(client, ctx, run_name=f"pipeline-{ctx.pipeline_run_id}",
                         tags=_base_tags(ctx, "pipeline"))
     if params:
@@ -290,8 +290,8 @@ def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     """Close a parent run: FINISHED, FAILED or KILLED (the pipeline's exit handler decides)."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise TrackingError(f"end_pipeline_run: status {status!r} is not FINISHED, FAILED or KILLED")
-    client = _client()
-    with _tracking_errors(f"end run {run_id}"):
+    client = mlflow_client()
+    with tracking_errors(f"end run {run_id}"):
         client.set_terminated(run_id, status)
 
 
@@ -358,8 +358,8 @@ def _model_requirements() -> list[str]:
 
 def find_model_version(name: str, model_uri: str) -> str | None:
     """The registered version of `name` logged from the model artifact at model_uri, if any."""
-    client = _client()
-    with _tracking_errors(f"search versions of model {name!r}"):
+    client = mlflow_client()
+    with tracking_errors(f"search versions of model {name!r}"):
         versions = client.search_model_versions(f"name = '{name}' and tags.`{TAG_MODEL_URI}` = '{model_uri}'")
     found = max((int(v.version) for v in versions), default=None)
     return None if found is None else str(found)
@@ -369,7 +369,7 @@ def champion_version(name: str) -> str | None:
     """The version holding the `champion` alias, or None (no model yet, or none promoted)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = mlflow_client()
     try:
         return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException as exc:
@@ -383,8 +383,8 @@ def download_model_version(name: str, version: str, dst: str | Path) -> Path:
     """The saved-model folder (model.safetensors + params.yaml) of a registered version."""
     import mlflow
 
-    _client()
-    with _tracking_errors(f"download model {name!r} version {version}"):
+    mlflow_client()
+    with tracking_errors(f"download model {name!r} version {version}"):
         root = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst))
     return Path(root) / "artifacts" / "model"
 
@@ -395,11 +395,11 @@ def promote_if_better(name: str, version: str, *, score: float, champion_score: 
     """Champion/challenger: `version` becomes the `challenger`; it takes the `champion` alias when
     there is no champion or it scored strictly better on the same eval set. Returns whether it
     was promoted. Scores (and the eval set's hash) are tagged on the versions for the record."""
-    client = _client()
+    client = mlflow_client()
     current = champion_version(name)
     better = (current is None or champion_score is None
               or (score > champion_score if higher_is_better else score < champion_score))
-    with _tracking_errors(f"set aliases of model {name!r}"):
+    with tracking_errors(f"set aliases of model {name!r}"):
         client.set_model_version_tag(name, version, metric, f"{score:.6g}")
         if dataset_hash:
             client.set_model_version_tag(name, version, TAG_DATASET_HASH, dataset_hash)

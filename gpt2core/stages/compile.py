@@ -44,6 +44,7 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: 
                 write_report(report, out)
                 metrics = {"compile/cold_s": report.cold_s, "compile/warm_s": report.warm_s,
                            "compile/speedup": report.speedup, "compile/step_s": report.step_s,
+                           "compile/cold_cpu_s": report.cold_cpu_s, "compile/warm_cpu_s": report.warm_cpu_s,
                            "compile/cache_mb": report.cache_bytes / 1e6}
             tracked.log_artifact(out, "compile_cache")
         tracked.log_metrics(metrics)
