@@ -317,3 +317,32 @@ def test_rerun_after_an_interrupted_write_removes_stale_files(small_corpus: Path
     names = sorted(p.name for p in (out / "train").iterdir())
     assert "data-00042.h5" not in names and not any(n.endswith(".tmp") for n in names)
     assert names[-1] == "data_params.json"
+
+
+def test_killed_run_resumes_to_the_same_bytes(english_text_dir: Path, tmp_path: Path):
+    """SIGKILL mid-tokenization: nothing that looks finished is left; the rerun reuses the finished
+    files' tokens and writes exactly what an uninterrupted run writes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = ("import sys; from gpt2core.data.preprocess import PreprocessParams, preprocess_corpus; "
+            "preprocess_corpus(sys.argv[1], sys.argv[2], PreprocessParams(max_seq_length=64, processes=1), "
+            "cache_dir=sys.argv[3])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(english_text_dir), str(out), str(cache)])
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(cache.glob("*.json")))
+    assert 0 < finished < 49, "killed too late to test a resume"
+    assert not list(out.rglob("data_params.json")) and not list(out.rglob("*.h5"))
+    preprocess_corpus(english_text_dir, out, _params(processes=1, val_fraction=0.01), cache_dir=cache)
+    preprocess_corpus(english_text_dir, tmp_path / "clean", _params(processes=1, val_fraction=0.01))
+    for path in sorted((tmp_path / "clean").rglob("*")):
+        if path.is_file():
+            assert (out / path.relative_to(tmp_path / "clean")).read_bytes() == path.read_bytes()
