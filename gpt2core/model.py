@@ -41,8 +41,12 @@ class GPT2(nn.Module):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``[B, S, vocab]`` and, given labels, the reference's masked LM loss."""
+                labels: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits ``[B, S, vocab]`` and, given labels, the reference's masked LM loss.
+
+        When training (labels given, autograd on) the output head and the loss run fused in chunks
+        of tokens and the logits, the largest tensor of a step, are not kept: (None, loss).
+        """
         seq_len = input_ids.size(1)
         if seq_len > self.params.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds model.max_position_embeddings "
@@ -51,10 +55,16 @@ class GPT2(nn.Module):
         x = self.transformer.drop(self.transformer.wte(input_ids.long()) + self.transformer.wpe(positions))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
         if labels is None:
-            return logits, None
-        return logits, lm_loss(logits, labels, attention_mask, self.params)
+            return self.lm_head(x), None
+        weights = loss_weights(labels, attention_mask, self.params)
+        if torch.is_grad_enabled():
+            return None, ChunkedHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias,
+                                               labels.flatten().long(), weights)
+        logits = self.lm_head(x)
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), reduction="none")
+        return logits, (per_token * weights).sum()
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: normal(0, 0.02); residual projections std / sqrt(2 * layers)."""
@@ -134,19 +144,55 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
-            p: ModelParams) -> torch.Tensor:
-    """Masked next-token cross entropy, scaled as the reference does: ``num_tokens`` divides the
-    masked sum by the number of real tokens; ``batch_size`` divides it by the batch size and
-    multiplies by ``loss_weight`` (e.g. 1/max_sequence_length)."""
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), reduction="none")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(labels)
-    mask = attention_mask.flatten().to(per_token.dtype)
-    total = (per_token * mask).sum()
+def loss_weights(labels: torch.Tensor, attention_mask: torch.Tensor | None, p: ModelParams) -> torch.Tensor:
+    """Per-token weights ``[B*S]`` of the reference's loss = sum(weight * cross entropy):
+    ``num_tokens`` averages over the real tokens (mask 1); ``batch_size`` sums the masked tokens,
+    divides by the batch size and multiplies by ``loss_weight`` (e.g. 1/max_sequence_length)."""
+    mask = (torch.ones_like(labels) if attention_mask is None else attention_mask).flatten().float()
     if p.loss_scaling == "num_tokens":
-        return total / mask.sum().clamp(min=1)
-    return total / labels.size(0) * p.loss_weight
+        return mask / mask.sum().clamp(min=1)
+    return mask * (p.loss_weight / labels.size(0))
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Output head + weighted cross entropy, a chunk of tokens at a time, with the gradients
+    computed in the same pass (d loss / d logits = (softmax - onehot) * weight): the [tokens, vocab]
+    logits never exist whole and need no separate softmax backward. Inputs: hidden ``[N, H]``,
+    head weight ``[V, H]`` (and bias ``[V]`` or None), labels ``[N]``, per-token weights ``[N]``."""
+
+    CHUNK_ELEMENTS = 2**26  # logits per chunk (256 MB in fp32)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, weights):  # noqa: ANN001, ANN205 - autograd.Function API
+        rows = max(1, ChunkedHeadLoss.CHUNK_ELEMENTS // weight.size(0))
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), rows):
+            h, y, w = hidden[start:start + rows], labels[start:start + rows], weights[start:start + rows]
+            logits = F.linear(h, weight, bias).float()
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            peak = logits.amax(dim=1, keepdim=True)
+            exp = logits.sub_(peak).exp_()  # in place: one [rows, vocab] buffer serves the whole chunk
+            total = exp.sum(dim=1)
+            loss += ((peak.squeeze(1) + total.log() - target) * w).sum()
+            grad = exp.mul_((w / total)[:, None])  # softmax * weight
+            grad.scatter_add_(1, y[:, None], -w[:, None])  # minus onehot * weight
+            grad = grad.to(weight.dtype)
+            grad_hidden[start:start + rows] = grad @ weight
+            grad_weight += grad.t() @ h.to(weight.dtype)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype),
+                              None if grad_bias is None else grad_bias.to(bias.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return (grad_hidden * grad_loss, grad_weight * grad_loss,
+                None if grad_bias is None else grad_bias * grad_loss, None, None)
 
 
 def _initialize(weight: torch.Tensor, init: InitializerParams) -> None:

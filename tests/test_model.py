@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt2core.config import load_params
-from gpt2core.model import GPT2
+from gpt2core.model import GPT2, ChunkedHeadLoss, loss_weights
 
 # Parameter counts of OpenAI's GPT-2 checkpoints (tied head counted once, positions included).
 GPT2_PARAMS = {"gpt2_small": 124_439_808, "gpt2_medium": 354_823_168,
@@ -82,3 +82,27 @@ def test_gpt2_initialisation():
 def test_sequence_longer_than_positions_is_refused():
     with pytest.raises(ValueError, match="max_position_embeddings 128"):
         tiny_model()(torch.zeros(1, 129, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss_scaling, tied", [("num_tokens", True), ("batch_size", False)])
+def test_fused_training_loss_matches_plain_autograd(monkeypatch, loss_scaling, tied):
+    model = tiny_model(loss_scaling=loss_scaling, loss_weight=1 / 16, share_embedding_weights=tied,
+                       use_bias_in_output=not tied)
+    monkeypatch.setattr(ChunkedHeadLoss, "CHUNK_ELEMENTS", 50257 * 5)  # several chunks of 5 tokens
+    x = torch.randint(0, 50257, (2, 16))
+    labels = torch.roll(x, -1, dims=1)
+    mask = torch.ones_like(x)
+    mask[0, 11:] = 0
+    logits, fused = model(x, attention_mask=mask, labels=labels)
+    assert logits is None  # training keeps no logits
+    fused.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits, _ = model(x)
+    per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    plain = (per_token * loss_weights(labels, mask, model.params)).sum()
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=2e-6, msg=name)  # fp32 sum order
