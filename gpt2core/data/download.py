@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CorpusSource:
+    """A corpus and how to take it: what the download stage's parameters describe."""
+
     url: str
     sha256: str | None = None
     include: tuple[str, ...] = ()

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from gpt2core.data.download import QUICKSTART_SOURCE, download_source
+from gpt2core.data.download import QUICKSTART_SOURCE, CorpusSource, download_source
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.storage import local_output
 from gpt2core.tracking import stage_run
@@ -45,12 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     include = tuple(p.strip() for value in args.include or () for p in value.split(",") if p.strip())
-    if args.source is None:  # the quickstart corpus, with its checksum and selection unless overridden
-        source, sha256 = QUICKSTART_SOURCE.url, args.sha256 or QUICKSTART_SOURCE.sha256
-        include = include or QUICKSTART_SOURCE.include
-    else:
-        source, sha256 = args.source, args.sha256
-    result = run(source, ctx=context_from_args(args), include=include, text_key=args.text_key or "text",
-                 sha256=sha256, output_uri=args.output_dir)
+    # No source: the quickstart corpus, with its checksum, selection and text key unless overridden.
+    default = QUICKSTART_SOURCE if args.source is None else CorpusSource(url=args.source)
+    result = run(default.url, ctx=context_from_args(args), include=include or default.include,
+                 text_key=args.text_key or default.text_key, sha256=args.sha256 or default.sha256,
+                 output_uri=args.output_dir)
     print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
     return 0
