@@ -37,13 +37,19 @@ def train(
         model_uri: final weights (safetensors) and config.
         checkpoints_uri: the training checkpoints folder.
     """
+    import tempfile
+
     from components.runtime import (metric_history, publish, stage_context, stage_overrides,
                                     svg_line_chart, write_text)
     from gpt2core.stages import train as stage
 
     ctx = stage_context(pipeline_run_id, artifact_root, experiment)
-    result = stage.run(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
-                       compile_cache_uri=compile_cache_uri, target=target)
+    # A fresh working folder: the stage resumes from checkpoints it finds in model_dir, and a
+    # folder shared between runs (runconfig.model_dir is relative to the cwd) would resume another
+    # run's training. The checkpoints that matter are published to S3.
+    with tempfile.TemporaryDirectory(prefix="gpt2ops-train-") as model_dir:
+        result = stage.run(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
+                           model_dir=model_dir, compile_cache_uri=compile_cache_uri, target=target)
     publish(result, {"model": model, "checkpoints": checkpoints}, metrics)
     losses = metric_history(ctx.parent_run_id, "train", "train/loss")
     chart = (svg_line_chart(losses, title="training loss", x_label="step", y_label="train/loss")
