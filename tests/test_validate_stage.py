@@ -105,3 +105,16 @@ def test_memory_estimate_of_gpt2_small_matches_the_known_footprint():
     logits_gb = 2 * one.micro_batch_size * 1024 * 50257 * 4 / 1e9  # kept either way
     assert checkpointed.activations_gb - logits_gb < (one.activations_gb - logits_gb) / 3
     assert not one.fits  # 112 sequences of 1024 tokens in one micro-batch: the logits alone are 46 GB
+
+
+def test_cli_prints_every_problem_on_one_error_and_exits_2(tmp_path, capsys):
+    from gpt2core.cli import main as cli
+
+    code = cli(["validate", "--params", "gpt2_tiny", "--target", "gpu", "--gpu_type", "H100", "--num_gpus", "3",
+                "--set", f"train_input.data_dir={tmp_path}/missing/train",
+                "--set", f"eval_input.data_dir={tmp_path}/missing/val", "--artifact_root", str(tmp_path / "art"),
+                "--pipeline_run_id", "cli1", "--experiment", "validate-cli"])
+    err = capsys.readouterr().err
+    assert code == 2 and "gpt2ops validate: error: 3 problem(s)" in err
+    assert "not divisible by 3 device(s)" in err and f"{tmp_path}/missing/val" in err
+    assert (tmp_path / "art" / "cli1" / "validate" / "report" / "report.md").is_file()
