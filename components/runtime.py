@@ -260,3 +260,40 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
                     "champion_eval/loss": champion_score}
         tracked.set_tags({"gpt2ops.promoted": str(promoted), "gpt2ops.model_version": version})
     return decision
+
+
+def train_on_processes(config: str, *, ctx: RunContext, overrides: Mapping[str, object],
+                       compile_cache_uri: str, target: str, nproc: int) -> StageResult:
+    """The train stage in a fresh working folder, in this process or, for nproc > 1, on nproc
+    local processes under torchrun (one per GPU: DDP / FSDP2; rank 0 tracks and publishes).
+
+    The folder is fresh because the stage resumes from checkpoints it finds there, and a folder
+    shared between runs (runconfig.model_dir is relative to the cwd) would resume another run."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from gpt2core.errors import TrainingError
+    from gpt2core.stages import train as stage
+
+    with tempfile.TemporaryDirectory(prefix="gpt2ops-train-") as model_dir:
+        if nproc <= 1:
+            return stage.run(config, ctx=ctx, overrides=dict(overrides), model_dir=model_dir,
+                             compile_cache_uri=compile_cache_uri or None, target=target)
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "gpt2core.cli", "train", "--params", config,
+            "--model_dir", model_dir, "--target", target, "--pipeline_run_id", ctx.pipeline_run_id,
+            "--artifact_root", ctx.artifact_root, "--experiment", ctx.experiment,
+            *(["--parent_run_id", ctx.parent_run_id] if ctx.parent_run_id else []),
+            *(["--compile_cache", compile_cache_uri] if compile_cache_uri else []),
+            *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")),
+        ]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    print(done.stdout, end="")
+    marker = done.stdout.rfind('{\n  "outputs"')  # rank 0's result, printed last
+    if done.returncode != 0 or marker < 0:
+        raise TrainingError(f"train on {nproc} processes (torchrun) failed with exit code "
+                            f"{done.returncode}; the ranks' errors are in the log above")
+    report = json.loads(done.stdout[marker:])
+    return StageResult(outputs=report["outputs"], metrics=report["metrics"])

@@ -27,11 +27,12 @@ from pipelines import kubernetes as k8s
 PIPELINE_NAME = "gpt2ops-pretrain"
 
 
-def _compile_and_train(*, config, dataset_uri, max_steps, target, run_ids):
+def _compile_and_train(*, config, dataset_uri, max_steps, target, num_gpus, run_ids):
     compiled = compile_model(config=config, dataset_uri=dataset_uri, max_steps=max_steps,
                              target=target, **run_ids)
     trained = train(config=config, dataset_uri=dataset_uri, max_steps=max_steps, target=target,
-                    compile_cache_uri=compiled.outputs["compile_cache_uri"], **run_ids)
+                    num_gpus=num_gpus, compile_cache_uri=compiled.outputs["compile_cache_uri"],
+                    **run_ids)
     return compiled, trained
 
 
@@ -95,7 +96,8 @@ def gpt2_pipeline(
                            target=target, num_gpus=num_gpus, gpu_type=gpu_type, **run_ids)
         k8s.heavy_step(checked, cpu="2", memory="8Gi", timeout_s=30 * 60, **heavy)
 
-        branch = dict(config=config, dataset_uri=dataset_uri, max_steps=max_steps, run_ids=run_ids)
+        branch = dict(config=config, dataset_uri=dataset_uri, max_steps=max_steps,
+                      num_gpus=num_gpus, run_ids=run_ids)
         with dsl.If(target == "gpu", name="target-gpu"):
             gpu_compiled, gpu_trained = _compile_and_train(target="gpu", **branch)
             for task in (gpu_compiled, gpu_trained):

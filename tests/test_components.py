@@ -6,6 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 
 import mlflow
+from mlflow.tracking import MlflowClient
 import pytest
 from kfp import dsl
 
@@ -157,3 +158,23 @@ def test_stage_overrides_point_at_the_dataset_splits():
         "train_input.data_dir": "s3://b/r/preprocess/dataset/train",
         "eval_input.data_dir": "s3://b/r/preprocess/dataset/val"}
     assert runtime.stage_overrides("s3://b/d", 25)["runconfig.max_steps"] == 25
+
+
+@pytest.mark.slow
+def test_train_runs_on_several_processes_under_torchrun(tiny_dataset, tmp_path):
+    """The gpu branch trains with one process per GPU; the same launcher runs here on 2 CPU
+    processes (gloo), and rank 0's published model and metrics come back."""
+    mlflow.set_experiment("components-torchrun")
+    with mlflow.start_run(tags={TAG_PIPELINE_RUN: "kfp-ddp", TAG_KIND: "pipeline"}) as parent:
+        pass
+    ctx = runtime.stage_context("kfp-ddp", str(tmp_path / "artifacts"), "components-torchrun")
+    assert ctx.parent_run_id == parent.info.run_id
+    result = runtime.train_on_processes(
+        "gpt2_tiny", ctx=ctx, overrides=runtime.stage_overrides(str(tiny_dataset), 2),
+        compile_cache_uri="", target="cpu", nproc=2)
+    assert result.outputs["model"] == ctx.artifact_uri("train", "model")
+    assert (tmp_path / "artifacts" / "kfp-ddp" / "train" / "model" / "MANIFEST.json").exists()
+    assert 0 < result.metrics["train/loss"] < 12
+    (child,) = MlflowClient().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert child.info.run_name == "train" and child.info.status == "FINISHED"

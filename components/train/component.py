@@ -13,6 +13,7 @@ def train(
     compile_cache_uri: str,
     max_steps: int,
     target: str,
+    num_gpus: int,
     pipeline_run_id: str,
     artifact_root: str,
     experiment: str,
@@ -30,6 +31,7 @@ def train(
         compile_cache_uri: the compile stage's cache folder, reused to skip recompilation.
         max_steps: training steps (0 = the config's runconfig.max_steps).
         target: cpu | gpu | cerebras.
+        num_gpus: GPUs on this node for target gpu: one training process per GPU (torchrun).
         pipeline_run_id: KFP run id; names the artifact folder and finds the MLflow parent run.
         artifact_root: s3://bucket/prefix (or a local folder) holding all artifacts.
         experiment: MLflow experiment of the parent run.
@@ -37,19 +39,13 @@ def train(
         model_uri: final weights (safetensors) and config.
         checkpoints_uri: the training checkpoints folder.
     """
-    import tempfile
-
     from components.runtime import (metric_history, publish, stage_context, stage_overrides,
-                                    svg_line_chart, write_text)
-    from gpt2core.stages import train as stage
+                                    svg_line_chart, train_on_processes, write_text)
 
     ctx = stage_context(pipeline_run_id, artifact_root, experiment)
-    # A fresh working folder: the stage resumes from checkpoints it finds in model_dir, and a
-    # folder shared between runs (runconfig.model_dir is relative to the cwd) would resume another
-    # run's training. The checkpoints that matter are published to S3.
-    with tempfile.TemporaryDirectory(prefix="gpt2ops-train-") as model_dir:
-        result = stage.run(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
-                           model_dir=model_dir, compile_cache_uri=compile_cache_uri, target=target)
+    result = train_on_processes(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
+                                compile_cache_uri=compile_cache_uri, target=target,
+                                nproc=num_gpus if target == "gpu" else 1)
     publish(result, {"model": model, "checkpoints": checkpoints}, metrics)
     losses = metric_history(ctx.parent_run_id, "train", "train/loss")
     chart = (svg_line_chart(losses, title="training loss", x_label="step", y_label="train/loss")
