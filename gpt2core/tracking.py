@@ -243,18 +243,22 @@ def _start_run(client, ctx: RunContext, *, run_name: str, tags: dict[str, str]) 
 @contextlib.contextmanager
 def stage_run(stage: str, ctx: RunContext, *, params: Mapping[str, object] | None = None,
               tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
-    """The MLflow child run of one stage (under ctx.parent_run_id when set), active in this thread
-    and recording system metrics; ends FINISHED, FAILED (error tagged) or KILLED."""
+    """The MLflow child run of one stage (under ctx.parent_run_id when set, or under the stage run
+    already active in this thread), active in this thread and recording system metrics; ends
+    FINISHED, FAILED (error tagged) or KILLED."""
     import mlflow
 
     client = mlflow_client()
     run_tags = {**_base_tags(ctx, "stage"), TAG_STAGE: stage,
                 **{k: str(v) for k, v in (tags or {}).items() if v is not None}}  # None: not known
     experiment_id = _experiment_id(client, ctx)
+    # A stage run inside another one in this thread (promote re-evaluating the champion) nests
+    # under it; otherwise it is a child of the pipeline's parent run.
+    enclosing = mlflow.active_run()
     with tracking_errors(f"start the {stage} run"):
         active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags,
-                                  parent_run_id=ctx.parent_run_id, nested=mlflow.active_run() is not None,
-                                  log_system_metrics=True)
+                                  parent_run_id=enclosing.info.run_id if enclosing else ctx.parent_run_id,
+                                  nested=enclosing is not None, log_system_metrics=True)
     run = StageRun(client, active.info.run_id, stage, ctx)
     log.info("MLflow run %s (%s) in experiment %r at %s", run.run_id, stage, ctx.experiment,
              redacted(tracking_uri()))

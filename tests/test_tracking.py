@@ -63,6 +63,17 @@ def test_failed_stage_marks_its_run_failed_and_the_parent_too(ctx):
     assert client.get_run(child_ctx.parent_run_id).info.status == "FAILED"
 
 
+def test_a_stage_run_inside_another_nests_under_it(ctx):
+    with tracking.pipeline_run(ctx) as child_ctx:
+        with tracking.stage_run("promote", child_ctx) as outer:
+            with tracking.stage_run("evaluate", child_ctx) as inner:
+                pass
+    client = MlflowClient()
+    assert client.get_run(inner.run_id).data.tags["mlflow.parentRunId"] == outer.run_id
+    assert client.get_run(outer.run_id).data.tags["mlflow.parentRunId"] == child_ctx.parent_run_id
+    assert client.get_run(inner.run_id).info.status == client.get_run(outer.run_id).info.status == "FINISHED"
+
+
 def test_end_pipeline_run_by_id_as_the_exit_handler_does(ctx):
     run_id = tracking.start_pipeline_run(ctx, params={"target": "cpu"})
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
