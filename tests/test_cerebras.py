@@ -185,15 +185,15 @@ def test_modelzoo_export_by_hand_needs_no_sdk(tmp_path: Path):
 
 
 def stage_metric(pipeline_run_id: str, stage: str, name: str) -> list[tuple[int, float]]:
-    """(step, value) history of a metric of a stage's MLflow run, without the stage's closing summary
-    (logged with no step, which MLflow records as step 0)."""
+    """(step, value) history of a metric of a stage's MLflow run, one value per step: the stage's
+    closing summary repeats the last value (at the final step, or with no step: MLflow's step 0)."""
     import mlflow
     from mlflow import MlflowClient
 
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
         f"tags.`gpt2ops.pipeline_run_id` = '{pipeline_run_id}' and tags.`gpt2ops.stage` = '{stage}'"))
-    history = sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run.info.run_id, name))
-    return [(step, value) for step, value in history if step > 0]
+    by_step = {m.step: m.value for m in MlflowClient().get_metric_history(run.info.run_id, name) if m.step > 0}
+    return sorted(by_step.items())
 
 
 @pytest.fixture(scope="module")
