@@ -65,7 +65,8 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
             for checkpoint in listing(work_dir / "checkpoints"):
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
-        tracked.log_metrics(metrics)
+        # at the last step, so the per-step train/loss history ends on the final value
+        tracked.log_metrics(metrics, step=int(metrics.get("train/steps", 0)))
         tracked.log_loss_curve()
     return StageResult(outputs=outputs, metrics=metrics)
 
