@@ -55,6 +55,10 @@ _MULTIPART_BYTES = 64 * _MB
 # URIs and manifests
 
 
+class NotFound(StorageError):
+    """The object or artifact does not exist (an artifact without its manifest does not)."""
+
+
 def is_s3(uri: str | Path) -> bool:
     return str(uri).startswith("s3://")
 
@@ -200,10 +204,6 @@ def _client_for(settings: S3Settings):
 def s3_client():
     """A boto3 S3 client for the current settings (cached; settings are re-read on every call)."""
     return _client_for(S3Settings.from_env())
-
-
-class NotFound(StorageError):
-    """The object or artifact does not exist (an artifact without its manifest does not)."""
 
 
 _ACCESS_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
