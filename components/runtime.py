@@ -1,8 +1,8 @@
 """Plumbing shared by the component functions, imported inside them at run time.
 
 A component receives the pipeline run id (KFP's job id), the artifact root (an S3 prefix) and the
-MLflow experiment; the MLflow parent run is found by the run-id tag that `start_run` puts on it. The
-parent run id is deliberately not a component input: task caching keys on the inputs, and a new
+MLflow experiment; the MLflow parent run that `start_run` opened is found by its pipeline-run-id tag.
+The parent run id is deliberately not a component input: task caching keys on the inputs, and a new
 parent run per pipeline run would make every cache lookup miss.
 
 Stage outputs stay in S3 (the stage writes them there, manifest last). The KFP artifacts a
