@@ -1,10 +1,13 @@
 """The registered MLflow model: GPT-2 weights (safetensors) + params.yaml behind MLflow's pyfunc
-interface, so `mlflow models serve` / `mlflow.pyfunc.load_model` turn prompts into text."""
+interface, so `mlflow models serve` / `mlflow.pyfunc.load_model` turn prompts into text.
+
+Logged as a "model from code": MLflow stores this file and runs it at load time (no pickle)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 
@@ -32,3 +35,6 @@ class GPT2PyFunc(PythonModel):
                                              temperature=self.run.sample_temperature,
                                              top_k=self.run.sample_top_k, eos_id=EOS_ID))
                 for p in prompts]
+
+
+set_model(GPT2PyFunc())

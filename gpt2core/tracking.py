@@ -215,7 +215,7 @@ class StageRun:
         tagged on the version so later stages find it."""
         import mlflow
 
-        from gpt2core.served_model import GPT2PyFunc
+        from gpt2core import served_model
 
         name = registered_model_name or default_model_name(self.ctx)
         active = mlflow.active_run()
@@ -223,7 +223,7 @@ class StageRun:
             raise TrackingError(f"log_model: run {self.run_id} is not the active MLflow run of this thread")
         with tracking_errors(f"log and register model {name!r}"):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=GPT2PyFunc(), artifacts={"model": str(model_dir)},
+                name="model", python_model=served_model.__file__, artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(__file__).parent)], pip_requirements=_model_requirements(),
                 registered_model_name=name, await_registration_for=60)
             version = str(info.registered_model_version)
