@@ -176,21 +176,29 @@ def test_pipeline_run_with_a_missing_image_says_how_to_build_it(client, tmp_path
 def test_whole_pipeline_runs_in_docker(cpu_image, english_text_dir, tmp_path):
     """gpt2ops run --runner docker: every step in a gpt2ops-cpu container (kfp.local.DockerRunner),
     against the embedded S3 and a sqlite MLflow store in the mounted work folder."""
+    import tarfile
+
     work = tmp_path / "work"
     (work / "corpus").mkdir(parents=True)
-    # Inside work_dir: the folder is mounted at the same path, so the step finds the file there.
-    shutil.copy(english_text_dir / "hamlet_gut.txt", work / "corpus" / "hamlet.txt")
+    # Inside work_dir: the folder is mounted at the same path, so the step finds the archive there.
+    # Two plays: the validation split needs at least two documents.
+    source = work / "corpus" / "plays.tar.gz"
+    with tarfile.open(source, "w:gz") as tar:
+        for name in PLAYS[:2]:
+            tar.add(english_text_dir / name, arcname=name)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     run = subprocess.run(
         [sys.executable, "-m", "gpt2core.cli", "run", "--runner", "docker", "--image", cpu_image,
-         "--work_dir", str(work), "--config", "gpt2_tiny", "--max_steps", "4",
-         "--source", str(work / "corpus" / "hamlet.txt"), "--run_name", "docker-e2e"],
+         "--work_dir", str(work), "--config", "gpt2_tiny", "--max_steps", "2",
+         "--source", str(source), "--run_name", "docker-e2e"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     assert "pipeline run: FINISHED" in run.stdout, output[-6000:]
     stages = ("download", "preprocess", "validate", "compile", "train", "evaluate")
     assert run.stdout.count(f"Found image '{cpu_image}'") >= len(stages), output[-6000:]
+    for stage in stages:
+        assert f"s3://gpt2ops/" in run.stdout and f"  {stage}" in run.stdout, stage
     # The steps ran as the caller: nothing they left in the work folder belongs to someone else.
     foreign = [p for p in work.rglob("*") if p.stat().st_uid != os.getuid()]
     assert not foreign, foreign[:5]
