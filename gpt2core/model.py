@@ -38,14 +38,17 @@ class GPT2(nn.Module):
         self.lm_head = nn.Linear(p.hidden_size, p.vocab_size, bias=p.use_bias_in_output)
         if p.share_embedding_weights:
             self.lm_head.weight = self.transformer.wte.weight
+        # Off: the reference's plain loss, which every backend compiles (the Cerebras flow keeps it).
+        # The torch trainer turns it on: see ChunkedHeadLoss.
+        self.fused_head_loss = False
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits ``[B, S, vocab]`` and, given labels, the reference's masked LM loss.
 
-        When training (labels given, autograd on) the output head and the loss run fused in chunks
-        of tokens and the logits, the largest tensor of a step, are not kept: (None, loss).
+        With ``fused_head_loss`` on, training (labels given, autograd on) runs the output head and the
+        loss fused in chunks of tokens and keeps no logits, the largest tensor of a step: (None, loss).
         """
         seq_len = input_ids.size(1)
         if seq_len > self.params.max_position_embeddings:
@@ -59,7 +62,7 @@ class GPT2(nn.Module):
         if labels is None:
             return self.lm_head(x), None
         weights = loss_weights(labels, attention_mask, self.params)
-        if torch.is_grad_enabled():
+        if self.fused_head_loss and torch.is_grad_enabled():
             return None, ChunkedHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias,
                                                labels.flatten().long(), weights)
         logits = self.lm_head(x)

@@ -88,6 +88,7 @@ def test_sequence_longer_than_positions_is_refused():
 def test_fused_training_loss_matches_plain_autograd(monkeypatch, loss_scaling, tied):
     model = tiny_model(loss_scaling=loss_scaling, loss_weight=1 / 16, share_embedding_weights=tied,
                        use_bias_in_output=not tied)
+    model.fused_head_loss = True
     monkeypatch.setattr(ChunkedHeadLoss, "CHUNK_ELEMENTS", 50257 * 5)  # several chunks of 5 tokens
     x = torch.randint(0, 50257, (2, 16))
     labels = torch.roll(x, -1, dims=1)
@@ -98,10 +99,11 @@ def test_fused_training_loss_matches_plain_autograd(monkeypatch, loss_scaling, t
     fused.backward()
     fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    model.fused_head_loss = False  # the reference's plain loss, logits kept
 
-    logits, _ = model(x)
+    logits, plain = model(x, attention_mask=mask, labels=labels)
     per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    plain = (per_token * loss_weights(labels, mask, model.params)).sum()
+    torch.testing.assert_close(plain, (per_token * loss_weights(labels, mask, model.params)).sum())
     plain.backward()
     torch.testing.assert_close(fused, plain)
     for name, p in model.named_parameters():

@@ -95,6 +95,7 @@ class Trainer:
 
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         self.model = GPT2(params.model).to(device)
+        self.model.fused_head_loss = True
         torch.manual_seed(run.seed + 1 + info.rank)  # independent dropout streams per rank
         self.train_model = parallelize(self.model, kind=run.parallelism, info=info, param_dtype=self.amp_dtype,
                                        compile=run.torch_compile, activation_checkpointing=run.activation_checkpointing)
