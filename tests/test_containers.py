@@ -268,3 +268,21 @@ def test_image_serves_mlflow_as_the_k8s_deployment_runs_it(cpu_image, tmp_path):
             assert any(k.endswith(f"{run.info.run_id}/artifacts/report.txt") for k in keys), keys
         finally:
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+@pytest.mark.docker
+def test_cerebras_image_has_the_sdk_and_its_torch(client):
+    """The cerebras image (6.8 GB, ~30 min to build: not built by CI) holds the SDK with the torch and
+    numpy it pins, next to gpt2ops and its configs. Checked when the image is present."""
+    image = image_for("cerebras")
+    try:
+        require_image(image, "cerebras", client=client)
+    except ImageError as exc:
+        pytest.skip(f"{exc} (optional: python -m containers.build cerebras)")
+    probe = docker_run(image, "python", "-c",
+                       "import torch, numpy, cerebras.pytorch as cstorch, gpt2core.cerebras, components; "
+                       "from gpt2core import config; config.load_params('gpt2_tiny'); "
+                       "print(torch.__version__, numpy.__version__, cstorch.__version__)")
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    torch_version, numpy_version, sdk_version = probe.stdout.split()
+    assert torch_version.startswith("2.4.0") and numpy_version == "1.25.0" and sdk_version == "2.10.0"
