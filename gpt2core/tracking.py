@@ -103,7 +103,8 @@ def mlflow_client():
             import requests
 
             try:
-                requests.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+                # Any HTTP answer means reachable; a refused login shows in the call below.
+                requests.get(uri.rstrip("/") + "/health", timeout=10)
             except requests.RequestException as exc:
                 raise TrackingError(f"MLflow tracking server {redacted(uri)} is unreachable "
                                     f"({type(exc).__name__}); start it or set MLFLOW_TRACKING_URI") from None

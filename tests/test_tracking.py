@@ -140,3 +140,47 @@ def test_model_registered_and_champion_moves_only_when_better(ctx, tmp_path):
     served = mlflow.pyfunc.load_model(f"models:/{name}@{tracking.CHAMPION}")
     texts = served.predict(["The meaning of life is"])
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+@pytest.mark.slow
+def test_a_real_tracking_server_over_http_with_artifacts_in_s3(ctx, tmp_path, monkeypatch):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root",
+         f"{ctx.artifact_root}/server-artifacts"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its workers in its group
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with tracking.stage_run("train", ctx, params={"model.hidden_size": 64}) as run:
+            run.log_metrics({"train/loss": 3.0}, step=1)
+            (tmp_path / "r.md").write_text("ok")
+            run.log_artifact(tmp_path / "r.md")
+        remote = MlflowClient(uri).get_run(run.run_id)
+        assert remote.info.status == "FINISHED" and remote.data.metrics["train/loss"] == 3.0
+        assert remote.info.artifact_uri.startswith(f"{ctx.artifact_root}/mlflow/")  # the experiment's S3 root
+        assert storage.read_text(f"{remote.info.artifact_uri}/r.md") == "ok"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and the workers it started
+        server.wait(30)
