@@ -64,7 +64,7 @@ def make_step(model, loss_fn, dtype, device, compile_model):
     return step
 
 
-def timed(step, ids, labels, device, n):
+def timed(step, ids, labels, n):
     times = []
     for _ in range(n):
         start = time.perf_counter()
@@ -103,11 +103,11 @@ def main() -> None:
         model, loss_fn = build(params, device)
         models[name] = model
         steps[name] = make_step(model, loss_fn, dtype, device, args.compile)
-        timed(steps[name], ids, labels, device, args.warmup)
+        timed(steps[name], ids, labels, args.warmup)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):  # alternate, so background load affects both alike
         for name, step in steps.items():
-            times[name] += timed(step, ids, labels, device, args.steps)
+            times[name] += timed(step, ids, labels, args.steps)
 
     flops_per_token = models["ours"].flops_per_token(seq)
     peak, peak_source = peak_flops(device, dtype if dtype != torch.float32 else None)
