@@ -41,6 +41,7 @@ from gpt2core.images import (
     images_file,
     package_version,
     read_records,
+    source_digest,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +252,8 @@ def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: 
     image_id = None
     for chunk in client.api.build(path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
                                   buildargs={"BASE_IMAGE": base_image, "TARGET": target,
-                                             "VERSION": package_version()},
+                                             "VERSION": package_version(),
+                                             "SOURCE_DIGEST": source_digest() or "unknown"},
                                   decode=True):
         if "stream" in chunk:
             sys.stdout.write(chunk["stream"])

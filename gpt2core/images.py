@@ -13,6 +13,7 @@ build script gives (``gpt2ops-<target>:<version>``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib import metadata
@@ -75,6 +76,26 @@ def image_for(target: str = "cpu") -> str:
     return default_tag(target)
 
 
+SOURCE_LABEL = "io.gpt2ops.source-digest"
+SOURCE_DIRS = ("gpt2core", "components", "pipelines", "configs")
+
+
+def source_digest() -> str | None:
+    """Digest of the code an image is built from, None outside a checkout (installed wheel).
+
+    Steps of `gpt2ops run --runner docker` run the component code inside the image, so an image
+    built before the last edit would run old code; build.py stamps this digest on the image.
+    """
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        return None
+    digest = hashlib.sha256()
+    for folder in SOURCE_DIRS:
+        for path in sorted((REPO_ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml", ".json") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def docker_client():
     """A connected ``docker.DockerClient``, or an ImageError saying how to start the daemon."""
     try:
@@ -94,16 +115,27 @@ def docker_client():
     return client
 
 
-def require_image(image: str, target: str = "cpu", client=None) -> dict[str, Any]:
-    """Inspect ``image`` in the local daemon; an ImageError with the build command if it is absent."""
+def require_image(image: str, target: str = "cpu", client=None, *,
+                  current: bool = False) -> dict[str, Any]:
+    """Inspect ``image`` in the local daemon; an ImageError with the build command if it is absent,
+    or (``current=True``) if it was built from other sources than this checkout's."""
     import docker
 
     client = client or docker_client()
+    build = BUILD_COMMAND.format(target=target)
     try:
-        return client.images.get(image).attrs
+        attrs = client.images.get(image).attrs
     except docker.errors.ImageNotFound:
         raise ImageError(
-            f"image {image!r} is not in the local Docker daemon. Build it with "
-            f"`{BUILD_COMMAND.format(target=target)}` (from the gpt2ops checkout), `docker pull` it "
-            f"from your registry, or name another one with GPT2OPS_IMAGE_{target.upper()}."
+            f"image {image!r} is not in the local Docker daemon. Build it with `{build}` (from the "
+            f"gpt2ops checkout), `docker pull` it from your registry, or name another one with "
+            f"GPT2OPS_IMAGE_{target.upper()}."
         ) from None
+    built_from = (attrs.get("Config", {}).get("Labels") or {}).get(SOURCE_LABEL)
+    checkout = source_digest()
+    if current and built_from and checkout and built_from != checkout:
+        raise ImageError(
+            f"image {image!r} was built from other sources than this checkout (digest {built_from}, "
+            f"checkout {checkout}): its steps would run old code. Rebuild it with `{build}` (about "
+            "a minute after a source change).")
+    return attrs

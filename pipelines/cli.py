@@ -126,8 +126,9 @@ def make_runner(runner: str, work_dir: Path):
     from gpt2core.images import image_for, require_image
 
     # Stop before the first step, with the build command, when the image is not there (kfp.local
-    # would try to pull a tag that only exists locally and fail with a registry error).
-    require_image(image_for("cpu"), "cpu")
+    # would try to pull a tag that only exists locally and fail with a registry error) or was built
+    # from older sources than this checkout's (the steps would run old code).
+    require_image(image_for("cpu"), "cpu", current=True)
     # Host networking reaches the embedded S3 server on 127.0.0.1; the work folder is mounted at
     # the same path so the sqlite MLflow store resolves inside the container too.
     forwarded = {k: v for k, v in os.environ.items()

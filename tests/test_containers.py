@@ -39,8 +39,8 @@ def client():
 def cpu_image(client) -> str:
     image = image_for("cpu")
     try:
-        require_image(image, "cpu", client=client)
-    except ImageError:
+        require_image(image, "cpu", client=client, current=True)
+    except ImageError:  # missing, or built from older sources: (re)build it
         subprocess.run([sys.executable, "-m", "containers.build", "cpu"], cwd=REPO, check=True)
         image = image_for("cpu")
         require_image(image, "cpu", client=client)
@@ -159,6 +159,16 @@ def test_build_script_rejects_unknown_targets():
     built = subprocess.run([sys.executable, "-m", "containers.build", "tpu"], cwd=REPO,
                            capture_output=True, text=True)
     assert built.returncode == 2 and "unknown target(s) tpu" in built.stderr
+
+
+@pytest.mark.docker
+def test_image_built_from_other_sources_is_refused(cpu_image, client, monkeypatch):
+    from gpt2core import images
+
+    require_image(cpu_image, "cpu", client=client, current=True)  # the fixture's image is current
+    monkeypatch.setattr(images, "source_digest", lambda: "0" * 16)  # as after an edit
+    with pytest.raises(ImageError, match="other sources than this checkout.*containers.build cpu"):
+        require_image(cpu_image, "cpu", client=client, current=True)
 
 
 @pytest.mark.docker
