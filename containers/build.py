@@ -146,12 +146,12 @@ def build_wheelhouse(target: str, *, torch_spec: str | None, torch_index_url: st
 def check_torch_build(target: str, wheelhouse: Path) -> None:
     """Fail early when the cpu wheelhouse picked up a CUDA torch (gigabytes of nvidia-* wheels)."""
     if target == "cpu":
-        cuda_wheels = sorted(p.name for p in wheelhouse.glob("nvidia_*.whl"))
-        if cuda_wheels:
+        cuda_torch = [p.name for p in wheelhouse.glob("torch-*.whl") if "+cpu" not in p.name]
+        if cuda_torch:
             raise ImageError(
-                f"the cpu wheelhouse pulled CUDA libraries ({', '.join(cuda_wheels[:3])}, ...): pip "
-                "found a CUDA torch. Pass --torch-index-url https://download.pytorch.org/whl/cpu or "
-                "--find-links DIR with torch-2.13.0+cpu, then rebuild with --rebuild-wheelhouse.")
+                f"the cpu wheelhouse got a torch that is not a CPU build ({cuda_torch[0]}). Pass "
+                "--torch-index-url https://download.pytorch.org/whl/cpu or --find-links DIR with "
+                "torch-2.13.0+cpu, then rebuild with --rebuild-wheelhouse.")
 
 
 # ----------------------------------------------------------------------------------------------
