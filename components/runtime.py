@@ -252,7 +252,9 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
                         ctx=dataclasses.replace(
                             ctx, pipeline_run_id=f"{ctx.pipeline_run_id}/champion-v{champion}"))
                 champion_score = rerun.metrics["eval/loss"]
-        promoted = tracking.promote_if_better(name, version, score=eval_loss,
+        # Compare at the precision scores are tagged with (6 digits), so a rerun that scores the
+        # same does not look better by rounding.
+        promoted = tracking.promote_if_better(name, version, score=float(f"{eval_loss:.6g}"),
                                               champion_score=champion_score,
                                               dataset_hash=dataset_hash)
         decision = {"model_name": name, "version": version, "promoted": promoted,
