@@ -16,6 +16,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -107,8 +108,8 @@ def test_preprocess_stage_in_docker_writes_hdf5_to_s3(cpu_image, english_text_di
             user=f"{os.getuid()}:{os.getgid()}", network="host")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-        os.environ.update(s3.env())
-        try:
+        # Scoped: the session's s3_server fixture owns the AWS_* variables outside this block.
+        with mock.patch.dict(os.environ, s3.env()):
             with local_input(f"s3://gpt2ops/runs/{run_id}/preprocess/dataset") as dataset:
                 dataset = Path(dataset)
                 stats = verify_dataset(dataset / "train", max_seq_length=128)
@@ -119,9 +120,6 @@ def test_preprocess_stage_in_docker_writes_hdf5_to_s3(cpu_image, english_text_di
                     assert data.dtype == "int32" and data.shape[1:] == (3, 128)
                     assert f.attrs["n_examples"] == data.shape[0]
                 assert sorted((dataset / "val").glob("*.h5"))
-        finally:
-            for key in s3.env():
-                os.environ.pop(key, None)
     assert params["h5_dataset_stats"]
     assert stats  # verify_dataset raises on any malformed file; it returns its summary
     assert (state / "mlflow.db").stat().st_size > 0  # the stage logged its run
