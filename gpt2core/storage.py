@@ -80,7 +80,7 @@ def _local_path(uri: str | Path) -> Path:
     return Path(uri)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(_MB), b""):
@@ -92,7 +92,7 @@ def build_manifest(folder: Path) -> dict:
     """Files (path, bytes, sha256) under folder, sorted; hashed in threads (hashlib frees the GIL)."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_sha256, paths))
+        digests = list(pool.map(sha256_file, paths))
     files = [{"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": d}
              for p, d in zip(paths, digests)]
     return {"files": files, "total_bytes": sum(f["bytes"] for f in files)}
@@ -113,7 +113,7 @@ def _verify_files(folder: Path, manifest: dict, uri: str, *, checksums: bool) ->
         if path.stat().st_size != entry["bytes"]:
             raise StorageError(f"{uri}: file {entry['path']} has {path.stat().st_size} bytes, "
                                f"{MANIFEST} says {entry['bytes']}")
-        if checksums and _sha256(path) != entry["sha256"]:
+        if checksums and sha256_file(path) != entry["sha256"]:
             raise StorageError(f"{uri}: file {entry['path']} does not match its sha256 in {MANIFEST} "
                                "(corrupted in storage or in transfer)")
 

@@ -129,11 +129,8 @@ def build_lr_scheduler(optimizer: cstorch.optim.Optimizer, params: Params) -> An
     schedulers = [_scheduler(optimizer, s, max_steps) for s in learning_rate]
     if len(schedulers) == 1:
         return schedulers[0]
-    milestones, end = [], 0
-    for s in learning_rate[:-1]:
-        end += s.total_iters
-        milestones.append(end)
-    return cstorch.optim.lr_scheduler.SequentialLR(optimizer, schedulers=schedulers, milestones=milestones)
+    return cstorch.optim.lr_scheduler.SequentialLR(optimizer, schedulers=schedulers,
+                                                   milestones=schedule_milestones(learning_rate))
 
 
 # ----------------------------------------------------------------------------- precision

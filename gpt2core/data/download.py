@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from gpt2core.data.preprocess import CORPUS_INFO
 from gpt2core.data.readers import SUPPORTED_SUFFIXES, corpus_format, iter_documents
 from gpt2core.errors import DataError
+from gpt2core.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("GPT2OPS_CACHE_DIR") or Path.home() / ".cache" / "gpt2ops")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------
 # Fetchers: each returns a local file or folder.
 
@@ -88,7 +81,7 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
     folder = cache_root() / "downloads"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
-    if sha256 and final.exists() and _sha256_file(final) == sha256:
+    if sha256 and final.exists() and sha256_file(final) == sha256:
         log.info("%s: using the verified copy in %s", url, final)
         return final
     part = final.with_name(final.name + ".part")
@@ -131,7 +124,7 @@ def _fetch_http(url: str, sha256: str | None) -> Path:
             time.sleep(delay)
             delay *= 2
     if sha256:
-        actual = _sha256_file(part)
+        actual = sha256_file(part)
         if actual != sha256:
             part.unlink()
             raise DataError(f"{url}: sha256 is {actual}, expected {sha256} (download discarded)")
@@ -305,7 +298,7 @@ def download_source(source: str, output_dir: str | Path, *, include: Sequence[st
             if sha256:
                 if not fetched.is_file():
                     raise DataError(f"{source}: sha256 given but the source is a folder or prefix, not one file")
-                actual = _sha256_file(fetched)
+                actual = sha256_file(fetched)
                 if actual != sha256:
                     raise DataError(f"{source}: sha256 is {actual}, expected {sha256}")
         kept, skipped, unsupported = [], 0, []

@@ -9,6 +9,7 @@ until max_steps. A plain number is a constant rate.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -44,8 +45,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer,
     schedulers = [LambdaLR(optimizer, lr_at(s)) for s in learning_rate]
     if len(schedulers) == 1:
         return schedulers[0]
-    milestones, end = [], 0
-    for s in learning_rate[:-1]:
-        end += s.total_iters
-        milestones.append(end)
-    return SequentialLR(optimizer, schedulers, milestones)
+    return SequentialLR(optimizer, schedulers, schedule_milestones(learning_rate))
+
+
+def schedule_milestones(learning_rate: list[SchedulerParams]) -> list[int]:
+    """The steps at which each scheduler of a chained schedule hands over to the next."""
+    return list(itertools.accumulate(s.total_iters for s in learning_rate[:-1]))
