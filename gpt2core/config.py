@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -129,6 +130,11 @@ class SchedulerParams:
     @property
     def start_lr(self) -> float:
         return self.learning_rate if self.scheduler == "Constant" else self.initial_learning_rate
+
+
+def schedule_milestones(learning_rate: list[SchedulerParams]) -> list[int]:
+    """The steps at which each entry of a chained schedule hands over to the next."""
+    return list(itertools.accumulate(s.total_iters for s in learning_rate[:-1]))
 
 
 @dataclass

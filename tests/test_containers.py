@@ -206,7 +206,7 @@ def test_whole_pipeline_runs_in_docker(cpu_image, english_text_dir, tmp_path):
     stages = ("download", "preprocess", "validate", "compile", "train", "evaluate")
     assert run.stdout.count(f"Found image '{cpu_image}'") >= len(stages), output[-6000:]
     for stage in stages:
-        assert f"s3://gpt2ops/" in run.stdout and f"  {stage}" in run.stdout, stage
+        assert "s3://gpt2ops/" in run.stdout and f"  {stage}" in run.stdout, stage
     # The steps ran as the caller: nothing they left in the work folder belongs to someone else.
     foreign = [p for p in work.rglob("*") if p.stat().st_uid != os.getuid()]
     assert not foreign, foreign[:5]

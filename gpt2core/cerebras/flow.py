@@ -35,7 +35,7 @@ from cerebras.appliance.cluster.config import ClusterConfigError
 
 from gpt2core.cerebras.checkpoints import checkpoint_path, list_checkpoints
 from gpt2core.cerebras.settings import CerebrasSettings, resolve_settings
-from gpt2core.config import Params, SchedulerParams
+from gpt2core.config import Params, SchedulerParams, schedule_milestones
 from gpt2core.data.loader import build_dataloader
 from gpt2core.errors import ConfigError, DataError, TrainingError
 from gpt2core.model import GPT2

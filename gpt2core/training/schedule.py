@@ -9,14 +9,13 @@ until max_steps. A plain number is a constant rate.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, SequentialLR
 
-from gpt2core.config import SchedulerParams
+from gpt2core.config import SchedulerParams, schedule_milestones
 
 
 def lr_at(s: SchedulerParams) -> Callable[[int], float]:
@@ -46,8 +45,3 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer,
     if len(schedulers) == 1:
         return schedulers[0]
     return SequentialLR(optimizer, schedulers, schedule_milestones(learning_rate))
-
-
-def schedule_milestones(learning_rate: list[SchedulerParams]) -> list[int]:
-    """The steps at which each scheduler of a chained schedule hands over to the next."""
-    return list(itertools.accumulate(s.total_iters for s in learning_rate[:-1]))
