@@ -8,7 +8,6 @@ both files. Users may pass their own pair (the reference's `--vocab_file` / `--e
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -17,6 +16,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from gpt2core.errors import DataError
+from gpt2core.storage import sha256_file
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256
@@ -36,7 +36,7 @@ def _packaged_file(name: str) -> str:
 
 def _sha256(path: str) -> str:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_file(Path(path))
     except OSError as exc:
         raise DataError(f"{path}: cannot read tokenizer file ({exc.strerror})") from exc
 
