@@ -183,7 +183,8 @@ TARGETS = ("cpu", "gpu", "cerebras")
 
 
 def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus: int,
-                              gpu_type: str, max_steps: int, artifact_root: str) -> None:
+                              num_nodes: int, gpu_type: str, max_steps: int,
+                              artifact_root: str) -> None:
     """Fail the first step on a bad run-form value, naming the parameter and what was expected."""
     from urllib.parse import urlparse
 
@@ -195,6 +196,10 @@ def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus
     if target == "gpu" and (num_gpus < 1 or not gpu_type.strip()):
         raise ConfigError(f"parameter num_gpus/gpu_type: target gpu needs num_gpus >= 1 and a "
                           f"gpu_type (got num_gpus={num_gpus}, gpu_type={gpu_type!r})")
+    if num_nodes < 1 or (num_nodes > 1 and target != "gpu"):
+        raise ConfigError(f"parameter num_nodes: expected 1, or more than 1 with target gpu "
+                          f"(training past one node is a Kubeflow Trainer TrainJob on the GPU "
+                          f"pool); got num_nodes={num_nodes} with target {target!r}")
     if max_steps < 0:
         raise ConfigError(f"parameter max_steps: expected 0 (use the config's) or a positive "
                           f"number, got {max_steps}")
@@ -211,6 +216,13 @@ def check_pipeline_parameters(*, config: str, source: str, target: str, num_gpus
         params = load_params(config)
     except Gpt2opsError as exc:
         raise ConfigError(f"parameter config: {exc}") from exc
+    if num_nodes > 1:
+        from gpt2core.trainjob import require_cluster_reachable
+
+        try:
+            require_cluster_reachable(config, artifact_root)
+        except ConfigError as exc:
+            raise ConfigError(f"parameter config/s3_prefix: {exc}") from None
     if target == "cerebras" and not params.runconfig.mgmt_address:
         raise ConfigError(f"parameter target: cerebras needs the Wafer-Scale Cluster's management "
                           f"server, runconfig.mgmt_address, in config {config!r} (not set)")
@@ -264,10 +276,18 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
     return decision
 
 
+# Under the gpu train step's 72 h pod deadline (pipelines/gpt2_pipeline.py): the step deletes a
+# TrainJob that overruns before Kubernetes stops the step itself.
+TRAINJOB_TIMEOUT_S = 71 * 3600
+
+
 def train_on_processes(config: str, *, ctx: RunContext, overrides: Mapping[str, object],
-                       compile_cache_uri: str, target: str, nproc: int) -> StageResult:
+                       compile_cache_uri: str, target: str, nproc: int, num_nodes: int = 1,
+                       poll_s: float = 10.0) -> StageResult:
     """The train stage in a fresh working folder, in this process or, for nproc > 1, on nproc
-    local processes under torchrun (one per GPU: DDP / FSDP2; rank 0 tracks and publishes).
+    local processes under torchrun (one per GPU: DDP / FSDP2; rank 0 tracks and publishes), or,
+    for num_nodes > 1, on num_nodes x nproc processes of a Kubeflow Trainer TrainJob that this
+    step creates and follows (poll_s: how often it looks).
 
     The folder is fresh because the stage resumes from checkpoints it finds there, and a folder
     shared between runs (runconfig.model_dir is relative to the cwd) would resume another run."""
@@ -278,19 +298,24 @@ def train_on_processes(config: str, *, ctx: RunContext, overrides: Mapping[str, 
     from gpt2core.errors import TrainingError
     from gpt2core.stages import train as stage
 
+    arguments = stage.cli_arguments(config, ctx=ctx, overrides=dict(overrides),
+                                    compile_cache_uri=compile_cache_uri or None, target=target)
+    if num_nodes > 1:
+        from gpt2core.trainjob import require_cluster_reachable, run_train_job
+
+        require_cluster_reachable(config, ctx.artifact_root)
+        # Each pod starts in a fresh container, so runconfig.model_dir is fresh there already.
+        run_train_job(arguments, pipeline_run_id=ctx.pipeline_run_id, num_nodes=num_nodes,
+                      procs_per_node=nproc, gpus_per_node=nproc if target == "gpu" else 0,
+                      timeout_s=TRAINJOB_TIMEOUT_S, poll_s=poll_s)
+        return stage.published_result(ctx)
     with tempfile.TemporaryDirectory(prefix="gpt2ops-train-") as model_dir:
         if nproc <= 1:
             return stage.run(config, ctx=ctx, overrides=dict(overrides), model_dir=model_dir,
                              compile_cache_uri=compile_cache_uri or None, target=target)
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "gpt2core.cli", "train", "--params", config,
-            "--model_dir", model_dir, "--target", target, "--pipeline_run_id", ctx.pipeline_run_id,
-            "--artifact_root", ctx.artifact_root, "--experiment", ctx.experiment,
-            *(["--parent_run_id", ctx.parent_run_id] if ctx.parent_run_id else []),
-            *(["--compile_cache", compile_cache_uri] if compile_cache_uri else []),
-            *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")),
-        ]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", "-m", "gpt2core.cli", "train",
+                   "--model_dir", model_dir, *arguments]
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     print(done.stdout, end="")
     marker = done.stdout.rfind('{\n  "outputs"')  # rank 0's result, printed last

@@ -291,6 +291,23 @@ def start_pipeline_run(ctx: RunContext, params: Mapping[str, object] | None = No
     return run_id
 
 
+def finished_stage_metrics(ctx: RunContext, stage: str) -> dict[str, float]:
+    """The latest value of every metric of the newest FINISHED `stage` run of this pipeline run (a
+    stage that ran in other processes, e.g. the pods of a TrainJob, logged them there)."""
+    client = mlflow_client()
+    with tracking_errors(f"find the {stage} run of pipeline run {ctx.pipeline_run_id}"):
+        runs = client.search_runs(
+            [_experiment_id(client, ctx)],
+            filter_string=(f"tags.`{TAG_PIPELINE_RUN}` = '{ctx.pipeline_run_id}' and "
+                           f"tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise TrackingError(f"no FINISHED MLflow {stage} run tagged {TAG_PIPELINE_RUN}="
+                            f"{ctx.pipeline_run_id} in experiment {ctx.experiment!r} at "
+                            f"{redacted(tracking_uri())}")
+    return dict(runs[0].data.metrics)
+
+
 def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     """Close a parent run: FINISHED, FAILED or KILLED (the pipeline's exit handler decides)."""
     if status not in ("FINISHED", "FAILED", "KILLED"):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from gpt2core.errors import ConfigError, Gpt2opsError
+from gpt2core.trainjob import GPU_NODE_SELECTOR, GPU_TOLERATIONS
 
 PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
 RUNNERS = ("subprocess", "docker")
@@ -30,13 +31,22 @@ def add_parameter_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated globs of files to take from an archive source")
     g.add_argument("--sha256", dest="source_sha256", help="expected sha256 of the source")
     g.add_argument("--target", choices=("cpu", "gpu", "cerebras"))
-    g.add_argument("--num_gpus", type=int)
+    g.add_argument("--num_gpus", type=int, help="GPUs per node (target gpu)")
+    g.add_argument("--num_nodes", type=int,
+                   help="nodes (target gpu); past 1 training is a Kubeflow Trainer TrainJob")
     g.add_argument("--gpu_type", help="GPU model for the memory check, e.g. H100")
     g.add_argument("--node_selector", type=_json_flag("--node_selector", dict),
-                   help='JSON object of node labels, e.g. \'{"pool": "gpu"}\'')
+                   help='JSON object of node labels for the heavy steps off the GPU branch, '
+                        'e.g. \'{"pool": "cpu"}\'')
     g.add_argument("--tolerations", type=_json_flag("--tolerations", list),
-                   help='JSON list of tolerations, e.g. \'[{"key": "nvidia.com/gpu", '
-                        '"operator": "Exists", "effect": "NoSchedule"}]\'')
+                   help='JSON list of tolerations for every heavy step, e.g. \'[{"key": '
+                        '"dedicated", "operator": "Exists", "effect": "NoSchedule"}]\'')
+    g.add_argument("--gpu_node_selector", type=_json_flag("--gpu_node_selector", dict),
+                   help=f"JSON object of the GPU pool's node labels (default: "
+                        f"'{json.dumps(GPU_NODE_SELECTOR)}')")
+    g.add_argument("--gpu_tolerations", type=_json_flag("--gpu_tolerations", list),
+                   help=f"JSON list of tolerations the GPU steps add (default: "
+                        f"'{json.dumps(GPU_TOLERATIONS)}')")
     g.add_argument("--max_steps", type=int, help="training steps (0: the config's)")
     g.add_argument("--experiment", help="MLflow experiment")
     g.add_argument("--s3_prefix", help="s3://bucket/prefix for the run's artifacts")
@@ -56,8 +66,8 @@ def _json_flag(flag: str, expected: type):
 
 
 PARAMETER_NAMES = ("config", "source", "source_include", "source_sha256", "target", "num_gpus",
-                   "gpu_type", "node_selector", "tolerations", "max_steps", "experiment",
-                   "s3_prefix", "run_name")
+                   "num_nodes", "gpu_type", "node_selector", "tolerations", "gpu_node_selector",
+                   "gpu_tolerations", "max_steps", "experiment", "s3_prefix", "run_name")
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:

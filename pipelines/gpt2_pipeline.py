@@ -22,17 +22,18 @@ from components.train.component import train
 from components.validate.component import validate
 from gpt2core.data.download import QUICKSTART_SOURCE
 from gpt2core.images import image_for
+from gpt2core.trainjob import ENV_TRAINER_IMAGE, GPU_NODE_SELECTOR, GPU_TOLERATIONS
 from pipelines import kubernetes as k8s
 
 PIPELINE_NAME = "gpt2ops-pretrain"
 
 
-def _compile_and_train(*, config, dataset_uri, max_steps, target, num_gpus, run_ids):
+def _compile_and_train(*, config, dataset_uri, max_steps, target, num_gpus, num_nodes, run_ids):
     compiled = compile_model(config=config, dataset_uri=dataset_uri, max_steps=max_steps,
                              target=target, **run_ids)
     trained = train(config=config, dataset_uri=dataset_uri, max_steps=max_steps, target=target,
-                    num_gpus=num_gpus, compile_cache_uri=compiled.outputs["compile_cache_uri"],
-                    **run_ids)
+                    num_gpus=num_gpus, num_nodes=num_nodes,
+                    compile_cache_uri=compiled.outputs["compile_cache_uri"], **run_ids)
     return compiled, trained
 
 
@@ -44,9 +45,12 @@ def gpt2_pipeline(
     source_sha256: str = QUICKSTART_SOURCE.sha256 or "",
     target: str = "cpu",
     num_gpus: int = 1,
+    num_nodes: int = 1,
     gpu_type: str = "H100",
     node_selector: dict = {},
     tolerations: list = [],
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_tolerations: list = GPU_TOLERATIONS,
     max_steps: int = 0,
     experiment: str = "gpt2ops",
     s3_prefix: str = "s3://gpt2ops/runs",
@@ -63,12 +67,20 @@ def gpt2_pipeline(
             (empty: all files).
         source_sha256: Expected sha256 of the downloaded source (empty: not checked).
         target: Where training runs: gpu (GPU node pool), cerebras (Wafer-Scale Cluster) or cpu.
-        num_gpus: GPUs for the compile and train steps when target is gpu.
+        num_gpus: GPUs per node for the compile and train steps when target is gpu.
+        num_nodes: Training nodes when target is gpu; past 1 the train step runs a Kubeflow Trainer
+            TrainJob of num_nodes x num_gpus GPUs (runtime gpt2ops-torchrun) and follows it.
         gpu_type: GPU model the memory check is made against when target is gpu (e.g. H100, A100).
-        node_selector: Node labels the heavy steps must run on, e.g.
-            {"cloud.google.com/gke-nodepool": "gpu-pool"} (empty: any node).
-        tolerations: Tolerations for the heavy steps, e.g. [{"key": "nvidia.com/gpu",
-            "operator": "Exists", "effect": "NoSchedule"}].
+        node_selector: Node labels the heavy steps off the GPU branch (validate, evaluate,
+            promote, cpu and cerebras compile/train) must run on, e.g.
+            {"cloud.google.com/gke-nodepool": "cpu-pool"} (empty: any node).
+        tolerations: Tolerations for every heavy step, the GPU branch's included, e.g.
+            [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}].
+        gpu_node_selector: Node labels of the GPU pool, where the gpu branch's compile and train
+            run (there it takes the place of node_selector); the default matches the Trainer
+            runtime and docs/kubernetes.md.
+        gpu_tolerations: Tolerations the gpu branch's compile and train get on top of
+            tolerations; the default tolerates the GPU pool's nvidia.com/gpu:NoSchedule taint.
         max_steps: Training steps; 0 keeps the config's runconfig.max_steps.
         experiment: MLflow experiment of the runs.
         s3_prefix: s3://bucket/prefix under which every artifact of the run is stored.
@@ -82,7 +94,8 @@ def gpt2_pipeline(
     k8s.bookkeeping(closing)
     with dsl.ExitHandler(closing, name="gpt2-pretrain"):
         opened = start_run(config=config, source=source, target=target, num_gpus=num_gpus,
-                           gpu_type=gpu_type, max_steps=max_steps, run_name=run_name, **run_ids)
+                           num_nodes=num_nodes, gpu_type=gpu_type, max_steps=max_steps,
+                           run_name=run_name, **run_ids)
         k8s.bookkeeping(opened, retry=False)  # it fails on bad run-form values: fail at once
 
         fetched = download(source=source, include=source_include, sha256=source_sha256,
@@ -93,17 +106,22 @@ def gpt2_pipeline(
         dataset_uri = tokenized.outputs["dataset_uri"]
 
         checked = validate(config=config, dataset_uri=dataset_uri, max_steps=max_steps,
-                           target=target, num_gpus=num_gpus, gpu_type=gpu_type, **run_ids)
+                           target=target, num_gpus=num_gpus, num_nodes=num_nodes,
+                           gpu_type=gpu_type, **run_ids)
         k8s.heavy_step(checked, cpu="2", memory="8Gi", timeout_s=30 * 60, **heavy)
 
         branch = dict(config=config, dataset_uri=dataset_uri, max_steps=max_steps,
-                      num_gpus=num_gpus, run_ids=run_ids)
+                      num_gpus=num_gpus, num_nodes=num_nodes, run_ids=run_ids)
         with dsl.If(target == "gpu", name="target-gpu"):
             gpu_compiled, gpu_trained = _compile_and_train(target="gpu", **branch)
             for task in (gpu_compiled, gpu_trained):
                 task.after(checked).set_container_image(image_for("cuda"))
-                k8s.heavy_step(task, cpu="8", memory="64Gi", timeout_s=72 * 3600, **heavy)
+                # kfp-kubernetes allows one node selector per task, and any number of tolerations.
+                k8s.heavy_step(task, cpu="8", memory="64Gi", timeout_s=72 * 3600,
+                               node_selector=gpu_node_selector, tolerations=tolerations)
+                k8s.tolerate(task, gpu_tolerations)
                 k8s.gpus(task, num_gpus)
+            gpu_trained.set_env_variable(ENV_TRAINER_IMAGE, image_for("cuda"))  # TrainJob nodes
         with dsl.Elif(target == "cerebras", name="target-cerebras"):
             cs_compiled, cs_trained = _compile_and_train(target="cerebras", **branch)
             for task in (cs_compiled, cs_trained):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
+from gpt2core.trainjob import GPU_RESOURCE
+
 S3_SECRET = "gpt2ops-s3"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 MLFLOW_SECRET = "gpt2ops-mlflow"
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
 MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-GPU_RESOURCE = "nvidia.com/gpu"
 SHM_SIZE = "16Gi"  # DataLoader workers and NCCL exchange tensors through /dev/shm
 
 
@@ -51,8 +52,13 @@ def heavy_step(task, *, cpu: str, memory: str, timeout_s: int, node_selector, to
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                size_limit=SHM_SIZE)
     kubernetes.add_node_selector_json(task, node_selector)
-    kubernetes.add_toleration_json(task, tolerations)
+    tolerate(task, tolerations)
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "gpt2ops")
+
+
+def tolerate(task, tolerations) -> None:
+    """Add tolerations (a JSON list parameter) to those the task already has."""
+    kubernetes.add_toleration_json(task, tolerations)
 
 
 def gpus(task, count) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -68,7 +69,9 @@ def test_stage_components_take_run_ids_and_emit_typed_artifacts(component):
 
 
 GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",
-            num_gpus=1, gpu_type="H100", max_steps=0, artifact_root="s3://bucket/runs")
+            num_gpus=1, num_nodes=1, gpu_type="H100", max_steps=0,
+            artifact_root="s3://bucket/runs")
+LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_tiny.yaml")
 
 
 @pytest.mark.parametrize("change, parameter", [
@@ -82,6 +85,10 @@ GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", targ
     ({"target": "gpu", "gpu_type": " "}, "gpu_type"),
     ({"target": "cerebras"}, "parameter target: cerebras needs .*runconfig.mgmt_address"),
     ({"max_steps": -1}, "parameter max_steps"),
+    ({"num_nodes": 0}, "parameter num_nodes"),
+    ({"num_nodes": 2}, "parameter num_nodes: .*target gpu"),
+    ({"target": "gpu", "num_nodes": 2, "config": LOCAL_CONFIG},
+     "parameter config/s3_prefix: .*cannot read a file of this machine"),
     ({"artifact_root": "bucket/runs"}, "parameter s3_prefix"),
 ])
 def test_bad_run_form_values_name_the_parameter(change, parameter):
@@ -93,6 +100,7 @@ def test_good_run_form_values_pass():
     runtime.check_pipeline_parameters(**GOOD)
     runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8,
                                          "source": "hf://datasets/org/name", "max_steps": 10})
+    runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8, "num_nodes": 4})
 
 
 def test_parent_run_is_found_by_its_pipeline_run_tag():

@@ -189,13 +189,42 @@ def test_secret_templates_have_the_keys_the_pipeline_reads():
 
 
 def test_trainer_runtime_lands_on_the_gpu_pool(rendered):
+    """One GPU pool everywhere: the Trainer runtime's placement, the pipeline's gpu defaults and the
+    node setup in docs/kubernetes.md all come from gpt2core.trainjob's label and taint."""
+    from gpt2core import trainjob
+    from pipelines.cli import pipeline_defaults
+
     runtime = next(o for o in rendered["dev"] if o["kind"] == "TrainingRuntime")
+    assert runtime["metadata"]["name"] == trainjob.RUNTIME_NAME
     assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
     (_, pod, _), = [p for p in pod_specs([runtime])]
-    assert pod["nodeSelector"] == {"gpt2ops.io/pool": "gpu"}
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    node = next(c for c in pod["containers"] if c["name"] == "node")  # the container Trainer drives
+    assert pod["nodeSelector"] == trainjob.GPU_NODE_SELECTOR
+    assert all(t in pod["tolerations"] for t in trainjob.GPU_TOLERATIONS)
+    defaults = pipeline_defaults()
+    assert defaults["gpu_node_selector"] == trainjob.GPU_NODE_SELECTOR
+    assert defaults["gpu_tolerations"] == trainjob.GPU_TOLERATIONS
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    key, value = trainjob.GPU_POOL_LABEL
+    assert f"kubectl label nodes GPU_NODE... {key}={value}" in docs
+    effects = {t["effect"] for t in trainjob.GPU_TOLERATIONS}
+    assert all(f"kubectl taint nodes GPU_NODE... {trainjob.GPU_TAINT_KEY}=present:{effect}" in docs
+               for effect in effects)
+    node = next(c for c in pod["containers"] if c["name"] == trainjob.NODE_CONTAINER)
     assert node["command"][0] == "torchrun" and node["image"].split(":")[0].endswith("gpt2ops-cuda")
+
+
+def test_pipeline_runner_may_launch_and_follow_trainjobs(rendered):
+    """What gpt2core.trainjob calls: create/get/delete trainjobs, list pods, read their logs."""
+    role = next(o for o in rendered["dev"]
+                if o["kind"] == "Role" and o["metadata"]["name"] == "gpt2ops-pipeline-runner")
+
+    def allowed(group: str, resource: str) -> set[str]:
+        return {verb for rule in role["rules"] if group in rule["apiGroups"]
+                and resource in rule["resources"] for verb in rule["verbs"]}
+
+    assert {"create", "get", "delete"} <= allowed("trainer.kubeflow.org", "trainjobs")
+    assert {"list"} <= allowed("", "pods")
+    assert {"get"} <= allowed("", "pods/log")
 
 
 @pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])

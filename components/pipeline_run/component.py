@@ -14,6 +14,7 @@ def start_run(
     source: str,
     target: str,
     num_gpus: int,
+    num_nodes: int,
     gpu_type: str,
     max_steps: int,
     run_name: str,
@@ -33,8 +34,8 @@ def start_run(
     from gpt2core import tracking
     from gpt2core.stages.common import RunContext
 
-    form = dict(config=config, source=source, target=target, num_gpus=num_gpus, gpu_type=gpu_type,
-                max_steps=max_steps, artifact_root=artifact_root)
+    form = dict(config=config, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
+                gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root)
     ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
                      experiment=experiment)
     parent_run_id = tracking.start_pipeline_run(ctx, params=form)  # tagged with pipeline_run_id

@@ -14,6 +14,7 @@ def train(
     max_steps: int,
     target: str,
     num_gpus: int,
+    num_nodes: int,
     pipeline_run_id: str,
     artifact_root: str,
     experiment: str,
@@ -31,7 +32,9 @@ def train(
         compile_cache_uri: the compile stage's cache folder, reused to skip recompilation.
         max_steps: training steps (0 = the config's runconfig.max_steps).
         target: cpu | gpu | cerebras.
-        num_gpus: GPUs on this node for target gpu: one training process per GPU (torchrun).
+        num_gpus: GPUs per node for target gpu: one training process per GPU (torchrun).
+        num_nodes: nodes for target gpu; past 1 this step runs training as a Kubeflow Trainer
+            TrainJob (image $GPT2OPS_TRAINER_IMAGE) and follows it to the end.
         pipeline_run_id: KFP run id; names the artifact folder and finds the MLflow parent run.
         artifact_root: s3://bucket/prefix (or a local folder) holding all artifacts.
         experiment: MLflow experiment of the parent run.
@@ -45,7 +48,7 @@ def train(
     ctx = stage_context(pipeline_run_id, artifact_root, experiment)
     result = train_on_processes(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
                                 compile_cache_uri=compile_cache_uri, target=target,
-                                nproc=num_gpus if target == "gpu" else 1)
+                                nproc=num_gpus if target == "gpu" else 1, num_nodes=num_nodes)
     publish(result, {"model": model, "checkpoints": checkpoints}, metrics)
     losses = metric_history(ctx.parent_run_id, "train", "train/loss")
     chart = (svg_line_chart(losses, title="training loss", x_label="step", y_label="train/loss")

@@ -13,6 +13,7 @@ def validate(
     max_steps: int,
     target: str,
     num_gpus: int,
+    num_nodes: int,
     gpu_type: str,
     pipeline_run_id: str,
     artifact_root: str,
@@ -26,7 +27,8 @@ def validate(
         dataset_uri: the preprocess stage's HDF5 dataset folder.
         max_steps: training steps (0 = the config's runconfig.max_steps).
         target: cpu | gpu | cerebras.
-        num_gpus: GPUs per training run (gpu target).
+        num_gpus: GPUs per node (gpu target).
+        num_nodes: nodes (gpu target); the checks see num_nodes x num_gpus devices.
         gpu_type: GPU model whose memory the estimate is checked against (e.g. H100).
         pipeline_run_id: KFP run id; names the artifact folder and finds the MLflow parent run.
         artifact_root: s3://bucket/prefix (or a local folder) holding all artifacts.
@@ -39,7 +41,7 @@ def validate(
 
     result = stage.run(config, ctx=stage_context(pipeline_run_id, artifact_root, experiment),
                        overrides=stage_overrides(dataset_uri, max_steps), target=target,
-                       num_gpus=num_gpus, gpu_type=gpu_type)
+                       num_gpus=num_nodes * num_gpus, gpu_type=gpu_type)
     publish(result, {})
     write_text(report, report_markdown(result.outputs["report"], "Validation report"))
     return (result.outputs["report"],)

@@ -140,6 +140,33 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
+def cli_arguments(params: str, *, ctx: RunContext, overrides: dict[str, object],
+                  compile_cache_uri: str | None, target: str) -> list[str]:
+    """The `gpt2ops train` arguments that run this stage in other processes (torchrun ranks, the
+    pods of a TrainJob); the working folder (--model_dir) is each launcher's own business."""
+    return [
+        "--params", params, "--target", target, "--pipeline_run_id", ctx.pipeline_run_id,
+        "--artifact_root", ctx.artifact_root, "--experiment", ctx.experiment,
+        *(["--parent_run_id", ctx.parent_run_id] if ctx.parent_run_id else []),
+        *(["--compile_cache", compile_cache_uri] if compile_cache_uri else []),
+        *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")),
+    ]
+
+
+def published_result(ctx: RunContext) -> StageResult:
+    """The result of a train stage that ran elsewhere (a TrainJob): its artifacts, which must be
+    complete (manifest written), and the metrics its rank 0 logged to MLflow."""
+    from gpt2core.storage import artifact_exists
+    from gpt2core.tracking import finished_stage_metrics
+
+    outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
+    missing = [uri for uri in outputs.values() if not artifact_exists(uri)]
+    if missing:
+        raise StorageError(f"training finished but did not publish {', '.join(missing)} (no manifest); "
+                           f"see the training pods' logs")
+    return StageResult(outputs=outputs, metrics=finished_stage_metrics(ctx, STAGE))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
     parser.add_argument("--model_dir", default=None,
