@@ -5,18 +5,21 @@
     python -m containers.build cuda --wheelhouse-only   # just collect the wheels (on a connected box)
 
 Steps for each target:
-1. Wheelhouse (``.build/containers/<target>/wheelhouse``): every wheel the image installs, resolved
-   and collected on the host with ``pip wheel`` from ``requirements.txt`` (the package index is not
-   reachable from inside a build); the image installs exactly these. The dependency wheels are reused
-   while their inputs
-   (pyproject.toml, the requirements file, the torch spec) are unchanged; the gpt2ops wheel is
-   rebuilt every time.
+1. Wheelhouses (``.build/containers/<environment>/wheelhouse``): every wheel the image installs,
+   resolved and collected on the host with ``pip wheel`` (the package index is not reachable from
+   inside a build); the image installs exactly these. An image has one main environment (``cpu`` or
+   ``cuda``: gpt2ops with that torch build) and the cerebras image a second one, ``cerebras-sdk``
+   (requirements/cerebras.txt in its own venv: the SDK pins torch 2.4 and protobuf 4, kfp needs
+   protobuf 6). The dependency wheels are reused while their inputs (pyproject.toml, the
+   requirements, the torch spec) are unchanged; the gpt2ops wheel is rebuilt every time.
 2. Base image: ``--base-image auto`` (default) uses ``python:3.11-slim-bookworm`` when it is present
    or can be pulled, and otherwise a local Debian bookworm base (Python 3.11) made with debootstrap
    and ``docker import``. ``--base-image local`` forces the latter; any other value is used as is.
 3. ``docker build`` of containers/Dockerfile, tagged ``[<registry>/]gpt2ops-<target>:<version>`` and
    ``:latest``, optionally pushed.
-4. The record (tag, image id, repo digest, size, base, build time) is merged into
+4. A smoke check in a container of the new image (gpt2ops, kfp and the right torch import; the
+   cerebras image's SDK venv imports cerebras.pytorch), so a broken image is never recorded.
+5. The record (tag, image id, repo digest, size, base, build time) is merged into
    ``containers/images.json``, which ``gpt2core.images.image_for`` reads.
 """
 
@@ -54,12 +57,17 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the local base needs beyond a minimal Debian: Python with venv/ensurepip and CA roots for S3.
 DEBIAN_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 
-# torch per target: the cpu and cuda images replace the project's plain torch pin with a build of
-# the same version; the cerebras image takes the torch its SDK pins (requirements/cerebras.txt).
+# The Python environments an image holds: its main venv (/opt/gpt2ops) and, for cerebras, the SDK's.
+TARGET_ENVIRONMENTS = {"cpu": ("cpu", None), "cuda": ("cuda", None), "cerebras": ("cpu", "cerebras-sdk")}
+SDK_PYTHON = "/opt/cerebras-sdk/bin/python"  # where the Dockerfile puts the SDK venv
+# torch per environment: cpu and cuda replace the project's plain torch pin with a build of the
+# same version; the SDK environment takes the torch its SDK pins (requirements/cerebras.txt).
 DEFAULT_TORCH = {
     "cpu": ("torch==2.13.0+cpu", None),  # /opt/wheels or PIP_FIND_LINKS, else --torch-index-url
-    "cuda": ("torch==2.13.0+cu128", "https://download.pytorch.org/whl/cu128"),
-    "cerebras": (None, None),  # e.g. --torch-spec torch==2.4.0+cpu --torch-index-url .../whl/cpu
+    # PyPI's Linux torch wheel is the CUDA build (its CUDA libraries come as nvidia-* wheels);
+    # `!=+cpu` keeps pip off a CPU build of the same version in a find-links folder.
+    "cuda": ("torch==2.13.0,!=2.13.0+cpu", None),
+    "cerebras-sdk": (None, None),  # e.g. --torch-spec torch==2.4.0+cpu --torch-index-url .../whl/cpu
 }
 CEREBRAS_REQUIREMENTS = REPO_ROOT / "requirements" / "cerebras.txt"
 
@@ -72,9 +80,9 @@ def log(message: str) -> None:
 # wheelhouse
 
 
-def install_requirements(target: str, torch_spec: str | None) -> str:
-    """What pip resolves the target's wheelhouse from (gpt2ops itself goes in with --no-deps)."""
-    if target == "cerebras":
+def install_requirements(environment: str, torch_spec: str | None) -> str:
+    """What pip resolves the environment's wheelhouse from (gpt2ops itself goes in with --no-deps)."""
+    if environment == "cerebras-sdk":
         if not CEREBRAS_REQUIREMENTS.exists():
             raise ImageError(f"{CEREBRAS_REQUIREMENTS} is missing: the cerebras image installs the "
                              "Cerebras SDK environment it describes")
@@ -83,7 +91,7 @@ def install_requirements(target: str, torch_spec: str | None) -> str:
         extra = f"{torch_spec}\n" if torch_spec else ""
         return CEREBRAS_REQUIREMENTS.read_text() + extra
     # The cpu image also serves MLflow in k8s/ (the `server` extra: its Postgres driver).
-    extras = "[server]" if target == "cpu" else ""
+    extras = "[server]" if environment == "cpu" else ""
     lines = [f"gpt2ops{extras}=={package_version()}"]
     if torch_spec:
         lines.append(torch_spec)
@@ -97,19 +105,20 @@ def pip_wheel(args: list[str], what: str, hint: str) -> None:
         raise ImageError(f"pip could not collect {what} (see pip's output above). {hint}")
 
 
-def build_wheelhouse(target: str, *, torch_spec: str | None, torch_index_url: str | None,
+def build_wheelhouse(environment: str, *, torch_spec: str | None, torch_index_url: str | None,
                      find_links: list[str], rebuild: bool) -> Path:
-    """Collect every wheel ``target`` installs into .build/containers/<target>/wheelhouse."""
+    """Collect every wheel of ``environment`` into .build/containers/<environment>/wheelhouse."""
     if sys.version_info[:2] != IMAGE_PYTHON:
         raise ImageError(
             f"run the build with Python {'.'.join(map(str, IMAGE_PYTHON))} (this is "
             f"{sys.version.split()[0]}): the wheelhouse is collected for the interpreter that runs "
             "it, and the images have Python 3.11. Use the project venv: .venv/bin/python -m containers.build")
-    wheelhouse = BUILD_DIR / target / "wheelhouse"
-    requirements = install_requirements(target, torch_spec)
+    wheelhouse = BUILD_DIR / environment / "wheelhouse"
+    requirements = install_requirements(environment, torch_spec)
+    with_project = environment != "cerebras-sdk"  # the SDK venv gets the main wheelhouse's gpt2ops
     inputs = hashlib.sha256("\0".join([
-        (REPO_ROOT / "pyproject.toml").read_text(), requirements, torch_index_url or "",
-        *sorted(find_links)]).encode()).hexdigest()
+        (REPO_ROOT / "pyproject.toml").read_text() if with_project else "", requirements,
+        torch_index_url or "", *sorted(find_links)]).encode()).hexdigest()
     stamp = wheelhouse / ".inputs.sha256"
     fresh = not rebuild and stamp.exists() and stamp.read_text() == inputs
     sources = [arg for link in find_links for arg in ("--find-links", link)]
@@ -118,40 +127,56 @@ def build_wheelhouse(target: str, *, torch_spec: str | None, torch_index_url: st
     hint = ("Check that the package index is reachable (or PIP_INDEX_URL / PIP_FIND_LINKS point at a "
             "mirror), or put the missing wheels in a folder and pass --find-links DIR.")
     if torch_spec:
-        hint += (f" The {target} image needs {torch_spec}: download it where "
-                 f"{torch_index_url or 'https://download.pytorch.org/whl/cpu'} is reachable "
-                 "(pip download --no-deps --index-url URL TORCH_SPEC) and pass --find-links, or set "
-                 "--torch-index-url.")
+        hint += (f" The {environment} environment needs {torch_spec}: download it where "
+                 f"{torch_index_url or 'the package index'} is reachable "
+                 "(pip download --no-deps TORCH_SPEC, with --index-url URL for another index) and "
+                 "pass --find-links, or set --torch-index-url.")
 
     if not fresh:
-        if wheelhouse.exists():
-            shutil.rmtree(wheelhouse)
-        wheelhouse.mkdir(parents=True)
+        # Collected beside the old wheelhouse and swapped in when complete: a failed or interrupted
+        # collection leaves the previous (possibly multi-GB) wheelhouse as it was.
+        partial = wheelhouse.with_name("wheelhouse.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         started = time.monotonic()
-        (wheelhouse / "requirements.txt").write_text(requirements)
-        pip_wheel([*sources, "--wheel-dir", str(wheelhouse), "-r", str(wheelhouse / "requirements.txt"),
-                   *([] if target == "cerebras" else [str(REPO_ROOT)])],
-                  f"the wheels of the {target} image", hint)
-        log(f"wheelhouse for {target}: {time.monotonic() - started:.0f} s")
-    # The project wheel is rebuilt each time (the source changes far more often than the deps).
-    for old in wheelhouse.glob("gpt2ops-*.whl"):
-        old.unlink()
-    pip_wheel(["--no-deps", "--wheel-dir", str(wheelhouse), str(REPO_ROOT)], "the gpt2ops wheel",
-              "Check that the checkout builds: pip wheel --no-deps .")
-    check_torch_build(target, wheelhouse)
+        (partial / "requirements.txt").write_text(requirements)
+        try:
+            pip_wheel([*sources, "--wheel-dir", str(partial), "-r", str(partial / "requirements.txt"),
+                       *([str(REPO_ROOT)] if with_project else [])],
+                      f"the wheels of the {environment} environment", hint)
+            check_torch_build(environment, partial)
+        except ImageError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        shutil.rmtree(wheelhouse, ignore_errors=True)
+        partial.rename(wheelhouse)
+        log(f"wheelhouse for {environment}: {time.monotonic() - started:.0f} s")
+    if with_project:  # rebuilt each time: the source changes far more often than the dependencies
+        for old in wheelhouse.glob("gpt2ops-*.whl"):
+            old.unlink()
+        pip_wheel(["--no-deps", "--wheel-dir", str(wheelhouse), str(REPO_ROOT)], "the gpt2ops wheel",
+                  "Check that the checkout builds: pip wheel --no-deps .")
     stamp.write_text(inputs)
     return wheelhouse
 
 
-def check_torch_build(target: str, wheelhouse: Path) -> None:
-    """Fail early when the cpu wheelhouse picked up a CUDA torch (gigabytes of nvidia-* wheels)."""
-    if target == "cpu":
-        cuda_torch = [p.name for p in wheelhouse.glob("torch-*.whl") if "+cpu" not in p.name]
-        if cuda_torch:
-            raise ImageError(
-                f"the cpu wheelhouse got a torch that is not a CPU build ({cuda_torch[0]}). Pass "
-                "--torch-index-url https://download.pytorch.org/whl/cpu or --find-links DIR with "
-                "torch-2.13.0+cpu, then rebuild with --rebuild-wheelhouse.")
+def check_torch_build(environment: str, wheelhouse: Path) -> None:
+    """Fail early when a wheelhouse got the wrong torch build: a CUDA torch in cpu (gigabytes of
+    nvidia-* wheels for nothing), a CPU torch in cuda (an image that cannot see a GPU)."""
+    torch_wheels = [p.name for p in wheelhouse.glob("torch-*.whl")]
+    retry = "then rebuild with --rebuild-wheelhouse."
+    if environment == "cpu" and any("+cpu" not in name for name in torch_wheels):
+        raise ImageError(
+            f"the cpu wheelhouse got a torch that is not a CPU build ({torch_wheels[0]}). Pass "
+            "--torch-index-url https://download.pytorch.org/whl/cpu or --find-links DIR with "
+            f"torch-2.13.0+cpu, {retry}")
+    cuda_runtime = list(wheelhouse.glob("nvidia_cuda_runtime*.whl"))
+    if environment == "cuda" and (any("+cpu" in name for name in torch_wheels) or not cuda_runtime):
+        raise ImageError(
+            f"the cuda wheelhouse got no CUDA build of torch ({', '.join(torch_wheels) or 'no torch'}"
+            ", no nvidia-cuda-runtime wheel). Pass --torch-spec with a CUDA build (e.g. "
+            "torch==2.13.0+cu128 --torch-index-url https://download.pytorch.org/whl/cu128), "
+            f"{retry}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,18 +255,22 @@ def build_local_base(client, *, rebuild: bool, mirror: str) -> str:
 # image
 
 
-def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: str) -> str:
+def build_image(client, target: str, *, wheelhouses: list[Path], base_image: str, tag: str) -> str:
     """docker build containers/Dockerfile in a context of exactly what the image needs."""
     context = BUILD_DIR / target / "context"
     if context.exists():
         shutil.rmtree(context)
     context.mkdir(parents=True)
-    # The dependency wheels and the project wheel go into separate layers (see the Dockerfile).
-    # Hard links keep a multi-GB wheelhouse from being copied (falls back to copying across devices).
-    for wheel in wheelhouse.glob("*.whl"):
-        folder = context / ("project" if wheel.name.startswith("gpt2ops-") else "wheelhouse")
-        folder.mkdir(exist_ok=True)
-        _link_or_copy(str(wheel), str(folder / wheel.name))
+    # The dependency wheels, the SDK's and the project wheel go into separate layers (see the
+    # Dockerfile). Hard links keep gigabytes of wheels from being copied (else: copies).
+    main, *sdk = wheelhouses
+    folders = {"wheelhouse": main, "sdk-wheelhouse": sdk[0] if sdk else None}
+    for folder in ("project", *folders):
+        (context / folder).mkdir()
+    for folder, wheelhouse in folders.items():
+        for wheel in wheelhouse.glob("*.whl") if wheelhouse else ():
+            project = wheel.name.startswith("gpt2ops-")
+            _link_or_copy(str(wheel), str(context / ("project" if project else folder) / wheel.name))
     shutil.copytree(REPO_ROOT / "configs", context / "configs")
     for name in ("Dockerfile", "entrypoint.sh"):
         shutil.copy2(CONTAINERS_DIR / name, context / name)
@@ -250,11 +279,11 @@ def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: 
     log(f"docker build {tag} (base {base_image})")
     previous = client.images.get(tag).id if image_exists(client, tag) else None
     image_id = None
+    buildargs = {"BASE_IMAGE": base_image, "TARGET": target, "VERSION": package_version(),
+                 "CEREBRAS_PYTHON": SDK_PYTHON if sdk else "",
+                 "SOURCE_DIGEST": source_digest() or "unknown"}
     for chunk in client.api.build(path=str(context), tag=tag, rm=True, forcerm=True, pull=False,
-                                  buildargs={"BASE_IMAGE": base_image, "TARGET": target,
-                                             "VERSION": package_version(),
-                                             "SOURCE_DIGEST": source_digest() or "unknown"},
-                                  decode=True):
+                                  buildargs=buildargs, decode=True):
         if "stream" in chunk:
             sys.stdout.write(chunk["stream"])
         if "error" in chunk:
@@ -266,6 +295,30 @@ def build_image(client, target: str, *, wheelhouse: Path, base_image: str, tag: 
     if previous and previous != image_id:
         remove_if_unused(client, previous)
     return image_id
+
+
+# What each image must be able to do, checked in a container of it before it is recorded.
+SMOKE_CHECKS = {
+    "cpu": "import gpt2core.cli, kfp, torch; assert torch.version.cuda is None, torch.__version__",
+    "cuda": "import gpt2core.cli, kfp, torch; assert torch.version.cuda, torch.__version__",
+    "cerebras": (
+        "import subprocess, gpt2core.cli, kfp; from gpt2core import cerebras; "
+        "subprocess.run([cerebras.sdk_python(), '-c', 'import cerebras.pytorch, gpt2core.config, torch; "
+        "assert torch.__version__.startswith(\"2.4\"), torch.__version__'], check=True)"),
+}
+
+
+def smoke_check(client, target: str, image_id: str) -> None:
+    import docker
+
+    try:
+        client.containers.run(image_id, ["python", "-c", SMOKE_CHECKS[target]], remove=True,
+                              stdout=True, stderr=True)
+    except docker.errors.ContainerError as exc:
+        output = (exc.stderr or b"").decode(errors="replace")[-3000:]
+        raise ImageError(f"the new {target} image ({image_id[:19]}) fails its smoke check "
+                         f"`python -c {SMOKE_CHECKS[target]!r}`:\n{output}") from exc
+    log(f"smoke check of the {target} image passed")
 
 
 def remove_if_unused(client, image_id: str) -> None:
@@ -308,19 +361,26 @@ def write_record(target: str, record: dict) -> Path:
 
 
 def build_target(client, target: str, args: argparse.Namespace, base_image: str | None) -> dict:
-    torch_spec, torch_index_url = DEFAULT_TORCH[target]
-    torch_spec = args.torch_spec or torch_spec
-    torch_index_url = args.torch_index_url or torch_index_url
     started = time.monotonic()
-    wheelhouse = build_wheelhouse(target, torch_spec=torch_spec, torch_index_url=torch_index_url,
-                                  find_links=args.find_links, rebuild=args.rebuild_wheelhouse)
+    main_environment, sdk_environment = TARGET_ENVIRONMENTS[target]
+    wheelhouses, torch_specs = [], []
+    for environment in filter(None, (main_environment, sdk_environment)):
+        torch_spec, torch_index_url = DEFAULT_TORCH[environment]
+        if environment == (sdk_environment or main_environment):  # the environment --torch-* names
+            torch_spec = args.torch_spec or torch_spec
+            torch_index_url = args.torch_index_url or torch_index_url
+        torch_specs.append(torch_spec or "pinned by requirements/cerebras.txt")
+        wheelhouses.append(build_wheelhouse(environment, torch_spec=torch_spec,
+                                            torch_index_url=torch_index_url,
+                                            find_links=args.find_links, rebuild=args.rebuild_wheelhouse))
     if args.wheelhouse_only:
-        log(f"wheelhouse ready: {wheelhouse}")
+        log(f"wheelhouses ready: {', '.join(map(str, wheelhouses))}")
         return {}
     name = f"gpt2ops-{target}"
     repository = f"{args.registry.rstrip('/')}/{name}" if args.registry else name
     tag = f"{repository}:{package_version()}"
-    image_id = build_image(client, target, wheelhouse=wheelhouse, base_image=base_image, tag=tag)
+    image_id = build_image(client, target, wheelhouses=wheelhouses, base_image=base_image, tag=tag)
+    smoke_check(client, target, image_id)
     repo_digest = push_image(client, tag) if args.push else ""
     attrs = client.images.get(image_id).attrs
     record = {
@@ -330,7 +390,7 @@ def build_target(client, target: str, args: argparse.Namespace, base_image: str 
         "repo_digest": repo_digest or None,
         "size_bytes": attrs.get("Size"),
         "base_image": base_image,
-        "torch": torch_spec or "pinned by requirements/cerebras.txt",
+        "torch": " + ".join(torch_specs),
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(time.monotonic() - started, 1),
     }
@@ -351,10 +411,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debian-mirror", default=DEBIAN_MIRROR, help="mirror for debootstrap")
     parser.add_argument("--find-links", action="append", default=[], metavar="DIR",
                         help="extra folder of wheels for pip (repeatable), e.g. with a CUDA torch")
-    parser.add_argument("--torch-index-url", help="extra index for the torch build (cuda default: "
-                        f"{DEFAULT_TORCH['cuda'][1]})")
-    parser.add_argument("--torch-spec", help="torch requirement, e.g. torch==2.13.0+cu126 (cuda) or "
-                        "torch==2.4.0+cpu (cerebras: the SDK's pin, CPU build)")
+    parser.add_argument("--torch-index-url", help="extra index for the torch build, e.g. "
+                        "https://download.pytorch.org/whl/cu128")
+    parser.add_argument("--torch-spec", help="torch requirement, e.g. torch==2.13.0+cu128 (cuda; "
+                        "default: PyPI's CUDA build) or torch==2.4.0+cpu (cerebras: the SDK's pin, "
+                        "CPU build)")
     parser.add_argument("--rebuild-wheelhouse", action="store_true", help="collect every wheel again")
     parser.add_argument("--wheelhouse-only", action="store_true", help="collect wheels, build nothing")
     parser.add_argument("--registry", help="registry prefix for the tags, e.g. ghcr.io/acme")

@@ -21,6 +21,7 @@ from unittest import mock
 import pytest
 
 from gpt2core.images import ImageError, docker_client, image_for, require_image
+from gpt2core.storage import local_input
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")  # ~0.5 MB of real English
@@ -89,7 +90,6 @@ def test_preprocess_stage_in_docker_writes_hdf5_to_s3(cpu_image, english_text_di
 
     from gpt2core.data.verify import verify_dataset
     from gpt2core.s3server import SeaweedS3Server
-    from gpt2core.storage import local_input
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -141,16 +141,21 @@ def test_unreachable_daemon_says_how_to_start_it(monkeypatch):
     assert "cannot reach the Docker daemon" in built.stderr and "Traceback" not in built.stderr
 
 
-def test_cuda_build_without_its_torch_wheel_says_where_to_get_it(tmp_path):
-    """The CUDA torch wheel cannot be fetched here: the build stops with what to do, no traceback."""
+def test_cuda_build_without_its_torch_wheel_says_where_to_get_it():
+    """A torch build no index has: the build stops with what to do, no traceback, and the cuda
+    wheelhouse collected before (if any) is left as it was."""
+    wheelhouse = REPO / ".build" / "containers" / "cuda" / "wheelhouse"
+    before = sorted(p.name for p in wheelhouse.glob("*.whl"))
     env = {**os.environ, "PIP_RETRIES": "0", "PIP_TIMEOUT": "5"}
     built = subprocess.run(
-        [sys.executable, "-m", "containers.build", "cuda", "--wheelhouse-only",
-         "--torch-index-url", "http://127.0.0.1:9/simple"],
+        [sys.executable, "-m", "containers.build", "cuda", "--wheelhouse-only", "--rebuild-wheelhouse",
+         "--torch-spec", "torch==2.13.0+cu999", "--torch-index-url", "http://127.0.0.1:9/simple"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert built.returncode == 2, built.stdout[-2000:] + built.stderr[-2000:]
-    assert "torch==2.13.0+cu128" in built.stderr and "--find-links" in built.stderr
+    assert "torch==2.13.0+cu999" in built.stderr and "--find-links" in built.stderr
     assert "Traceback" not in built.stderr
+    assert sorted(p.name for p in wheelhouse.glob("*.whl")) == before
+    assert not wheelhouse.with_name("wheelhouse.partial").exists()
 
 
 def test_build_script_rejects_unknown_targets():
@@ -278,19 +283,58 @@ def test_image_serves_mlflow_as_the_k8s_deployment_runs_it(cpu_image, tmp_path):
             subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
+# What the cuda and cerebras images must show beyond the smoke check of their build: the torch build
+# each runs (probed in the Python that trains), and a real training run of the train stage inside it.
+TARGET_IMAGE_PROBES = {
+    "cuda": ("python", "import torch, kfp, components; print(torch.__version__, torch.version.cuda)"),
+    "cerebras": ("/opt/cerebras-sdk/bin/python",
+                 "import torch, numpy, cerebras.pytorch as cstorch, gpt2core.cerebras; "
+                 "print(torch.__version__, numpy.__version__, cstorch.__version__)"),
+}
+
+
 @pytest.mark.docker
-def test_cerebras_image_has_the_sdk_and_its_torch(client):
-    """The cerebras image (6.8 GB, ~30 min to build: not built by CI) holds the SDK with the torch and
-    numpy it pins, next to gpt2ops and its configs. Checked when the image is present."""
-    image = image_for("cerebras")
+@pytest.mark.parametrize("target", ["cuda", "cerebras"])
+def test_target_image_trains_gpt2_tiny_from_s3(target, client, tiny_dataset, s3_server, tmp_path):
+    """The cuda and cerebras images (several GB, 20-30 min to build: not built by CI; checked when
+    present): kfp and the components import in the main venv, the right torch is where training
+    runs, and `gpt2ops train` in the image trains from S3 data and publishes the model to S3: the
+    cuda image on CPU (no GPU here), the cerebras image through its SDK venv on the SDK's CPU backend."""
+    from gpt2core.storage import upload_dir
+
+    image = image_for(target)
     try:
-        require_image(image, "cerebras", client=client)
+        require_image(image, target, client=client)
     except ImageError as exc:
-        pytest.skip(f"{exc} (optional: python -m containers.build cerebras)")
-    probe = docker_run(image, "python", "-c",
-                       "import torch, numpy, cerebras.pytorch as cstorch, gpt2core.cerebras, components; "
-                       "from gpt2core import config; config.load_params('gpt2_tiny'); "
-                       "print(torch.__version__, numpy.__version__, cstorch.__version__)")
+        pytest.skip(f"{exc} (optional: python -m containers.build {target})")
+    python, probe_code = TARGET_IMAGE_PROBES[target]
+    probe = docker_run(image, python, "-c", probe_code)
     assert probe.returncode == 0, probe.stderr[-3000:]
-    torch_version, numpy_version, sdk_version = probe.stdout.split()
-    assert torch_version.startswith("2.4.0") and numpy_version == "1.25.0" and sdk_version == "2.10.0"
+    if target == "cuda":
+        torch_version, cuda_version = probe.stdout.split()
+        assert torch_version == "2.13.0" and cuda_version != "None"
+    else:
+        assert probe.stdout.split() == ["2.4.0", "1.25.0", "2.10.0"]
+        kfp_probe = docker_run(image, "python", "-c", "import kfp, components.train.component")
+        assert kfp_probe.returncode == 0, kfp_probe.stderr[-3000:]
+
+    run_id = f"{target}-image-{uuid.uuid4().hex[:8]}"
+    data_uri = f"s3://{s3_server.bucket}/tests/{run_id}/data"
+    upload_dir(tiny_dataset / "train", f"{data_uri}/train")
+    state = tmp_path / "state"
+    state.mkdir()
+    result = docker_run(
+        image, "gpt2ops", "train", "--params", "gpt2_tiny", "--target",
+        "cerebras" if target == "cerebras" else "cpu", "--max_steps", "3",
+        "--set", f"train_input.data_dir={data_uri}/train", "--set", "runconfig.eval_frequency=0",
+        "--set", "runconfig.log_steps=1", "--set", "runconfig.checkpoint_steps=3",
+        "--artifact_root", f"s3://{s3_server.bucket}/tests", "--pipeline_run_id", run_id,
+        volumes={str(state): "/data/state"},
+        env={**s3_server.env(), "MLFLOW_TRACKING_URI": "sqlite:////data/state/mlflow.db",
+             "GPT2OPS_CEREBRAS_BACKEND": "CPU"},
+        user=f"{os.getuid()}:{os.getgid()}", network="host")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.rfind('{\n  "outputs"'):])
+    assert report["metrics"]["train/loss"] > 0
+    with local_input(report["outputs"]["model"]) as model:
+        assert (Path(model) / "model.safetensors").stat().st_size > 1_000_000

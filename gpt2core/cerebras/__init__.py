@@ -116,8 +116,11 @@ def _run(op: str, params: Params, args: dict[str, Any], *, on_metrics: MetricsCa
         request, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"op": op, "params": params.to_dict(), "args": args}))
         env = dict(os.environ)
-        # The child imports this very checkout of gpt2core, whatever the SDK venv has installed.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        if (REPO_ROOT / "pyproject.toml").is_file():
+            # A checkout: the child imports this very gpt2core, whatever the SDK venv has installed.
+            # (Installed, REPO_ROOT is the main venv's site-packages, whose torch 2.13 would shadow
+            # the SDK's 2.4: the image installs the same gpt2ops into the SDK venv instead.)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         command = [python, "-m", "gpt2core.cerebras", "--request", str(request), "--result", str(result_file)]
         log.info("cerebras %s: %s", op, " ".join(command))
