@@ -134,13 +134,15 @@ def cluster_connection():  # noqa: ANN201 - (kubernetes.client.ApiClient, namesp
         config.load_incluster_config(client_configuration=configuration)
         namespace = SERVICE_ACCOUNT_NAMESPACE_FILE.read_text().strip()
     except config.ConfigException as in_cluster:
+        # Read now: the client's own default is $KUBECONFIG as it was when it was imported.
+        kubeconfig = os.environ.get("KUBECONFIG") or "~/.kube/config"
         try:
-            config.load_kube_config(client_configuration=configuration)
-            _, active = config.list_kube_config_contexts()
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
             namespace = active["context"].get("namespace", "default")
-        except (config.ConfigException, OSError) as kubeconfig:
+        except (config.ConfigException, OSError) as exc:
             raise ConfigError(f"{NO_CLUSTER_HINT} (not in a cluster: {in_cluster}; kubeconfig "
-                              f"{os.environ.get('KUBECONFIG', '~/.kube/config')}: {kubeconfig})") from None
+                              f"{kubeconfig}: {exc})") from None
     return client.ApiClient(configuration), os.environ.get(ENV_NAMESPACE) or namespace
 
 
