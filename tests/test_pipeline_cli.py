@@ -182,3 +182,14 @@ def test_committed_package_is_the_default(host, kfp_api):
     assert main(["pipeline", "upload", "--host", host]) == 0
     (upload,) = posted(kfp_api, "/apis/v2beta1/pipelines/upload")
     assert Path(PACKAGE_PATH).read_bytes() in upload["raw"]
+
+
+def test_submit_passes_multi_node_and_gpu_pool_parameters(host, kfp_api):
+    code = main(["pipeline", "submit", "--host", host, "--target", "gpu", "--num_gpus", "8",
+                 "--num_nodes", "4", "--gpu_node_selector", '{"pool": "h100"}',
+                 "--gpu_tolerations", '[{"key": "gpu", "operator": "Exists"}]'])
+    assert code == 0
+    (run,) = posted(kfp_api, "/apis/v2beta1/runs")
+    assert run["json"]["runtime_config"]["parameters"] == {
+        "target": "gpu", "num_gpus": 8, "num_nodes": 4, "gpu_node_selector": {"pool": "h100"},
+        "gpu_tolerations": [{"key": "gpu", "operator": "Exists"}]}

@@ -1,7 +1,9 @@
 """Devices and data parallelism, applied from outside the model: DDP, or FSDP2 for the large sizes.
 
 Processes come from ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...);
-without it training runs in one process. NCCL on GPUs, gloo on CPU.
+without it training runs in one process. NCCL on GPUs, gloo on CPU. Across nodes (a Kubeflow
+Trainer TrainJob) ``RANK`` is the rank in the whole job (data shards, rank 0 tracks and publishes)
+and ``LOCAL_RANK`` the GPU on this node.
 """
 
 from __future__ import annotations
