@@ -312,9 +312,10 @@ def test_target_image_trains_gpt2_tiny_from_s3(target, client, tiny_dataset, s3_
     assert probe.returncode == 0, probe.stderr[-3000:]
     if target == "cuda":
         torch_version, cuda_version = probe.stdout.split()
-        assert torch_version == "2.13.0" and cuda_version != "None"
+        assert torch_version.startswith("2.13.0") and cuda_version.startswith("13.")
     else:
-        assert probe.stdout.split() == ["2.4.0", "1.25.0", "2.10.0"]
+        torch_version, numpy_version, sdk_version = probe.stdout.split()
+        assert (torch_version.startswith("2.4.0"), numpy_version, sdk_version) == (True, "1.25.0", "2.10.0")
         kfp_probe = docker_run(image, "python", "-c", "import kfp, components.train.component")
         assert kfp_probe.returncode == 0, kfp_probe.stderr[-3000:]
 
@@ -326,7 +327,7 @@ def test_target_image_trains_gpt2_tiny_from_s3(target, client, tiny_dataset, s3_
     result = docker_run(
         image, "gpt2ops", "train", "--params", "gpt2_tiny", "--target",
         "cerebras" if target == "cerebras" else "cpu", "--max_steps", "3",
-        "--set", f"train_input.data_dir={data_uri}/train", "--set", "runconfig.eval_frequency=0",
+        "--set", f"train_input.data_dir={data_uri}/train",
         "--set", "runconfig.log_steps=1", "--set", "runconfig.checkpoint_steps=3",
         "--artifact_root", f"s3://{s3_server.bucket}/tests", "--pipeline_run_id", run_id,
         volumes={str(state): "/data/state"},
