@@ -578,3 +578,40 @@ def fetch_file(uri: str, local: str | Path) -> Path:
     local.write_bytes(read_bytes(uri))
     return local
 
+
+
+def put_file(local: str | Path, uri: str) -> None:
+    """Copy one local file to uri (s3:// or a local path). Readers see the whole file or none: an
+    S3 object appears when its upload completes; a local copy is renamed into place."""
+    local = Path(local)
+    if not is_s3(uri):
+        dest = _local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+        return
+    bucket, key = split_s3_uri(uri)
+    with _s3_errors(uri, "upload"):
+        _transfer_files([str(local)], lambda manager, path: manager.upload(path, bucket, key), uri)
+
+
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly under uri (a folder or s3:// prefix); [] when there are none."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        return sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    bucket, prefix = split_s3_uri(uri.rstrip("/"))
+    with _s3_errors(uri, "list"):
+        keys = _list_keys(bucket, prefix + "/")
+    return sorted(name for key in keys if "/" not in (name := key[len(prefix) + 1:]) and name)
+
+
+def delete_file(uri: str) -> None:
+    """Remove one file (s3:// or local); a missing one is no error."""
+    if not is_s3(uri):
+        _local_path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3_uri(uri)
+    with _s3_errors(uri, "delete"):
+        s3_client().delete_object(Bucket=bucket, Key=key)

@@ -44,8 +44,11 @@ def heavy_step(task, *, cpu: str, memory: str, timeout_s: int, node_selector, to
     """Model steps: placed on the chosen node pool, memory-backed /dev/shm, bounded run time."""
     _credentials(task)
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-    # Few retries with a long backoff: a preempted node is worth retrying, a bad config is not
-    # (it fails the same way in seconds, and training resumes from its last checkpoint).
+    # Few retries with a long backoff: a preempted node is worth retrying, a bad config is not (it
+    # fails the same way in seconds). A retry is the same pipeline run: the train step (torch targets,
+    # one node or a TrainJob) resumes from the newest checkpoint the lost attempt uploaded to
+    # <run>/train/progress/ (only the steps after it run again); the cerebras
+    # target and the other heavy steps start over.
     task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0,
                    backoff_max_duration="3600s")
     kubernetes.set_timeout(task, timeout_s)

@@ -208,3 +208,82 @@ def test_two_processes_give_the_losses_of_one(tiny_dataset_64, tmp_path, paralle
     resumed = run_in_process(load_params("gpt2_tiny", {**overrides, "runconfig.max_steps": 5}), tiny_dataset_64,
                              tmp_path / "two")
     assert list(resumed.losses) == [5]
+
+
+def test_a_retried_train_stage_resumes_from_the_lost_attempts_checkpoint(tiny_dataset_64, s3_root, tmp_path,
+                                                                         monkeypatch, caplog):
+    """Attempt 1 trains 4 steps, uploading checkpoints to <run>/train/progress/, and dies before it
+    publishes; attempt 2 (same pipeline run, a fresh model_dir) resumes at step 4 and gives the
+    losses of a straight run; another pipeline run starts from step 0."""
+    from gpt2core.stages import train as train_stage
+    from gpt2core.stages.common import RunContext
+    from gpt2core.storage import list_files
+
+    overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
+                 "runconfig.checkpoint_steps": 1, "runconfig.keep_last_checkpoints": 2,
+                 "runconfig.save_losses": True}
+    ctx = RunContext(pipeline_run_id="retried", artifact_root=s3_root)
+    progress = ctx.artifact_uri("train", "progress")
+
+    def preempted(*args, **kwargs):
+        raise RuntimeError("node preempted")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train_stage, "save_pretrained", preempted)  # dies after training, before publishing
+        with pytest.raises(RuntimeError, match="preempted"):
+            train_stage.run("gpt2_tiny", ctx=ctx, overrides={**overrides, "runconfig.max_steps": 4},
+                            model_dir=str(tmp_path / "attempt1"))
+    assert list_files(progress) == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]  # keep-last 2
+
+    with caplog.at_level("INFO", logger="gpt2core.stages.train"):
+        retried = train_stage.run("gpt2_tiny", ctx=ctx, overrides={**overrides, "runconfig.max_steps": 6},
+                                  model_dir=str(tmp_path / "attempt2"))
+    assert f"resuming from {progress}/checkpoint_00000004.pt (an earlier attempt of this run)" in caplog.text
+    assert list(read_losses(tmp_path / "attempt2")) == [5, 6]  # trained steps 5 and 6 only
+    assert retried.metrics["train/steps"] == 6
+    assert list_files(progress) == []  # published: the progress copies are gone
+    assert list_files(ctx.artifact_uri("train", "checkpoints")) == [
+        "MANIFEST.json", "checkpoint_00000005.pt", "checkpoint_00000006.pt"]
+
+    other = RunContext(pipeline_run_id="another", artifact_root=s3_root)
+    train_stage.run("gpt2_tiny", ctx=other, overrides={**overrides, "runconfig.max_steps": 6},
+                    model_dir=str(tmp_path / "other"))
+    straight = read_losses(tmp_path / "other")
+    assert list(straight) == [1, 2, 3, 4, 5, 6]  # a new run id starts from step 0
+    assert read_losses(tmp_path / "attempt2") == {5: straight[5], 6: straight[6]}  # bitwise equal
+
+
+def test_a_failed_progress_upload_does_not_stop_training(tiny_dataset_64, tmp_path, monkeypatch, caplog):
+    from gpt2core.stages import train as train_stage
+    from gpt2core.stages.common import RunContext
+    from gpt2core.errors import StorageError
+
+    def unreachable(*args, **kwargs):
+        raise StorageError("s3://nowhere: could not upload")
+
+    monkeypatch.setattr(train_stage, "put_file", unreachable)
+    ctx = RunContext(pipeline_run_id="flaky", artifact_root=str(tmp_path / "artifacts"))
+    overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
+                 "runconfig.checkpoint_steps": 1, "runconfig.max_steps": 2}
+    with caplog.at_level("WARNING", logger="gpt2core.stages.train"):
+        result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "work"))
+    assert result.metrics["train/steps"] == 2
+    assert "could not upload checkpoint of step 1" in caplog.text
+
+
+def test_an_attempt_lost_after_its_last_step_is_published_by_the_retry(tiny_dataset_64, tmp_path, monkeypatch):
+    from gpt2core.stages import train as train_stage
+    from gpt2core.stages.common import RunContext
+
+    ctx = RunContext(pipeline_run_id="done-then-lost", artifact_root=str(tmp_path / "artifacts"))
+    overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
+                 "runconfig.max_steps": 2}
+    with monkeypatch.context() as mp:
+        mp.setattr(train_stage, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("lost")))
+        with pytest.raises(RuntimeError, match="lost"):
+            train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "attempt1"))
+    retried = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "attempt2"))
+    assert retried.metrics["train/steps"] == 2  # resumed at max_steps: nothing left to train
+    published = Path(ctx.artifact_uri("train", "checkpoints"))
+    assert sorted(p.name for p in published.iterdir()) == ["MANIFEST.json", "checkpoint_00000002.pt"]
+    assert (Path(ctx.artifact_uri("train", "model")) / "model.safetensors").is_file()

@@ -4,8 +4,11 @@ Data comes from ``train_input.data_dir`` (local or s3://). Outputs two artifacts
 (``model.safetensors`` in Hugging Face layout, ``config.json``, ``params.yaml``) and
 ``checkpoints`` (the last ``runconfig.keep_last_checkpoints`` training checkpoints). ``model_dir``
 is the local working folder: checkpoints land there as training goes, and a rerun with the same
-folder resumes from the newest one. On GPUs start it under ``torchrun``: every rank trains, rank 0
-tracks and publishes.
+folder resumes from the newest one. Torch targets also upload each checkpoint as it is written to
+``<run>/train/progress/`` (rank 0; deleted once the stage has published), and an attempt started
+without --checkpoint_path resumes from the newest one there: a retried step of the same pipeline
+run (a preempted pod) continues where the lost attempt left off. On GPUs start it under
+``torchrun``: every rank trains, rank 0 tracks and publishes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,11 +28,15 @@ from gpt2core.config import Params, load_params, parse_override
 from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import artifact_digest, fetch_file, is_s3, local_input, local_output
+from gpt2core.storage import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
+                              local_output, put_file)
 from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
-from gpt2core.training.checkpoint import list_checkpoints
+from gpt2core.training.checkpoint import checkpoint_step, list_checkpoints
+
+log = logging.getLogger(__name__)
 
 STAGE = "train"
+PROGRESS = "progress"  # <run>/train/progress/: checkpoints uploaded while training (not an artifact)
 TARGETS = ("cpu", "gpu", "cerebras")
 
 
@@ -42,37 +50,43 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
     outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
     work_dir = Path(model_dir or cfg.runconfig.model_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    progress_uri = ctx.artifact_uri(STAGE, PROGRESS)
     if int(os.environ.get("RANK", "0")) != 0:  # another torchrun rank: train, leave the rest to rank 0
-        _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target, log_metrics=None)
+        _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target, log_metrics=None,
+                     progress_uri=progress_uri)
         return StageResult(outputs=outputs)
 
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
             "gpt2ops.target": target}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         started = time.monotonic()
+        resumed_only: list[Path] = []  # a run resumed at max_steps saved no checkpoint: publish that one
         with local_output(outputs["model"]) as model_out:
             if target == "cerebras":
                 metrics = _train_cerebras(cfg, work_dir, model_out, checkpoint_path, tracked.log_metrics)
             else:
                 result = _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target,
-                                      log_metrics=tracked.log_metrics)
+                                      log_metrics=tracked.log_metrics, progress_uri=progress_uri)
                 save_pretrained(result.model, cfg, model_out)
+                resumed_only = [result.checkpoint] if result.checkpoint else []
                 metrics = {"train/loss": result.final_loss, "train/tokens_per_s": result.tokens_per_s,
                            "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
             tracked.log_model(model_out, model_uri=outputs["model"])  # safetensors + params.yaml, registered
         with local_output(outputs["checkpoints"]) as checkpoints_out:
             listing = list_cerebras_checkpoints if target == "cerebras" else list_checkpoints
-            for checkpoint in listing(work_dir / "checkpoints"):
+            for checkpoint in listing(work_dir / "checkpoints") or resumed_only:
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
         # at the last step, so the per-step train/loss history ends on the final value
         tracked.log_metrics(metrics, step=int(metrics.get("train/steps", 0)))
         tracked.log_loss_curve()
+    if target != "cerebras":  # published: the checkpoints artifact holds them now
+        _clear_progress(progress_uri)
     return StageResult(outputs=outputs, metrics=metrics)
 
 
 def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compile_cache_uri: str | None,
-                 target: str, log_metrics):  # noqa: ANN001, ANN202 - (metrics, step) callback; TrainResult
+                 target: str, log_metrics, progress_uri: str | None = None):  # noqa: ANN001, ANN202
     from gpt2core.training import train  # torch and the trainer only when training
 
     with contextlib.ExitStack() as stack:
@@ -83,9 +97,62 @@ def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compi
             from gpt2core.compilation import load_compile_cache
 
             load_compile_cache(compile_cache_uri)  # the compile stage's caches: training starts warm
-        resume = local_checkpoint(checkpoint_path, work_dir) if checkpoint_path else None
-        return train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
-                     resume_from=resume, log_metrics=log_metrics)
+        if checkpoint_path:
+            resume = local_checkpoint(checkpoint_path, work_dir)
+        else:
+            resume = earlier_attempt(progress_uri, work_dir) if progress_uri else None
+        on_checkpoint = (progress_uploader(progress_uri, cfg.runconfig.keep_last_checkpoints)
+                         if progress_uri else None)
+        result = train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
+                       resume_from=resume, log_metrics=log_metrics, on_checkpoint=on_checkpoint)
+        if result.checkpoint is None and resume:  # resumed at max_steps: nothing trained, nothing saved
+            result.checkpoint = Path(resume)
+        return result
+
+
+def _progress_checkpoints(progress_uri: str) -> list[tuple[int, str]]:
+    """(step, name) of the checkpoints under the progress prefix, oldest first."""
+    found = ((checkpoint_step(name), name) for name in list_files(progress_uri))
+    return sorted((step, name) for step, name in found if step is not None)
+
+
+def earlier_attempt(progress_uri: str, work_dir: Path) -> Path | None:
+    """A local copy of the newest checkpoint an earlier attempt of this pipeline run uploaded to
+    ``progress_uri``; None when there is none, or when ``work_dir`` already holds one as new."""
+    found = _progress_checkpoints(progress_uri)
+    if not found:
+        return None
+    step, name = found[-1]
+    local = list_checkpoints(work_dir / "checkpoints")
+    if local and checkpoint_step(local[-1].name) >= step:
+        return None  # the trainer resumes from the local folder
+    uri = f"{progress_uri.rstrip('/')}/{name}"
+    log.info("resuming from %s (an earlier attempt of this run)", uri)
+    return local_checkpoint(uri, work_dir)
+
+
+def progress_uploader(progress_uri: str, keep_last: int):  # noqa: ANN201 - on_checkpoint(path, step)
+    """The trainer's on_checkpoint callback (rank 0): upload each new checkpoint to the progress
+    prefix, then delete the ones beyond the last ``keep_last``. A failure is logged, never raised."""
+    def on_checkpoint(path: Path, step: int) -> None:
+        if step == 0:
+            return  # resuming from step 0 saves nothing
+        try:
+            put_file(path, f"{progress_uri.rstrip('/')}/{path.name}")
+            for _, name in _progress_checkpoints(progress_uri)[:-keep_last]:
+                delete_file(f"{progress_uri.rstrip('/')}/{name}")
+        except Exception as exc:  # noqa: BLE001 - an upload must never stop training
+            log.warning("could not upload checkpoint of step %d to %s (%s); training goes on, but a retry "
+                        "of this step would resume from an older checkpoint", step, progress_uri, exc)
+    return on_checkpoint
+
+
+def _clear_progress(progress_uri: str) -> None:
+    try:
+        for _, name in _progress_checkpoints(progress_uri):
+            delete_file(f"{progress_uri.rstrip('/')}/{name}")
+    except Exception as exc:  # noqa: BLE001 - the stage has published; leftovers only cost space
+        log.warning("could not clear %s (%s)", progress_uri, exc)
 
 
 def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_path: str | None,

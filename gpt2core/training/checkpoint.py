@@ -33,6 +33,12 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}.pt"
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint file name (``checkpoint_00000100.pt`` -> 100), else None."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints in ``directory``, oldest step first."""
     directory = Path(directory)

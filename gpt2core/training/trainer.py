@@ -78,18 +78,23 @@ def grad_scaler(params: Params, dtype: torch.dtype | None) -> torch.amp.GradScal
 
 def train(params: Params, *, data_dir: str | Path, work_dir: str | Path, target: str = "cpu",
           eval_data_dir: str | Path | None = None, resume_from: str | Path | None = None,
-          log_metrics=None) -> TrainResult:  # noqa: ANN001 - log_metrics(metrics: dict, step: int)
+          log_metrics=None, on_checkpoint=None) -> TrainResult:  # noqa: ANN001 - see below
     """Train for ``runconfig.max_steps``, resuming from ``resume_from`` or else the newest checkpoint
-    in ``work_dir/checkpoints``. Rank 0 calls ``log_metrics`` every ``runconfig.log_steps``."""
+    in ``work_dir/checkpoints``. Rank 0 calls ``log_metrics(metrics: dict, step: int)`` every
+    ``runconfig.log_steps`` and ``on_checkpoint(path: Path, step: int)`` after writing each checkpoint
+    (the callback must not raise for a failure training should survive, e.g. an upload)."""
     info = init_distributed(target)
-    return Trainer(params, info, Path(work_dir), log_metrics).fit(data_dir, eval_data_dir, resume_from)
+    return Trainer(params, info, Path(work_dir), log_metrics, on_checkpoint).fit(data_dir, eval_data_dir,
+                                                                                 resume_from)
 
 
 class Trainer:
-    def __init__(self, params: Params, info: DistInfo, work_dir: Path, log_metrics=None):  # noqa: ANN001
+    def __init__(self, params: Params, info: DistInfo, work_dir: Path, log_metrics=None,  # noqa: ANN001
+                 on_checkpoint=None):  # noqa: ANN001
         self.params, self.info, self.work_dir = params, info, work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
         self.log_metrics = log_metrics if info.is_main else None
+        self.on_checkpoint = on_checkpoint if info.is_main else None
         run, device = params.runconfig, info.device
         self.amp_dtype = autocast_dtype(params, device)
 
@@ -120,7 +125,7 @@ class Trainer:
         resume_from = resume_from or self.checkpointer.latest()
         step = self.checkpointer.load(resume_from, **state) if resume_from else 0
         if step == 0 and run.save_initial_checkpoint:
-            self.checkpointer.save(0, **state)
+            self._save(0, state)
         result = TrainResult(model=self.model, step=step, final_loss=math.nan)
         if step >= run.max_steps:
             log.info("checkpoint is at step %d >= runconfig.max_steps %d: nothing to train", step, run.max_steps)
@@ -155,17 +160,23 @@ class Trainer:
             if eval_data_dir and run.eval_frequency and step % run.eval_frequency == 0:
                 self._log_eval(step, self.evaluate(eval_data_dir))
             if run.checkpoint_steps and step % run.checkpoint_steps == 0 and step < run.max_steps:
-                self.checkpointer.save(step, **state)
+                self._save(step, state)
         if step > first_step + 1:
             result.tokens_per_s = (step - first_step - 1) * tokens_per_step / (time.perf_counter() - timed_since)
             result.mfu = result.tokens_per_s * self.meter.flops_per_token / self.meter.peak
         result.step = step
-        result.checkpoint = self.checkpointer.save(step, **state)
+        result.checkpoint = self._save(step, state)
         result.model = self._full_model()
         if eval_data_dir:
             result.eval_metrics = self.evaluate(eval_data_dir)
             self._log_eval(step, result.eval_metrics)
         return result
+
+    def _save(self, step: int, state: dict) -> Path:
+        path = self.checkpointer.save(step, **state)
+        if self.on_checkpoint:  # rank 0, which wrote the file
+            self.on_checkpoint(path, step)
+        return path
 
     def _full_model(self) -> GPT2:
         """The trained model with whole parameters. Under FSDP2 every rank joins the gather and rank 0
