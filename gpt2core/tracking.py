@@ -48,6 +48,9 @@ _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 # Params never logged, whatever a config carries: credentials belong in the environment only.
 _SECRET_KEY = re.compile(r"secret|password|passwd|credential|access_key|session_token|api_key|"
                          r"private_key", re.IGNORECASE)
+# ...except where a key only says where a credential is (runconfig.credentials_path, the Cerebras
+# cluster's TLS certificate): the location is worth comparing between runs, and is no secret.
+_LOCATION_KEY = re.compile(r"_(path|file|dir)$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def _base_tags(ctx: RunContext, kind: str) -> dict[str, str]:
 def _loggable_params(params: Mapping[str, object]) -> dict[str, str]:
     values = {}
     for key, value in params.items():
-        if _SECRET_KEY.search(key):
+        if _SECRET_KEY.search(key) and not _LOCATION_KEY.search(key):
             log.warning("param %r looks like a credential: not logged to MLflow", key)
             continue
         text = "" if value is None else str(value)

@@ -21,7 +21,8 @@ def ctx(s3_root) -> RunContext:
 def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tmp_path):
     with tracking.pipeline_run(ctx, params={"config": "gpt2_tiny"}) as child_ctx:
         with tracking.stage_run("train", child_ctx, params={"model.hidden_size": 64, "optimizer.betas": (0.9, 0.95),
-                                                              "aws_secret_access_key": "hunter2"},
+                                                              "aws_secret_access_key": "hunter2",
+                                                              "runconfig.credentials_path": "/certs/ca.crt"},
                                 tags={tracking.TAG_CONFIG_HASH: "c0ffee", tracking.TAG_DATASET_HASH: "d474"}) as run:
             for step, loss in enumerate([4.0, 3.0, 2.5], start=1):
                 run.log_metrics({"train/loss": loss, "train/lr": 1e-3}, step=step)
@@ -39,7 +40,9 @@ def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tm
     assert child.data.tags[tracking.TAG_PIPELINE_RUN] == parent.data.tags[tracking.TAG_PIPELINE_RUN] == ctx.pipeline_run_id
     assert child.data.tags[tracking.TAG_CONFIG_HASH] == "c0ffee" and child.data.tags[tracking.TAG_DATASET_HASH] == "d474"
     assert len(child.data.tags[tracking.TAG_GIT_SHA]) >= 7
-    assert child.data.params == {"model.hidden_size": "64", "optimizer.betas": "(0.9, 0.95)"}  # no credential
+    # no credential; where one is kept (a certificate's path) is no secret
+    assert child.data.params == {"model.hidden_size": "64", "optimizer.betas": "(0.9, 0.95)",
+                                 "runconfig.credentials_path": "/certs/ca.crt"}
     assert [m.value for m in client.get_metric_history(stage_run_id, "train/loss")] == [4.0, 3.0, 2.5]
     assert parent.data.params == {"config": "gpt2_tiny"}
     # MLflow's artifacts live in the same S3 as the stages' artifacts
