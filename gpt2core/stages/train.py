@@ -29,7 +29,7 @@ from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.storage import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
-                              local_output, put_file)
+                              local_output, put_file, shared_local_input)
 from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
 from gpt2core.training.checkpoint import checkpoint_step, list_checkpoints
 
@@ -170,8 +170,9 @@ def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_pat
 
 @contextlib.contextmanager
 def data_input(key: str, uri: str) -> Iterator[Path]:
+    """The data folder at uri: an s3:// dataset is downloaded once per node, shared by its ranks."""
     try:
-        with local_input(uri) as path:
+        with shared_local_input(uri) as path:
             yield path
     except StorageError as exc:
         raise DataError(f"{key}: {exc}") from exc
