@@ -233,7 +233,10 @@ def test_a_retried_train_stage_resumes_from_the_lost_attempts_checkpoint(tiny_da
         with pytest.raises(RuntimeError, match="preempted"):
             train_stage.run("gpt2_tiny", ctx=ctx, overrides={**overrides, "runconfig.max_steps": 4},
                             model_dir=str(tmp_path / "attempt1"))
-    assert list_files(progress) == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]  # keep-last 2
+    # uploaded in the background, latest wins: which earlier ones made it depends on timing, but the
+    # stage waits for the newest before it goes on, and keep-last 2 holds
+    uploaded = list_files(progress)
+    assert uploaded[-1] == "checkpoint_00000004.pt" and len(uploaded) <= 2
 
     with caplog.at_level("INFO", logger="gpt2core.stages.train"):
         retried = train_stage.run("gpt2_tiny", ctx=ctx, overrides={**overrides, "runconfig.max_steps": 6},
@@ -269,6 +272,60 @@ def test_a_failed_progress_upload_does_not_stop_training(tiny_dataset_64, tmp_pa
         result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "work"))
     assert result.metrics["train/steps"] == 2
     assert "could not upload checkpoint of step 1" in caplog.text
+
+
+def test_training_goes_on_while_a_progress_upload_is_blocked(tiny_dataset_64, s3_root, tmp_path, monkeypatch,
+                                                             caplog):
+    """The upload of step 1 blocks until the test releases it; meanwhile training finishes all 4
+    steps, and steps 2 and 3 are replaced in the pending slot by step 4. Released, step 4 lands in
+    S3 next to step 1, and the skipped ones were never uploaded."""
+    import threading
+
+    from gpt2core.stages import train as train_stage
+    from gpt2core.storage import list_files, put_file
+
+    started, release, uploads = threading.Event(), threading.Event(), []
+
+    def blocked_put(local, uri):
+        uploads.append(Path(uri).name)
+        started.set()
+        assert release.wait(timeout=120), "the test never released the upload"
+        put_file(local, uri)
+
+    monkeypatch.setattr(train_stage, "put_file", blocked_put)
+    progress = f"{s3_root}/train/progress"
+    uploader = train_stage.ProgressUploader(progress, keep_last=5)
+    arrived = []
+
+    def on_checkpoint(path, step):
+        uploader(path, step)  # returns at once: the upload is the worker's
+        arrived.append(step)
+        if step == 1:  # let the worker take step 1 first, so which ones it skips is deterministic
+            assert started.wait(timeout=60)
+
+    params = micro_params(tiny_dataset_64, **{"runconfig.checkpoint_steps": 1, "runconfig.max_steps": 4,
+                                              "runconfig.keep_last_checkpoints": 5})
+    try:
+        with caplog.at_level("INFO", logger="gpt2core.stages.train"):
+            result = run_in_process(params, tiny_dataset_64, tmp_path / "work", on_checkpoint=on_checkpoint)
+            # training is done while the first upload is still held
+            assert result.step == 4 and arrived == [1, 2, 3, 4]
+            assert not release.is_set() and uploads == ["checkpoint_00000001.pt"]
+            assert list_files(progress) == []
+            release.set()
+            uploader.close()
+    finally:
+        release.set()
+        uploader.close()
+    assert uploads == ["checkpoint_00000001.pt", "checkpoint_00000004.pt"]
+    assert list_files(progress) == ["checkpoint_00000001.pt", "checkpoint_00000004.pt"]
+    assert "checkpoint of step 2 not uploaded" in caplog.text
+    assert "checkpoint of step 3 not uploaded" in caplog.text
+
+    # a checkpoint the trainer's keep-last removed before its upload started is skipped
+    with train_stage.ProgressUploader(progress, keep_last=5) as late:
+        late(tmp_path / "work" / "checkpoints" / "checkpoint_00000009.pt", 9)
+    assert list_files(progress) == ["checkpoint_00000001.pt", "checkpoint_00000004.pt"]
 
 
 def test_an_attempt_lost_after_its_last_step_is_published_by_the_retry(tiny_dataset_64, tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ Data comes from ``train_input.data_dir`` (local or s3://). Outputs two artifacts
 (``model.safetensors`` in Hugging Face layout, ``config.json``, ``params.yaml``) and
 ``checkpoints`` (the last ``runconfig.keep_last_checkpoints`` training checkpoints). ``model_dir``
 is the local working folder: checkpoints land there as training goes, and a rerun with the same
-folder resumes from the newest one. Torch targets also upload each checkpoint as it is written to
-``<run>/train/progress/`` (rank 0; deleted once the stage has published), and an attempt started
+folder resumes from the newest one. Torch targets also upload checkpoints in the background to
+``<run>/train/progress/`` (rank 0, latest wins; deleted once the stage has published), and an attempt started
 without --checkpoint_path resumes from the newest one there: a retried step of the same pipeline
 run (a preempted pod) continues where the lost attempt left off. On GPUs start it under
 ``torchrun``: every rank trains, rank 0 tracks and publishes.
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +102,8 @@ def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compi
             resume = local_checkpoint(checkpoint_path, work_dir)
         else:
             resume = earlier_attempt(progress_uri, work_dir) if progress_uri else None
-        on_checkpoint = (progress_uploader(progress_uri, cfg.runconfig.keep_last_checkpoints)
+        # closed when this block ends, also on errors: before the stage publishes and clears the prefix
+        on_checkpoint = (stack.enter_context(ProgressUploader(progress_uri, cfg.runconfig.keep_last_checkpoints))
                          if progress_uri else None)
         result = train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
                        resume_from=resume, log_metrics=log_metrics, on_checkpoint=on_checkpoint)
@@ -131,20 +133,71 @@ def earlier_attempt(progress_uri: str, work_dir: Path) -> Path | None:
     return local_checkpoint(uri, work_dir)
 
 
-def progress_uploader(progress_uri: str, keep_last: int):  # noqa: ANN201 - on_checkpoint(path, step)
-    """The trainer's on_checkpoint callback (rank 0): upload each new checkpoint to the progress
-    prefix, then delete the ones beyond the last ``keep_last``. A failure is logged, never raised."""
-    def on_checkpoint(path: Path, step: int) -> None:
+class ProgressUploader:
+    """The trainer's on_checkpoint callback (rank 0): uploads checkpoints to the progress prefix on a
+    background thread, so training goes on while a (GPT-2 XL: ~19 GB) checkpoint uploads, then
+    deletes the uploaded ones beyond the last ``keep_last``. One upload at a time and one pending
+    slot, latest wins: a checkpoint that arrives while another uploads replaces any pending one
+    (only the newest matters for a resume, and queueing every one would fall further behind).
+    A failure is logged, never raised. ``close()`` uploads what is pending, then stops the thread."""
+
+    def __init__(self, progress_uri: str, keep_last: int):
+        self.progress_uri, self.keep_last = progress_uri.rstrip("/"), keep_last
+        self._pending: tuple[Path, int] | None = None
+        self._closing = False
+        self._wake = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="progress-uploader", daemon=True)
+        self._worker.start()
+
+    def __call__(self, path: Path, step: int) -> None:
         if step == 0:
             return  # resuming from step 0 saves nothing
+        with self._wake:
+            if self._closing:
+                log.warning("checkpoint of step %d arrived after the progress uploader closed; not uploaded", step)
+                return
+            if self._pending is not None:
+                log.info("checkpoint of step %d not uploaded to %s: step %d replaces it while an upload runs",
+                         self._pending[1], self.progress_uri, step)
+            self._pending = (Path(path), step)
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Wait for the running and the pending upload, then stop the thread. The stage calls it
+        before it publishes and clears the prefix, so no late upload re-creates progress files; the
+        pending one is the newest checkpoint, which a retry of a publish that fails resumes from."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._worker.join()
+
+    def __enter__(self) -> ProgressUploader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closing:
+                    self._wake.wait()
+                if self._pending is None:  # closing, nothing left
+                    return
+                (path, step), self._pending = self._pending, None
+            self._upload(path, step)
+
+    def _upload(self, path: Path, step: int) -> None:
+        if not path.exists():  # the trainer's keep-last removed it while it waited: a newer one follows
+            log.info("checkpoint of step %d is gone before its upload started; skipped", step)
+            return
         try:
-            put_file(path, f"{progress_uri.rstrip('/')}/{path.name}")
-            for _, name in _progress_checkpoints(progress_uri)[:-keep_last]:
-                delete_file(f"{progress_uri.rstrip('/')}/{name}")
+            put_file(path, f"{self.progress_uri}/{path.name}")
+            for _, name in _progress_checkpoints(self.progress_uri)[:-self.keep_last]:
+                delete_file(f"{self.progress_uri}/{name}")
         except Exception as exc:  # noqa: BLE001 - an upload must never stop training
             log.warning("could not upload checkpoint of step %d to %s (%s); training goes on, but a retry "
-                        "of this step would resume from an older checkpoint", step, progress_uri, exc)
-    return on_checkpoint
+                        "of this step would resume from an older checkpoint", step, self.progress_uri, exc)
 
 
 def _clear_progress(progress_uri: str) -> None:
