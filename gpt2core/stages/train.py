@@ -41,6 +41,11 @@ PROGRESS = "progress"  # <run>/train/progress/: checkpoints uploaded while train
 TARGETS = ("cpu", "gpu", "cerebras")
 
 
+def _rank() -> int:
+    """This process's rank in the whole training job (torchrun's RANK; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_dir: str | None = None,
         checkpoint_path: str | None = None, compile_cache_uri: str | None = None,
         target: str = "cpu") -> StageResult:
@@ -52,7 +57,7 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
     work_dir = Path(model_dir or cfg.runconfig.model_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     progress_uri = ctx.artifact_uri(STAGE, PROGRESS)
-    if int(os.environ.get("RANK", "0")) != 0:  # another torchrun rank: train, leave the rest to rank 0
+    if _rank() != 0:  # another torchrun rank: train, leave the rest to rank 0
         _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target, log_metrics=None,
                      progress_uri=progress_uri)
         return StageResult(outputs=outputs)
@@ -102,9 +107,10 @@ def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compi
             resume = local_checkpoint(checkpoint_path, work_dir)
         else:
             resume = earlier_attempt(progress_uri, work_dir) if progress_uri else None
-        # closed when this block ends, also on errors: before the stage publishes and clears the prefix
+        # Rank 0 writes the checkpoints, so only it uploads them. Closed when this block ends, also
+        # on errors: before the stage publishes and clears the prefix.
         on_checkpoint = (stack.enter_context(ProgressUploader(progress_uri, cfg.runconfig.keep_last_checkpoints))
-                         if progress_uri else None)
+                         if progress_uri and _rank() == 0 else None)
         result = train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
                        resume_from=resume, log_metrics=log_metrics, on_checkpoint=on_checkpoint)
         if result.checkpoint is None and resume:  # resumed at max_steps: nothing trained, nothing saved
@@ -151,7 +157,7 @@ class ProgressUploader:
 
     def __call__(self, path: Path, step: int) -> None:
         if step == 0:
-            return  # resuming from step 0 saves nothing
+            return  # the initial checkpoint (save_initial_checkpoint): a retry gains nothing from it
         with self._wake:
             if self._closing:
                 log.warning("checkpoint of step %d arrived after the progress uploader closed; not uploaded", step)
@@ -193,17 +199,22 @@ class ProgressUploader:
             return
         try:
             put_file(path, f"{self.progress_uri}/{path.name}")
-            for _, name in _progress_checkpoints(self.progress_uri)[:-self.keep_last]:
-                delete_file(f"{self.progress_uri}/{name}")
+            _prune_progress(self.progress_uri, keep=self.keep_last)
         except Exception as exc:  # noqa: BLE001 - an upload must never stop training
             log.warning("could not upload checkpoint of step %d to %s (%s); training goes on, but a retry "
                         "of this step would resume from an older checkpoint", step, self.progress_uri, exc)
 
 
+def _prune_progress(progress_uri: str, *, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints under the progress prefix."""
+    found = _progress_checkpoints(progress_uri)
+    for _, name in found[:max(0, len(found) - keep)]:
+        delete_file(f"{progress_uri.rstrip('/')}/{name}")
+
+
 def _clear_progress(progress_uri: str) -> None:
     try:
-        for _, name in _progress_checkpoints(progress_uri):
-            delete_file(f"{progress_uri.rstrip('/')}/{name}")
+        _prune_progress(progress_uri, keep=0)
     except Exception as exc:  # noqa: BLE001 - the stage has published; leftovers only cost space
         log.warning("could not clear %s (%s)", progress_uri, exc)
 
@@ -235,11 +246,11 @@ def local_checkpoint(uri: str, work_dir: Path, *, listing=list_checkpoints) -> P
     """A local copy of the checkpoint at ``uri``: a checkpoint file, or a folder of them (the newest
     that ``listing`` finds: torch ``.pt`` or, for the cerebras target, cstorch ``.mdl`` files)."""
     if is_s3(uri) and uri.endswith((".pt", ".mdl")):
-        return fetch_file(uri, work_dir / f"resume-rank{os.environ.get('RANK', '0')}" / uri.rsplit("/", 1)[-1])
+        return fetch_file(uri, work_dir / f"resume-rank{_rank()}" / uri.rsplit("/", 1)[-1])
     if is_s3(uri):
         with local_input(uri) as folder:
             newest = _newest(folder, uri, listing)
-            return Path(shutil.copy2(newest, _fresh(work_dir / f"resume-rank{os.environ.get('RANK', '0')}")))
+            return Path(shutil.copy2(newest, _fresh(work_dir / f"resume-rank{_rank()}")))
     path = Path(uri)
     if path.is_dir():
         return _newest(path, uri, listing)
@@ -313,6 +324,6 @@ def main(args: argparse.Namespace) -> int:
     result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args),
                  model_dir=args.model_dir, checkpoint_path=args.checkpoint_path,
                  compile_cache_uri=args.compile_cache, target=args.target)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
     return 0
