@@ -24,8 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
-from gpt2core import storage
-from gpt2core.s3server import embedded_s3
+from gpt2core.platform import artifacts as storage
+from gpt2core.platform.s3server import embedded_s3
 
 
 def make_artifact(folder: Path, files: int, file_mb: int, large_mb: int) -> int:

@@ -26,7 +26,7 @@ def find_parent_run(pipeline_run_id: str, experiment: str) -> str:
     """The MLflow parent run that start_run opened for this KFP run (tagged with its id)."""
     import mlflow
 
-    from gpt2core.tracking import TAG_KIND, TAG_PIPELINE_RUN
+    from gpt2core.platform.tracking import TAG_KIND, TAG_PIPELINE_RUN
 
     runs = mlflow.search_runs(
         experiment_names=[experiment],
@@ -90,7 +90,7 @@ def markdown_table(rows: Mapping[str, object], header: tuple[str, str] = ("name"
 def report_markdown(uri: str, title: str) -> str:
     """A stage's report folder as Markdown: its .md files verbatim, or else its .json files as
     tables."""
-    from gpt2core.storage import MANIFEST, local_input
+    from gpt2core.platform.artifacts import MANIFEST, local_input
 
     parts = [f"# {title}\n", f"`{uri}`\n"]
     with local_input(uri) as folder:
@@ -238,9 +238,9 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
 
     from mlflow.tracking import MlflowClient
 
-    from gpt2core import tracking
+    from gpt2core.platform import tracking
     from gpt2core.stages import evaluate
-    from gpt2core.storage import local_input, manifest_digest, read_manifest
+    from gpt2core.platform.artifacts import local_input, manifest_digest, read_manifest
 
     name = tracking.default_model_name(ctx)
     dataset_hash = manifest_digest(read_manifest(dataset_uri))

@@ -154,7 +154,7 @@ def load_compile_cache(uri: str) -> dict[str, int]:
     is skipped with a warning (it could only miss)."""
     import torch
 
-    from gpt2core.storage import local_input
+    from gpt2core.platform.artifacts import local_input
 
     with local_input(uri) as folder:
         cache, report_file = folder / CACHE_FILE, folder / REPORT_FILE

@@ -279,7 +279,7 @@ def _read_config_text(source: str) -> str:
     if local.is_file():
         return local.read_text()
     if source.startswith("s3://"):
-        from gpt2core.storage import NotFound, read_text
+        from gpt2core.platform.artifacts import NotFound, read_text
 
         try:
             return read_text(source)

@@ -16,7 +16,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from gpt2core.errors import DataError
-from gpt2core.storage import sha256_file
+from gpt2core.platform.artifacts import sha256_file
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256

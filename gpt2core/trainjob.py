@@ -74,7 +74,7 @@ def require_cluster_reachable(config: str, artifact_root: str) -> None:
     """The pods of a TrainJob run on other machines: the config and the artifact root must be
     somewhere every node can read, not this machine's disk."""
     from gpt2core.config import available_configs
-    from gpt2core.storage import is_s3
+    from gpt2core.platform.artifacts import is_s3
 
     if not (is_s3(config) or config.removesuffix(".yaml") in available_configs()):
         raise ConfigError(f"config {config!r}: with num_nodes > 1 the training pods cannot read a "

@@ -110,10 +110,10 @@ def main_run(args: argparse.Namespace) -> int:
     arguments.setdefault("run_name", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
 
     with contextlib.ExitStack() as stack:
-        from gpt2core import storage
+        from gpt2core.platform import artifacts as storage
 
         if not storage.s3_configured():
-            from gpt2core.s3server import embedded_s3
+            from gpt2core.platform.s3server import embedded_s3
 
             stack.enter_context(embedded_s3(work_dir / "s3"))
         started = time.monotonic()
@@ -208,7 +208,7 @@ def run_summary(run_name: str, experiment: str) -> dict[str, object]:
 
 def read_samples(report_uri: str) -> list[str]:
     """Generated texts (prompt + completion) from the evaluation report's samples.json."""
-    from gpt2core.storage import local_input
+    from gpt2core.platform.artifacts import local_input
 
     with local_input(report_uri) as folder:
         samples = Path(folder) / "samples.json"

@@ -62,10 +62,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real S3 store for the session: SeaweedFS (`weed mini`) on free local ports, auth on.
 
     The AWS_* (and MLFLOW_S3_ENDPOINT_URL) environment points at it for the rest of the session, so
-    `gpt2core.storage` and MLflow use it with no further setup. Yields the server: `.endpoint`,
+    `gpt2core.platform.artifacts` and MLflow use it with no further setup. Yields the server: `.endpoint`,
     `.bucket`, `.access_key`, `.secret_key`, `.env()`.
     """
-    from gpt2core.s3server import SeaweedS3Server
+    from gpt2core.platform.s3server import SeaweedS3Server
 
     server = SeaweedS3Server(tmp_path_factory.mktemp("s3"), bucket="gpt2ops-test")
     with server, pytest.MonkeyPatch.context() as mp:

@@ -249,7 +249,7 @@ def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(
     from gpt2core.evaluation import evaluate
     from gpt2core.model import GPT2
     from gpt2core.stages import evaluate as evaluate_stage
-    from gpt2core.storage import local_input
+    from gpt2core.platform.artifacts import local_input
 
     outputs, params = cpu_run["result"].outputs, cpu_run["params"]
     # checkpoint_steps 5 over 12 steps: 5, 10 and the final 12; the last two are kept and published.
@@ -292,7 +292,7 @@ def test_resume_from_the_published_checkpoints_continues_at_their_step(cpu_run: 
 
 
 def test_converting_a_bad_or_mismatched_checkpoint_is_a_data_error(cpu_run: dict, tmp_path: Path):
-    from gpt2core.storage import local_input
+    from gpt2core.platform.artifacts import local_input
 
     bogus = tmp_path / "checkpoint_5.mdl"
     bogus.write_bytes(b"not an hdf5 file")

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from gpt2core import storage, tracking
+from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.cli import main as cli
 from gpt2core.errors import TrackingError
 from gpt2core.stages import compare

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gpt2core import storage
+from gpt2core.platform import artifacts as storage
 from gpt2core.compilation import CACHE_FILE, REPORT_FILE, load_compile_cache
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.stages import compile as compile_stage

@@ -23,7 +23,7 @@ from components.train.component import train
 from components.validate.component import validate
 from gpt2core.errors import ConfigError, TrackingError
 from gpt2core.stages.common import StageResult
-from gpt2core.tracking import TAG_KIND, TAG_PIPELINE_RUN
+from gpt2core.platform.tracking import TAG_KIND, TAG_PIPELINE_RUN
 
 STAGES = (download, preprocess, validate, compile_model, train, evaluate, promote)
 

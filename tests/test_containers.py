@@ -21,7 +21,7 @@ from unittest import mock
 import pytest
 
 from gpt2core.images import ImageError, docker_client, image_for, require_image
-from gpt2core.storage import local_input
+from gpt2core.platform.artifacts import local_input
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")  # ~0.5 MB of real English
@@ -89,7 +89,7 @@ def test_preprocess_stage_in_docker_writes_hdf5_to_s3(cpu_image, english_text_di
     import h5py
 
     from gpt2core.data.verify import verify_dataset
-    from gpt2core.s3server import SeaweedS3Server
+    from gpt2core.platform.s3server import SeaweedS3Server
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -230,7 +230,7 @@ def test_image_serves_mlflow_as_the_k8s_deployment_runs_it(cpu_image, tmp_path):
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from gpt2core.s3server import SeaweedS3Server
+    from gpt2core.platform.s3server import SeaweedS3Server
 
     docs = list(yaml.safe_load_all((REPO / "k8s" / "base" / "mlflow.yaml").read_text()))
     settings = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
@@ -300,7 +300,7 @@ def test_target_image_trains_gpt2_tiny_from_s3(target, client, tiny_dataset, s3_
     present): kfp and the components import in the main venv, the right torch is where training
     runs, and `gpt2ops train` in the image trains from S3 data and publishes the model to S3: the
     cuda image on CPU (no GPU here), the cerebras image through its SDK venv on the SDK's CPU backend."""
-    from gpt2core.storage import upload_dir
+    from gpt2core.platform.artifacts import upload_dir
 
     image = image_for(target)
     try:

@@ -231,7 +231,7 @@ def test_folder_file_uri_and_single_file(tmp_path: Path):
 
 
 def test_s3_prefix_and_object(s3_server, s3_root: str, tmp_path: Path):
-    from gpt2core.storage import s3_client, split_s3_uri
+    from gpt2core.platform.artifacts import s3_client, split_s3_uri
 
     bucket, prefix = split_s3_uri(s3_root)
     client = s3_client()

@@ -285,7 +285,7 @@ def test_stages_through_s3(small_corpus: Path, s3_root: str, tmp_path: Path, mon
     from gpt2core.data.loader import build_dataloader
     from gpt2core.stages import download, preprocess
     from gpt2core.stages.common import RunContext
-    from gpt2core.storage import local_input, read_manifest
+    from gpt2core.platform.artifacts import local_input, read_manifest
 
     monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path / "cache"))
     ctx = RunContext(pipeline_run_id="run7", artifact_root=s3_root)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2core import storage
+from gpt2core.platform import artifacts as storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ WORKER = """
 import hashlib, json, logging, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-from gpt2core import storage
+from gpt2core.platform import artifacts as storage
 uri, sync, me, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 with storage.shared_local_input(uri) as path:
     files = {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from gpt2core import storage
+from gpt2core.platform import artifacts as storage
 from gpt2core.errors import StorageError
-from gpt2core.s3server import SeaweedS3Server
+from gpt2core.platform.s3server import SeaweedS3Server
 
 
 def _write_tree(folder, files: dict[str, bytes]) -> None:
@@ -245,7 +245,7 @@ def test_server_gone_mid_upload_fails_cleanly_without_manifest(own_server, tmp_p
 
 
 def test_embedded_s3_sets_and_restores_the_environment(tmp_path, monkeypatch):
-    from gpt2core.s3server import embedded_s3
+    from gpt2core.platform.s3server import embedded_s3
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with embedded_s3(tmp_path / "s3", bucket="embedded") as server:

@@ -7,7 +7,7 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gpt2core import storage, tracking
+from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.errors import TrackingError
 from gpt2core.stages.common import RunContext
 

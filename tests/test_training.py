@@ -217,7 +217,7 @@ def test_a_retried_train_stage_resumes_from_the_lost_attempts_checkpoint(tiny_da
     losses of a straight run; another pipeline run starts from step 0."""
     from gpt2core.stages import train as train_stage
     from gpt2core.stages.common import RunContext
-    from gpt2core.storage import list_files
+    from gpt2core.platform.artifacts import list_files
 
     overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
                  "runconfig.checkpoint_steps": 1, "runconfig.keep_last_checkpoints": 2,
@@ -282,7 +282,7 @@ def test_training_goes_on_while_a_progress_upload_is_blocked(tiny_dataset_64, s3
     import threading
 
     from gpt2core.stages import train as train_stage
-    from gpt2core.storage import list_files, put_file
+    from gpt2core.platform.artifacts import list_files, put_file
 
     started, release, uploads = threading.Event(), threading.Event(), []
 

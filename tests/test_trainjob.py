@@ -250,7 +250,7 @@ def micro_overrides(dataset_uri: str, max_steps: int) -> dict[str, object]:
 
 @pytest.fixture
 def s3_dataset(tiny_dataset_64, s3_root) -> str:
-    from gpt2core.storage import upload_dir
+    from gpt2core.platform.artifacts import upload_dir
 
     uri = f"{s3_root}/dataset"
     upload_dir(tiny_dataset_64, uri)
@@ -264,8 +264,8 @@ def test_two_node_trainjob_trains_publishes_and_reattaches(cluster, s3_dataset, 
     and logs to MLflow; the step's function returns them. A retried step re-attaches to the job."""
     from mlflow.tracking import MlflowClient
 
-    from gpt2core import tracking
-    from gpt2core.storage import read_manifest
+    from gpt2core.platform import tracking
+    from gpt2core.platform.artifacts import read_manifest
 
     monkeypatch.setenv(trainjob.ENV_TRAINER_IMAGE, "registry.example/gpt2ops-cuda:test")
     ctx = RunContext(pipeline_run_id="kfp-run-2nodes", artifact_root=s3_root,

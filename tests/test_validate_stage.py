@@ -8,7 +8,7 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gpt2core import storage, tracking
+from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.config import load_params
 from gpt2core.errors import ValidationError
 from gpt2core.stages import validate

@@ -31,7 +31,7 @@ def start_run(
     from mlflow.tracking import MlflowClient
 
     from components.runtime import check_pipeline_parameters
-    from gpt2core import tracking
+    from gpt2core.platform import tracking
     from gpt2core.stages.common import RunContext
 
     form = dict(config=config, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
@@ -96,7 +96,7 @@ def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinal
     from mlflow.tracking import MlflowClient
 
     from components.runtime import find_parent_run
-    from gpt2core import tracking
+    from gpt2core.platform import tracking
     from gpt2core.errors import TrackingError
 
     try:

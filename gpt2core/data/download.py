@@ -2,7 +2,7 @@
 
 Sources: a local path or `file://` URI (file or folder), `http(s)://` (retries; a partial download is
 resumed with a Range request, also on the next run; optional sha256), `s3://bucket/key-or-prefix`
-(any S3-compatible endpoint, settings as in gpt2core.storage) and `hf://datasets/<org>/<name>[@rev]`
+(any S3-compatible endpoint, settings as in gpt2core.platform.artifacts) and `hf://datasets/<org>/<name>[@rev]`
 (a Hugging Face dataset repo, when the hub is reachable). A fetched .tar.gz/.tgz/.tar.xz/.tar.bz2/
 .tar/.zip is unpacked; `include` globs (matched against the path inside the archive or folder)
 choose the files. Kept files must be corpus files (see gpt2core.data.readers); the first record of
@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from gpt2core.data.preprocess import CORPUS_INFO
 from gpt2core.data.readers import SUPPORTED_SUFFIXES, corpus_format, iter_documents
 from gpt2core.errors import DataError
-from gpt2core.storage import sha256_file
+from gpt2core.platform.artifacts import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _stream_to(resp, part: Path, *, append: bool, url: str, total: int) -> None:
 
 def _fetch_s3(uri: str, scratch: Path) -> Path:
     """One object, or every object under a prefix (as a folder)."""
-    from gpt2core.storage import _s3_errors, s3_client, split_s3_uri
+    from gpt2core.platform.artifacts import _s3_errors, s3_client, split_s3_uri
 
     bucket, key = split_s3_uri(uri)
     client = s3_client()

@@ -10,46 +10,9 @@ Contract (see ../shared/DESIGN.md and docs/architecture.md):
 from __future__ import annotations
 
 import argparse
-import os
-import uuid
-from dataclasses import dataclass, field
 
-ENV_RUN_ID = "GPT2OPS_PIPELINE_RUN_ID"
-ENV_ARTIFACT_ROOT = "GPT2OPS_ARTIFACT_ROOT"
-ENV_PARENT_RUN = "GPT2OPS_MLFLOW_PARENT_RUN_ID"
-ENV_EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"
-
-
-@dataclass
-class StageResult:
-    """What a stage returns: artifact name -> URI, and its headline metrics."""
-
-    outputs: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Where a stage of one pipeline run stores artifacts and logs runs."""
-
-    pipeline_run_id: str
-    artifact_root: str
-    experiment: str = "gpt2ops"
-    parent_run_id: str | None = None
-
-    def artifact_uri(self, stage: str, artifact: str) -> str:
-        return "/".join([self.artifact_root.rstrip("/"), self.pipeline_run_id, stage, artifact])
-
-    @classmethod
-    def from_env(cls, **overrides: str | None) -> RunContext:
-        values = {
-            "pipeline_run_id": os.environ.get(ENV_RUN_ID) or uuid.uuid4().hex[:12],
-            "artifact_root": os.environ.get(ENV_ARTIFACT_ROOT) or os.path.abspath("work/artifacts"),
-            "experiment": os.environ.get(ENV_EXPERIMENT) or "gpt2ops",
-            "parent_run_id": os.environ.get(ENV_PARENT_RUN) or None,
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+from gpt2core.platform.context import ENV_ARTIFACT_ROOT, ENV_EXPERIMENT, ENV_PARENT_RUN, ENV_RUN_ID, RunContext
+from gpt2core.platform.results import StageResult  # noqa: F401 - re-exported until the stage contract lands
 
 
 def add_context_arguments(parser: argparse.ArgumentParser) -> None:

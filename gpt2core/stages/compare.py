@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass, field
 
 from gpt2core.errors import TrackingError
-from gpt2core.storage import local_output
-from gpt2core.tracking import (TAG_CONFIG_HASH, TAG_PIPELINE_RUN, TAG_STAGE, mlflow_client, plot_curves,
+from gpt2core.platform.artifacts import local_output
+from gpt2core.platform.tracking import (TAG_CONFIG_HASH, TAG_PIPELINE_RUN, TAG_STAGE, mlflow_client, plot_curves,
                                redacted, tracking_errors, tracking_uri)
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from gpt2core.compilation import compile_training_step, write_report, write_skip
 from gpt2core.config import load_params
 from gpt2core.errors import ConfigError
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import local_input, local_output
-from gpt2core.tracking import TAG_CONFIG_HASH, stage_run
+from gpt2core.platform.artifacts import local_input, local_output
+from gpt2core.platform.tracking import TAG_CONFIG_HASH, stage_run
 
 STAGE = "compile"
 TARGETS = ("cpu", "gpu", "cerebras")

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from gpt2core.data.download import QUICKSTART_SOURCE, CorpusSource, download_source
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import local_output
-from gpt2core.tracking import stage_run
+from gpt2core.platform.artifacts import local_output
+from gpt2core.platform.tracking import stage_run
 
 STAGE = "download"
 

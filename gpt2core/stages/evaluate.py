@@ -20,8 +20,8 @@ from gpt2core.config import Params, load_params
 from gpt2core.errors import DataError
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.stages.train import data_input, local_checkpoint, overrides_from_args
-from gpt2core.storage import artifact_digest, local_input, local_output
-from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI, stage_run
+from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
+from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI, stage_run
 
 STAGE = "evaluate"
 

@@ -20,8 +20,8 @@ from gpt2core.data.preprocess import PreprocessParams, preprocess_corpus
 from gpt2core.data.verify import verify_dataset
 from gpt2core.errors import ConfigError
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import fetch_file, is_s3, local_input, local_output
-from gpt2core.tracking import stage_run
+from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, local_output
+from gpt2core.platform.tracking import stage_run
 
 STAGE = "preprocess"
 

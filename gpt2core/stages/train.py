@@ -29,9 +29,9 @@ from gpt2core.config import Params, load_params, parse_override
 from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
+from gpt2core.platform.artifacts import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
                               local_output, put_file, shared_local_input)
-from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
 from gpt2core.training.checkpoint import checkpoint_step, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,8 @@ def cli_arguments(params: str, *, ctx: RunContext, overrides: dict[str, object],
 def published_result(ctx: RunContext) -> StageResult:
     """The result of a train stage that ran elsewhere (a TrainJob): its artifacts, which must be
     complete (manifest written), and the metrics its rank 0 logged to MLflow."""
-    from gpt2core.storage import artifact_exists
-    from gpt2core.tracking import finished_stage_metrics
+    from gpt2core.platform.artifacts import artifact_exists
+    from gpt2core.platform.tracking import finished_stage_metrics
 
     outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
     missing = [uri for uri in outputs.values() if not artifact_exists(uri)]

@@ -17,8 +17,8 @@ from pathlib import Path
 from gpt2core.config import load_params
 from gpt2core.errors import Gpt2opsError, ValidationError
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.storage import artifact_digest, local_input, local_output
-from gpt2core.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
+from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
 from gpt2core.validation import (GPU_MEMORY_GB, ValidationReport, check_data_volume, check_dataset,
                                  check_job)
 

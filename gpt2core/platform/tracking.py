@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from gpt2core.errors import TrackingError
-from gpt2core.stages.common import RunContext
+from gpt2core.platform.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def mlflow_client():
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from gpt2core.storage import export_s3_env
+    from gpt2core.platform.artifacts import export_s3_env
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

@@ -1,0 +1,40 @@
+"""The run context every stage runs in: which pipeline run, where its artifacts go, where it logs.
+
+Artifacts live at ``<artifact_root>/<pipeline_run_id>/<stage>/<artifact>/``; ``artifact_root`` is a
+local folder or ``s3://bucket/prefix``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+ENV_RUN_ID = "GPT2OPS_PIPELINE_RUN_ID"
+ENV_ARTIFACT_ROOT = "GPT2OPS_ARTIFACT_ROOT"
+ENV_PARENT_RUN = "GPT2OPS_MLFLOW_PARENT_RUN_ID"
+ENV_EXPERIMENT = "MLFLOW_EXPERIMENT_NAME"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a stage of one pipeline run stores artifacts and logs runs."""
+
+    pipeline_run_id: str
+    artifact_root: str
+    experiment: str = "gpt2ops"
+    parent_run_id: str | None = None
+
+    def artifact_uri(self, stage: str, artifact: str) -> str:
+        return "/".join([self.artifact_root.rstrip("/"), self.pipeline_run_id, stage, artifact])
+
+    @classmethod
+    def from_env(cls, **overrides: str | None) -> RunContext:
+        values = {
+            "pipeline_run_id": os.environ.get(ENV_RUN_ID) or uuid.uuid4().hex[:12],
+            "artifact_root": os.environ.get(ENV_ARTIFACT_ROOT) or os.path.abspath("work/artifacts"),
+            "experiment": os.environ.get(ENV_EXPERIMENT) or "gpt2ops",
+            "parent_run_id": os.environ.get(ENV_PARENT_RUN) or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
