@@ -1,9 +1,9 @@
-"""The KFP components: their typed interfaces, and the shared runtime they call inside the step."""
+"""The KFP components: their typed interfaces, and the KFP translation (kfp_io) they call inside the step."""
 
 from __future__ import annotations
 
+import base64
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import mlflow
@@ -12,7 +12,7 @@ import pytest
 from kfp import dsl
 
 from components import IMAGE
-from components import runtime
+from components import kfp_io
 from components.compile.component import compile_model
 from components.download.component import download
 from components.evaluate.component import evaluate
@@ -22,7 +22,9 @@ from components.promote.component import promote
 from components.train.component import train
 from components.validate.component import validate
 from gpt2core.errors import ConfigError, TrackingError
-from gpt2core.stages.common import StageResult
+from gpt2core.platform.results import StageResult
+from gpt2core.pipeline_parameters import PipelineParameters
+from gpt2core.platform import tracking
 from gpt2core.platform.tracking import TAG_KIND, TAG_PIPELINE_RUN
 
 STAGES = (download, preprocess, validate, compile_model, train, evaluate, promote)
@@ -68,15 +70,19 @@ def test_stage_components_take_run_ids_and_emit_typed_artifacts(component):
     assert string_outputs and all(n.endswith(("_uri", "_json", "_version")) for n in string_outputs)
 
 
-GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",
+GOOD = dict(params="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",
             num_gpus=1, num_nodes=1, gpu_type="H100", max_steps=0,
             artifact_root="s3://bucket/runs")
 LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_tiny.yaml")
 
 
+def check_form(**values) -> PipelineParameters:
+    return PipelineParameters.create(**values).check()
+
+
 @pytest.mark.parametrize("change, parameter", [
-    ({"config": "gpt2_huge"}, "parameter config"),
-    ({"config": "/nonexistent/config.yaml"}, "parameter config"),
+    ({"params": "gpt2_huge"}, "parameter params"),
+    ({"params": "/nonexistent/config.yaml"}, "parameter params"),
     ({"source": "ftp://example.org/x.txt"}, "parameter source"),
     ({"source": "https:///no-host"}, "parameter source"),
     ({"source": ""}, "parameter source"),
@@ -87,20 +93,19 @@ LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_tiny.
     ({"max_steps": -1}, "parameter max_steps"),
     ({"num_nodes": 0}, "parameter num_nodes"),
     ({"num_nodes": 2}, "parameter num_nodes: .*target gpu"),
-    ({"target": "gpu", "num_nodes": 2, "config": LOCAL_CONFIG},
-     "parameter config/s3_prefix: .*cannot read a file of this machine"),
-    ({"artifact_root": "bucket/runs"}, "parameter s3_prefix"),
+    ({"target": "gpu", "num_nodes": 2, "params": LOCAL_CONFIG},
+     "parameter params/artifact_root: .*cannot read a file of this machine"),
+    ({"artifact_root": "bucket/runs"}, "parameter artifact_root"),
 ])
 def test_bad_run_form_values_name_the_parameter(change, parameter):
     with pytest.raises(ConfigError, match=parameter):
-        runtime.check_pipeline_parameters(**{**GOOD, **change})
+        check_form(**{**GOOD, **change})
 
 
 def test_good_run_form_values_pass():
-    runtime.check_pipeline_parameters(**GOOD)
-    runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8,
-                                         "source": "hf://datasets/org/name", "max_steps": 10})
-    runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8, "num_nodes": 4})
+    check_form(**GOOD)
+    check_form(**{**GOOD, "target": "gpu", "num_gpus": 8, "source": "hf://datasets/org/name", "max_steps": 10})
+    check_form(**{**GOOD, "target": "gpu", "num_gpus": 8, "num_nodes": 4})
 
 
 def test_parent_run_is_found_by_its_pipeline_run_tag():
@@ -109,23 +114,27 @@ def test_parent_run_is_found_by_its_pipeline_run_tag():
         # stage runs carry the same pipeline run id; only the parent is a "pipeline" run
         with mlflow.start_run(nested=True, tags={TAG_PIPELINE_RUN: "kfp-123", TAG_KIND: "stage"}):
             pass
-    assert runtime.find_parent_run("kfp-123", "components-test") == run.info.run_id
-    ctx = runtime.stage_context("kfp-123", "s3://b/p", "components-test")
+    assert tracking.find_parent_run("kfp-123", "components-test") == run.info.run_id
+    ctx = kfp_io.stage_context("kfp-123", "s3://b/p", "components-test")
     assert ctx.parent_run_id == run.info.run_id
     assert ctx.artifact_uri("train", "model") == "s3://b/p/kfp-123/train/model"
     with pytest.raises(TrackingError, match="kfp-999"):
-        runtime.find_parent_run("kfp-999", "components-test")
+        tracking.find_parent_run("kfp-999", "components-test")
 
 
-def test_metric_history_reads_the_stage_child_run():
+def test_loss_curve_html_embeds_the_runs_loss_png():
     mlflow.set_experiment("components-history")
-    with mlflow.start_run() as parent:
-        with mlflow.start_run(run_name="train", nested=True):
-            for step, loss in enumerate([9.0, 7.5, 6.0]):
-                mlflow.log_metric("train/loss", loss, step=step * 10)
-    assert runtime.metric_history(parent.info.run_id, "train", "train/loss") == [
-        (0.0, 9.0), (10.0, 7.5), (20.0, 6.0)]
-    assert runtime.metric_history(parent.info.run_id, "evaluate", "eval/loss") == []
+    with mlflow.start_run() as run:
+        for step, loss in enumerate([9.0, 7.5, 6.0]):
+            mlflow.log_metric("train/loss", loss, step=step * 10)
+    page = kfp_io.loss_curve_html(StageResult(outputs={"model": "s3://b/m"}, mlflow_run_id=run.info.run_id))
+    png = base64.b64decode(page.split("data:image/png;base64,")[1].split('"')[0])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
+    assert png == tracking.loss_curve_png(run.info.run_id)  # the same picture MLflow gets
+    with mlflow.start_run() as empty:
+        pass
+    assert "fewer than two logged loss values" in kfp_io.loss_curve_html(
+        StageResult(outputs={"model": "s3://b/m"}, mlflow_run_id=empty.info.run_id))
 
 
 def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
@@ -133,7 +142,7 @@ def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "kfp" / "metrics"))
     result = StageResult(outputs={"dataset": "s3://b/run/preprocess/dataset"},
                          metrics={"data/n_examples": 120, "data/bad": float("nan")})
-    runtime.publish(result, {"dataset": dataset}, metrics)
+    kfp_io.publish(result, {"dataset": dataset}, metrics)
     assert dataset.metadata["uri"] == "s3://b/run/preprocess/dataset"
     assert json.loads((tmp_path / "kfp" / "dataset").read_text()) == {
         "uri": "s3://b/run/preprocess/dataset"}
@@ -144,28 +153,23 @@ def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
 
 def test_report_markdown_prefers_the_markdown_files_else_renders_the_json(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"memory": {"peak_gb": 1.5}, "ok": True}))
-    text = runtime.report_markdown(str(tmp_path), "Validation report")
+    text = kfp_io.report_markdown(str(tmp_path), "Validation report")
     assert text.startswith("# Validation report")
     assert "| memory.peak_gb | 1.5 |" in text and "| ok | True |" in text
     (tmp_path / "summary.md").write_text("all checks passed\n")
-    text = runtime.report_markdown(str(tmp_path), "Validation report")
+    text = kfp_io.report_markdown(str(tmp_path), "Validation report")
     assert "all checks passed" in text and "peak_gb" not in text
 
 
-def test_svg_line_chart_is_well_formed():
-    svg = runtime.svg_line_chart([(0, 10.8), (10, 8.0), (20, 6.5)], title="loss <train>",
-                                 x_label="step", y_label="loss")
-    root = ET.fromstring(svg)
-    polyline = root.find("{http://www.w3.org/2000/svg}polyline")
-    assert len(polyline.get("points").split()) == 3
-    assert "loss &lt;train&gt;" in svg
+def test_a_dataset_request_points_at_its_splits():
+    from gpt2core.stages import train
 
-
-def test_stage_overrides_point_at_the_dataset_splits():
-    assert runtime.stage_overrides("s3://b/r/preprocess/dataset/", 0) == {
-        "train_input.data_dir": "s3://b/r/preprocess/dataset/train",
-        "eval_input.data_dir": "s3://b/r/preprocess/dataset/val"}
-    assert runtime.stage_overrides("s3://b/d", 25)["runconfig.max_steps"] == 25
+    request = train.Request(params="gpt2_tiny", dataset="s3://b/r/preprocess/dataset/", max_steps=25)
+    assert request.config_overrides() == {"train_input.data_dir": "s3://b/r/preprocess/dataset/train",
+                                          "eval_input.data_dir": "s3://b/r/preprocess/dataset/val",
+                                          "runconfig.max_steps": 25}
+    explicit = train.Request(params="gpt2_tiny", dataset="s3://b/d", overrides={"eval_input.data_dir": "/v"})
+    assert explicit.config_overrides()["eval_input.data_dir"] == "/v"  # --set wins over --dataset
 
 
 @pytest.mark.slow
@@ -175,11 +179,13 @@ def test_train_runs_on_several_processes_under_torchrun(tiny_dataset, tmp_path):
     mlflow.set_experiment("components-torchrun")
     with mlflow.start_run(tags={TAG_PIPELINE_RUN: "kfp-ddp", TAG_KIND: "pipeline"}) as parent:
         pass
-    ctx = runtime.stage_context("kfp-ddp", str(tmp_path / "artifacts"), "components-torchrun")
+    from gpt2core.launch import launch
+    from gpt2core.stages import train
+
+    ctx = kfp_io.stage_context("kfp-ddp", str(tmp_path / "artifacts"), "components-torchrun")
     assert ctx.parent_run_id == parent.info.run_id
-    result = runtime.train_on_processes(
-        "gpt2_tiny", ctx=ctx, overrides=runtime.stage_overrides(str(tiny_dataset), 2),
-        compile_cache_uri="", target="cpu", nproc=2)
+    result = launch("train", ctx, train.Request(params="gpt2_tiny", dataset=str(tiny_dataset), max_steps=2,
+                                                model_dir=str(tmp_path / "work")), nproc_per_node=2)
     assert result.outputs["model"] == ctx.artifact_uri("train", "model")
     assert (tmp_path / "artifacts" / "kfp-ddp" / "train" / "model" / "MANIFEST.json").exists()
     assert 0 < result.metrics["train/loss"] < 12

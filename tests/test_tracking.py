@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.errors import TrackingError
-from gpt2core.stages.common import RunContext
+from gpt2core.platform.context import RunContext
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +42,10 @@ TAG_DATASET_HASH = "gpt2ops.dataset_hash"
 TAG_KIND = "gpt2ops.kind"  # "pipeline" (parent run) or "stage" (child run)
 TAG_MODEL_URI = "gpt2ops.model_uri"  # on a model version: the train stage's model artifact
 TAG_ERROR = "gpt2ops.error"
+TAG_TARGET = "gpt2ops.target"  # on a train run: cpu, gpu or cerebras
+TAG_PROMOTED = "gpt2ops.promoted"  # on a promote run and the parent run: True or False
+TAG_MODEL_VERSION = "gpt2ops.model_version"  # the registered version a promote run decided on
+TAG_ARTIFACT_PREFIX = "artifact."  # on a parent run: artifact.<stage>/<artifact> = its URI
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOSS_CURVE_FILE = "plots/loss_curve.png"
 
@@ -284,39 +289,78 @@ def stage_run(stage: str, ctx: RunContext, *, params: Mapping[str, object] | Non
             mlflow.end_run(status)
 
 
-def start_pipeline_run(ctx: RunContext, params: Mapping[str, object] | None = None) -> str:
-    """Open the parent run of a pipeline run (left RUNNING); returns its run id."""
+def start_pipeline_run(ctx: RunContext, params: Mapping[str, object] | None = None, *,
+                       run_name: str = "") -> str:
+    """Open the parent run of a pipeline run (left RUNNING), named ``run_name`` (default
+    ``pipeline-<pipeline run id>``); returns its run id."""
     client = mlflow_client()
-    run_id = _start_run(client, ctx, run_name=f"pipeline-{ctx.pipeline_run_id}",
+    run_id = _start_run(client, ctx, run_name=run_name or f"pipeline-{ctx.pipeline_run_id}",
                         tags=_base_tags(ctx, "pipeline"))
     if params:
         StageRun(client, run_id, "pipeline", ctx).log_params(params)
     return run_id
 
 
-def finished_stage_metrics(ctx: RunContext, stage: str) -> dict[str, float]:
-    """The latest value of every metric of the newest FINISHED `stage` run of this pipeline run (a
-    stage that ran in other processes, e.g. the pods of a TrainJob, logged them there)."""
+def find_parent_run(pipeline_run_id: str, experiment: str) -> str:
+    """The MLflow parent run opened for pipeline run ``pipeline_run_id`` (tagged with its id);
+    TrackingError when there is none."""
     client = mlflow_client()
-    with tracking_errors(f"find the {stage} run of pipeline run {ctx.pipeline_run_id}"):
+    with tracking_errors(f"find the parent run of pipeline run {pipeline_run_id}"):
+        found = client.get_experiment_by_name(experiment)
         runs = client.search_runs(
-            [_experiment_id(client, ctx)],
-            filter_string=(f"tags.`{TAG_PIPELINE_RUN}` = '{ctx.pipeline_run_id}' and "
-                           f"tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'"),
-            order_by=["attributes.start_time DESC"], max_results=1)
+            [found.experiment_id], filter_string=(f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' and "
+                                                  f"tags.`{TAG_KIND}` = 'pipeline'"),
+            order_by=["attributes.start_time DESC"], max_results=1) if found else []
     if not runs:
-        raise TrackingError(f"no FINISHED MLflow {stage} run tagged {TAG_PIPELINE_RUN}="
-                            f"{ctx.pipeline_run_id} in experiment {ctx.experiment!r} at "
-                            f"{redacted(tracking_uri())}")
-    return dict(runs[0].data.metrics)
+        raise TrackingError(f"no MLflow parent run tagged {TAG_PIPELINE_RUN}={pipeline_run_id} in "
+                            f"experiment {experiment!r} at {redacted(tracking_uri())}")
+    return runs[0].info.run_id
 
 
-def end_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
-    """Close a parent run: FINISHED, FAILED or KILLED (the pipeline's exit handler decides)."""
+def loss_curve_png(run_id: str, metrics: tuple[str, ...] = ("train/loss", "eval/loss")) -> bytes | None:
+    """The run's loss histories as a PNG (the plot MLflow holds as plots/loss_curve.png); None
+    with fewer than two logged values."""
+    import io
+
+    client = mlflow_client()
+    curves = {}
+    with tracking_errors(f"read metric history of run {run_id}"):
+        for key in metrics:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+            if history:
+                curves[key] = ([m.step for m in history], [m.value for m in history])
+    if sum(len(steps) for steps, _ in curves.values()) < 2:
+        return None
+    figure = plot_curves(curves, title="training loss")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    _close(figure)
+    return buffer.getvalue()
+
+
+def record_pipeline_results(run_id: str, *, artifacts: Mapping[str, str], metrics: Mapping[str, float],
+                            model_version: str, promoted: bool) -> None:
+    """Put a pipeline run's outcome on its parent run: every artifact URI (tag ``artifact.<stage>/<name>``),
+    the eval metrics, the registered model version and whether it was promoted."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    tags = [RunTag(f"{TAG_ARTIFACT_PREFIX}{name}", uri) for name, uri in artifacts.items()]
+    tags += [RunTag(TAG_MODEL_VERSION, model_version), RunTag(TAG_PROMOTED, str(promoted))]
+    with tracking_errors(f"record the results on run {run_id}"):
+        mlflow_client().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                                  tags=tags)
+
+
+def end_pipeline_run(run_id: str, status: str = "FINISHED", *, error: str | None = None) -> None:
+    """Close a parent run: FINISHED, FAILED or KILLED (the pipeline's exit handler decides), with the
+    error that ended it tagged (``gpt2ops.error``)."""
     if status not in ("FINISHED", "FAILED", "KILLED"):
         raise TrackingError(f"end_pipeline_run: status {status!r} is not FINISHED, FAILED or KILLED")
     client = mlflow_client()
     with tracking_errors(f"end run {run_id}"):
+        if error:
+            client.set_tag(run_id, TAG_ERROR, error[:5000])
         client.set_terminated(run_id, status)
 
 
@@ -402,6 +446,18 @@ def champion_version(name: str) -> str | None:
             return None
         raise TrackingError(f"MLflow at {redacted(tracking_uri())}: could not read alias "
                             f"{CHAMPION!r} of model {name!r}: {exc.message}") from exc
+
+
+def model_version_score(name: str, version: str, *, dataset_hash: str,
+                        metric: str = "eval/loss") -> float | None:
+    """The ``metric`` tagged on a registered version when it was scored on the eval set whose content
+    hash is ``dataset_hash``; None when it was never scored on that set."""
+    client = mlflow_client()
+    with tracking_errors(f"read tags of model {name!r} version {version}"):
+        tags = client.get_model_version(name, version).tags
+    if tags.get(TAG_DATASET_HASH) != dataset_hash or metric not in tags:
+        return None
+    return float(tags[metric])
 
 
 def download_model_version(name: str, version: str, dst: str | Path) -> Path:
