@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2core.checkpoint_names import list_checkpoints
 from gpt2core.config import load_params
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.training import train
-from gpt2core.training.checkpoint import list_checkpoints
 from gpt2core.training.optimizer import build_optimizer
 from gpt2core.training.schedule import build_lr_scheduler
 

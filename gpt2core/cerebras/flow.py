@@ -33,8 +33,8 @@ import torch
 import cerebras.pytorch as cstorch
 from cerebras.appliance.cluster.config import ClusterConfigError
 
-from gpt2core.cerebras.checkpoints import checkpoint_path, list_checkpoints
 from gpt2core.cerebras.settings import CerebrasSettings, resolve_settings
+from gpt2core.checkpoint_names import CEREBRAS, checkpoint_name, list_checkpoints
 from gpt2core.config import Params, SchedulerParams, schedule_milestones
 from gpt2core.data.loader import build_dataloader
 from gpt2core.errors import ConfigError, DataError, TrainingError
@@ -406,8 +406,8 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
                  "lr_scheduler": scheduler.state_dict(), "global_step": step}
         if precision.grad_scaler is not None:
             state["grad_scaler"] = precision.grad_scaler.state_dict()
-        cstorch.save(state, str(checkpoint_path(checkpoint_dir, step)))
-        for old in list_checkpoints(checkpoint_dir)[:-r.keep_last_checkpoints]:
+        cstorch.save(state, str(checkpoint_dir / checkpoint_name(step, CEREBRAS)))
+        for old in list_checkpoints(checkpoint_dir, CEREBRAS)[:-r.keep_last_checkpoints]:
             old.unlink()
 
     if r.save_initial_checkpoint and start_step == 0:
@@ -422,7 +422,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
         save_checkpoint(step)  # a checkpoint closure: runs only on the executor's checkpoint steps
     seconds = time.perf_counter() - started
 
-    final = checkpoint_path(checkpoint_dir, r.max_steps)
+    final = checkpoint_dir / checkpoint_name(r.max_steps, CEREBRAS)
     if not final.is_file():
         raise TrainingError(f"{final}: the final checkpoint was not written")
     convert_checkpoint(final, params, model_dir)
