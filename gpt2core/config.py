@@ -266,7 +266,7 @@ class RunConfigParams(_Section):
     keep_last_checkpoints: PositiveInt = 3  # torch: older step checkpoints are deleted
     seed: NonNegativeInt = 1
     eval_steps: PositiveInt | None = None  # None: the whole eval set
-    eval_frequency: PositiveInt | None = None  # torch: evaluate every N training steps (None: at the end)
+    eval_frequency: NonNegativeInt | None = None  # torch: evaluate every N training steps (0, None: at the end)
     model_dir: str = "./model_dir"
     checkpoint_path: str | None = None
     mode: str = "train"
