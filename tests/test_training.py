@@ -142,11 +142,11 @@ WORKER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from gpt2core.config import load_params
+    import torch.distributed as dist
     from gpt2core.training import train
-    from gpt2core.training.parallel import shutdown_distributed
     overrides, data_dir, work_dir = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     result = train(load_params("gpt2_tiny", overrides), data_dir=data_dir, work_dir=work_dir)
-    shutdown_distributed()
+    assert not dist.is_initialized(), "train() left the process group open"
 """)
 
 

@@ -31,7 +31,8 @@ from gpt2core.model import GPT2
 from gpt2core.training.checkpoint import Checkpointer
 from gpt2core.training.metrics import ThroughputMeter, peak_flops
 from gpt2core.training.optimizer import build_optimizer
-from gpt2core.training.parallel import FSDPModule, DistInfo, all_reduce_sum, gradient_sync, init_distributed, parallelize
+from gpt2core.training.parallel import (FSDPModule, DistInfo, all_reduce_sum, gradient_sync, init_distributed,
+                                       parallelize, shutdown_distributed)
 from gpt2core.training.schedule import build_lr_scheduler
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,16 @@ def train(params: Params, *, data_dir: str | Path, work_dir: str | Path, target:
     """Train for ``runconfig.max_steps``, resuming from ``resume_from`` or else the newest checkpoint
     in ``work_dir/checkpoints``. Rank 0 calls ``log_metrics(metrics: dict, step: int)`` every
     ``runconfig.log_steps`` and ``on_checkpoint(path: Path, step: int)`` after writing each checkpoint
-    (the callback must not raise for a failure training should survive, e.g. an upload)."""
+    (the callback must not raise for a failure training should survive, e.g. an upload).
+
+    Under torchrun this joins the process group and leaves it when training ends, also on errors
+    (every collective of training, the final gather and evaluation included, happens in here)."""
     info = init_distributed(target)
-    return Trainer(params, info, Path(work_dir), log_metrics, on_checkpoint).fit(data_dir, eval_data_dir,
-                                                                                 resume_from)
+    try:
+        return Trainer(params, info, Path(work_dir), log_metrics, on_checkpoint).fit(data_dir, eval_data_dir,
+                                                                                     resume_from)
+    finally:
+        shutdown_distributed()
 
 
 class Trainer:
