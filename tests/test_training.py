@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2core.checkpoint_names import list_checkpoints
+from gpt2core.checkpoint_names import CEREBRAS, checkpoint_name, checkpoint_step, list_checkpoints
 from gpt2core.config import load_params
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.training import train
@@ -134,6 +134,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_6
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint_00000000.pt"]
     state = torch.load(tmp_path / "checkpoints" / "checkpoint_00000000.pt", weights_only=True)
     assert state["step"] == 0 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_checkpoint_names_of_both_trainers(tmp_path):
+    assert (checkpoint_name(100), checkpoint_name(100, CEREBRAS)) == ("checkpoint_00000100.pt", "checkpoint_100.mdl")
+    assert checkpoint_step("checkpoint_00000100.pt") == 100 and checkpoint_step("checkpoint_00000100.pt", CEREBRAS) is None
+    assert checkpoint_step(tmp_path / "checkpoint_7.mdl", CEREBRAS) == 7 and checkpoint_step("checkpoint_7.mdl") is None
+    for name in ("checkpoint_00000010.pt", "checkpoint_00000002.pt", ".checkpoint_00000011.pt.tmp", "checkpoint_10.mdl",
+                 "checkpoint_9.mdl", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_00000002.pt", "checkpoint_00000010.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path, CEREBRAS)] == ["checkpoint_9.mdl", "checkpoint_10.mdl"]
+    assert list_checkpoints(tmp_path / "missing") == []
 
 
 # ----------------------------------------------------------------------------- resume and DDP
