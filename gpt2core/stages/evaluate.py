@@ -29,8 +29,7 @@ STAGE = "evaluate"
 def run(params: str, *, ctx: RunContext, model_uri: str, overrides: dict | None = None,
         checkpoint_path: str | None = None) -> StageResult:
     """Evaluate the saved model at ``model_uri`` (or the weights of training checkpoint ``checkpoint_path``)."""
-    from gpt2core.data.loader import build_dataloader
-    from gpt2core.evaluation import evaluate
+    from gpt2core.evaluation import eval_dataloader, evaluate_pass
 
     cfg = load_params(params, overrides)
     report_uri = ctx.artifact_uri(STAGE, "report")
@@ -41,11 +40,7 @@ def run(params: str, *, ctx: RunContext, model_uri: str, overrides: dict | None 
         started = time.monotonic()
         model = _load_model(cfg, model_uri, checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:
-            loader = build_dataloader(eval_dir, cfg.eval_input.batch_size, shuffle=False, drop_last=False,
-                                      num_workers=cfg.eval_input.num_workers)
-            steps = len(loader) if cfg.runconfig.eval_steps is None else min(len(loader), cfg.runconfig.eval_steps)
-            autocast = torch.bfloat16 if device.type == "cuda" and cfg.model.mixed_precision else None
-            metrics = evaluate(model, loader, device=device, max_batches=steps, autocast_dtype=autocast)
+            metrics = evaluate_pass(model, cfg, eval_dataloader(cfg, eval_dir), device=device)
         samples = _samples(model, cfg, device)
         metrics["eval/seconds"] = time.monotonic() - started
         with local_output(report_uri) as out:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpt2core.cerebras.checkpoints import list_checkpoints as list_cerebras_checkpoints
+from gpt2core.checkpoint_names import CEREBRAS, TORCH, checkpoint_step, list_checkpoints
 from gpt2core.config import Params, load_params, parse_override
 from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.hf_checkpoint import save_pretrained
@@ -32,7 +32,6 @@ from gpt2core.stages.common import RunContext, StageResult, add_context_argument
 from gpt2core.platform.artifacts import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
                               local_output, put_file, shared_local_input)
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
-from gpt2core.training.checkpoint import checkpoint_step, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,8 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
                            "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
             tracked.log_model(model_out, model_uri=outputs["model"])  # safetensors + params.yaml, registered
         with local_output(outputs["checkpoints"]) as checkpoints_out:
-            listing = list_cerebras_checkpoints if target == "cerebras" else list_checkpoints
-            for checkpoint in listing(work_dir / "checkpoints") or resumed_only:
+            suffix = CEREBRAS if target == "cerebras" else TORCH
+            for checkpoint in list_checkpoints(work_dir / "checkpoints", suffix) or resumed_only:
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
         # at the last step, so the per-step train/loss history ends on the final value
@@ -224,8 +223,7 @@ def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_pat
     from gpt2core import cerebras
 
     if checkpoint_path:  # the cstorch flow resumes from runconfig.checkpoint_path (a .mdl file)
-        cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir,
-                                                             listing=list_cerebras_checkpoints))
+        cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir, suffix=CEREBRAS))
     with data_input("train_input.data_dir", cfg.train_input.data_dir) as data_dir:
         result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out, checkpoint_dir=work_dir / "checkpoints",
                                 work_dir=work_dir, on_metrics=log_metrics)
@@ -242,25 +240,25 @@ def data_input(key: str, uri: str) -> Iterator[Path]:
         raise DataError(f"{key}: {exc}") from exc
 
 
-def local_checkpoint(uri: str, work_dir: Path, *, listing=list_checkpoints) -> Path:  # noqa: ANN001
+def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:
     """A local copy of the checkpoint at ``uri``: a checkpoint file, or a folder of them (the newest
-    that ``listing`` finds: torch ``.pt`` or, for the cerebras target, cstorch ``.mdl`` files)."""
+    of format ``suffix``: torch ``.pt`` or, for the cerebras target, cstorch ``.mdl`` files)."""
     if is_s3(uri) and uri.endswith((".pt", ".mdl")):
         return fetch_file(uri, work_dir / f"resume-rank{_rank()}" / uri.rsplit("/", 1)[-1])
     if is_s3(uri):
         with local_input(uri) as folder:
-            newest = _newest(folder, uri, listing)
+            newest = _newest(folder, uri, suffix)
             return Path(shutil.copy2(newest, _fresh(work_dir / f"resume-rank{_rank()}")))
     path = Path(uri)
     if path.is_dir():
-        return _newest(path, uri, listing)
+        return _newest(path, uri, suffix)
     if not path.is_file():
         raise DataError(f"--checkpoint_path {uri}: no such checkpoint file or folder")
     return path
 
 
-def _newest(folder: Path, uri: str, listing=list_checkpoints) -> Path:  # noqa: ANN001
-    found = listing(folder)
+def _newest(folder: Path, uri: str, suffix: str) -> Path:
+    found = list_checkpoints(folder, suffix)
     if not found:
         raise DataError(f"--checkpoint_path {uri}: no checkpoints (checkpoint_<step>.pt or .mdl) in this folder")
     return found[-1]
