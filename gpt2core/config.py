@@ -1,34 +1,37 @@
-"""Typed Cerebras Model Zoo GPT-2 configuration: the five YAML sections as dataclasses.
+"""Typed Cerebras Model Zoo GPT-2 configuration: the five YAML sections as pydantic models.
 
     params = load_params("gpt2_tiny", {"runconfig.max_steps": 50})
     params.model.hidden_size, params.optimizer.learning_rate, params.to_flat_dict()
 
 A config is a name from ``configs/`` (``gpt2_small``), a local YAML path or an ``s3://`` URI. Both
 key generations of the reference are read (1.x ``weight_decay_rate``, ``beta1``/``beta2``, schedule
-``steps``/``decay_steps``; 2.x ``weight_decay``, ``betas``, ``total_iters``); configs are written back
-with 2.x keys. Every problem is a ``ConfigError`` naming the key path (``optimizer.betas``) and what
-was expected; unknown keys get a "did you mean".
+``steps``/``decay_steps``, ``ExponentialDecay``; 2.x ``weight_decay``, ``betas``, ``total_iters``);
+configs are written back with 2.x keys. Types are strict (``5.0`` is no integer, ``1`` no boolean),
+every number is finite and within its range, and every problem is one ``ConfigError`` line naming
+the key path (``optimizer.learning_rate.1.end_learning_rate``) and what was expected; unknown keys
+get a "did you mean".
 
 Keys the Cerebras reference does not have are torch-side extensions, marked "torch" below.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from annotated_types import Ge, Gt, Lt, MinLen
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Strict, Tag,
+                      ValidationError, model_validator)
+from pydantic_core import PydanticCustomError
 
 import gpt2core
 from gpt2core.errors import ConfigError
@@ -38,75 +41,113 @@ from gpt2core.errors import ConfigError
 CONFIGS_DIR = Path(os.environ.get("GPT2OPS_CONFIG_DIR")
                    or Path(gpt2core.__file__).resolve().parent.parent / "configs")
 
-SCHEDULERS = ("Linear", "Constant", "CosineDecay", "Exponential")
-NONLINEARITIES = ("gelu", "gelu_new")  # exact erf GELU, tanh approximation (OpenAI's weights)
-LOSS_SCALINGS = ("num_tokens", "batch_size")
-OPTIMIZERS = ("adamw", "adam")
-PARALLELISMS = ("ddp", "fsdp")
-FP16_TYPES = ("bfloat16", "float16", "cbfloat16")
+
+def _number_from_yaml_string(value: Any) -> Any:
+    # YAML 1.1 reads "1e-5" (no dot) as a string; it is plainly meant as a number.
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
-@dataclass
-class InputParams:
+# Value types of the config. Sections are strict: an integer key refuses 5.0 and True, a number
+# refuses "5" and True (an integer is a number), and no number may be NaN or infinite.
+Number = Annotated[float, BeforeValidator(_number_from_yaml_string), AllowInfNan(False)]
+Positive = Annotated[Number, Gt(0)]
+NonNegative = Annotated[Number, Ge(0)]
+Rate = Annotated[Number, Ge(0), Lt(1)]  # dropout rates, Adam betas
+PositiveInt = Annotated[int, Gt(0)]
+NonNegativeInt = Annotated[int, Ge(0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+
+
+def _problem(message: str, key: str | None = None) -> PydanticCustomError:
+    """A problem found by a validator of a section. ``key`` is relative to the section; ``{at}`` in
+    the message stands for the section's own key path (``optimizer.learning_rate.0.``)."""
+    return PydanticCustomError("config", "{message}", {"message": message, "key": key})
+
+
+def _renamed(data: Any, renames: dict[str, str]) -> Any:
+    """``data`` with the 1.x keys of ``renames`` under their 2.x names; both given is ambiguous."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old in data:
+            if new in data:
+                raise _problem(f"{{at}}{old} and {{at}}{new} are the same setting (1.x and 2.x names); "
+                               f"give only {{at}}{new}")
+            data[new] = data.pop(old)
+    return data
+
+
+class InputParams(_Section):
     """``train_input`` / ``eval_input``: where the HDF5 data is and how it is batched."""
 
     data_dir: str
-    batch_size: int  # the global batch, split evenly across data-parallel ranks
+    batch_size: PositiveInt  # the global batch, split evenly across data-parallel ranks
     data_processor: str = "GptHDF5MapDataProcessor"
-    vocab_size: int = 50257
-    max_sequence_length: int = 1024
+    vocab_size: PositiveInt = 50257
+    max_sequence_length: PositiveInt = 1024
     shuffle: bool = False
-    shuffle_seed: int = 1
-    num_workers: int = 0
-    prefetch_factor: int | None = None
-    persistent_workers: bool = False
+    shuffle_seed: NonNegativeInt = 1
+    num_workers: NonNegativeInt = 0
+    prefetch_factor: PositiveInt | None = None  # batches each worker loads ahead (with num_workers > 0)
+    persistent_workers: bool = False  # keep the workers between epochs (with num_workers > 0)
     drop_last: bool = True
     repeat: bool = True
 
 
-@dataclass
-class InitializerParams:
+class InitializerParams(_Section):
     """A weight initializer of the reference: ``normal`` or ``truncated_normal`` (bounds a, b absolute)."""
 
-    name: str = "normal"
-    mean: float = 0.0
-    std: float = 0.02
-    a: float | None = None
-    b: float | None = None
+    name: Literal["normal", "truncated_normal"] = "normal"
+    mean: Number = 0.0
+    std: NonNegative = 0.02
+    a: Number | None = None
+    b: Number | None = None
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> InitializerParams:
+        if self.a is not None and self.b is not None and not self.a < self.b:
+            raise _problem(f"expected a < b (the truncation bounds), got a={self.a}, b={self.b}", "b")
+        return self
 
 
-@dataclass
-class ModelParams:
+class ModelParams(_Section):
     """``model``: the GPT-2 architecture, loss and precision."""
 
-    hidden_size: int
-    num_hidden_layers: int
-    num_heads: int
-    filter_size: int
-    vocab_size: int = 50257
-    max_position_embeddings: int = 1024
+    hidden_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_heads: PositiveInt
+    filter_size: PositiveInt
+    vocab_size: PositiveInt = 50257
+    max_position_embeddings: PositiveInt = 1024
     position_embedding_type: str = "learned"
     use_position_embedding: bool = True
     share_embedding_weights: bool = True
-    embedding_dropout_rate: float | None = None  # None: same as dropout_rate
-    dropout_rate: float = 0.1
-    attention_type: str = "scaled_dot_product"
-    attention_dropout_rate: float = 0.1
+    embedding_dropout_rate: Rate | None = None  # None: same as dropout_rate
+    dropout_rate: Rate = 0.1
+    attention_type: Literal["scaled_dot_product"] = "scaled_dot_product"
+    attention_dropout_rate: Rate = 0.1
     use_projection_bias_in_attention: bool = True
     use_ffn_bias_in_attention: bool = True
     use_ffn_bias: bool = True
-    nonlinearity: str = "gelu"
-    layer_norm_epsilon: float = 1.0e-5
+    # exact erf GELU, or its tanh approximation (OpenAI's weights)
+    nonlinearity: Literal["gelu", "gelu_new"] = "gelu"
+    layer_norm_epsilon: Positive = 1.0e-5
     use_bias_in_output: bool = False
-    initializer_range: float = 0.02
+    initializer_range: NonNegative = 0.02
     embedding_initializer: InitializerParams | None = None
     initializer: InitializerParams | None = None
     output_layer_initializer: InitializerParams | None = None  # None: std / sqrt(2 * layers)
-    loss_scaling: str = "num_tokens"
-    loss_weight: float = 1.0
+    loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
+    loss_weight: Positive = 1.0
     mixed_precision: bool = False
-    fp16_type: str = "bfloat16"
-    precision_opt_level: int | None = None
+    fp16_type: Literal["bfloat16", "float16", "cbfloat16"] = "bfloat16"
+    precision_opt_level: NonNegativeInt | None = None
     boundary_casting: bool = False
     tf_summary: bool = False
 
@@ -114,22 +155,63 @@ class ModelParams:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @model_validator(mode="after")
+    def _check_architecture(self) -> ModelParams:
+        if self.hidden_size % self.num_heads:
+            raise _problem(f"model.hidden_size {self.hidden_size} must be divisible by num_heads "
+                           f"{self.num_heads}", "num_heads")
+        if self.position_embedding_type != "learned" or not self.use_position_embedding:
+            raise _problem(f"GPT-2 uses learned position embeddings, got {self.position_embedding_type!r}",
+                           "position_embedding_type")
+        return self
 
-@dataclass
-class SchedulerParams:
+
+_SCHEDULE_KEYS = {  # the keys each scheduler needs; only the last entry may run until max_steps
+    "Linear": ("initial_learning_rate", "end_learning_rate", "total_iters"),
+    "CosineDecay": ("initial_learning_rate", "end_learning_rate", "total_iters"),
+    "Constant": ("learning_rate",),
+    "Exponential": ("initial_learning_rate", "decay_rate", "total_iters"),
+}
+
+
+class SchedulerParams(_Section):
     """One entry of ``optimizer.learning_rate``; entries run one after the other."""
 
-    scheduler: str
-    initial_learning_rate: float | None = None  # Linear, CosineDecay, Exponential
-    end_learning_rate: float | None = None  # Linear, CosineDecay
-    learning_rate: float | None = None  # Constant
-    total_iters: int | None = None  # may be left out on the last entry only
-    decay_rate: float | None = None  # Exponential: lr = initial * decay_rate ** (step / total_iters)
+    scheduler: Literal["Linear", "Constant", "CosineDecay", "Exponential"]
+    initial_learning_rate: NonNegative | None = None  # Linear, CosineDecay, Exponential
+    end_learning_rate: NonNegative | None = None  # Linear, CosineDecay
+    learning_rate: NonNegative | None = None  # Constant
+    total_iters: PositiveInt | None = None  # may be left out on a last Constant entry only
+    decay_rate: NonNegative | None = None  # Exponential: lr = initial * decay_rate ** (step / total_iters)
     staircase: bool = False
 
     @property
     def start_lr(self) -> float:
         return self.learning_rate if self.scheduler == "Constant" else self.initial_learning_rate
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_1x_keys(cls, data: Any) -> Any:
+        data = _renamed(data, {"steps": "total_iters", "decay_steps": "total_iters"})
+        if isinstance(data, dict) and data.get("scheduler") == "ExponentialDecay":
+            data["scheduler"] = "Exponential"
+        return data
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> SchedulerParams:
+        missing = [name for name in _SCHEDULE_KEYS[self.scheduler] if getattr(self, name) is None]
+        if missing:
+            raise _problem(f"missing required key for {self.scheduler}", missing[0])
+        return self
+
+
+# One constant learning rate, or a schedule of entries (a tagged union: errors name the entry's keys).
+LearningRate = Annotated[Union[Annotated[NonNegative, Tag("constant")],
+                               Annotated[list[SchedulerParams], MinLen(1), Tag("schedule")]],
+                         Discriminator(lambda v: "schedule" if isinstance(v, list) else "constant")]
+# A static loss scale, or "dynamic".
+LossScale = Annotated[Union[Annotated[Positive, Tag("static")], Annotated[Literal["dynamic"], Tag("name")]],
+                      Discriminator(lambda v: "name" if isinstance(v, str) else "static")]
 
 
 def schedule_milestones(learning_rate: list[SchedulerParams]) -> list[int]:
@@ -137,66 +219,84 @@ def schedule_milestones(learning_rate: list[SchedulerParams]) -> list[int]:
     return list(itertools.accumulate(s.total_iters for s in learning_rate[:-1]))
 
 
-@dataclass
-class OptimizerParams:
+class OptimizerParams(_Section):
     """``optimizer``: AdamW, its learning-rate schedule, clipping and fp16 loss scaling."""
 
-    learning_rate: float | list[SchedulerParams]
+    learning_rate: LearningRate
     optimizer_type: str = "AdamW"
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1.0e-8
-    weight_decay: float = 0.0
+    betas: Annotated[tuple[Rate, Rate], Strict(False)] = (0.9, 0.999)  # a YAML list
+    eps: Positive = 1.0e-8
+    weight_decay: NonNegative = 0.0
     correct_bias: bool = True
-    max_gradient_norm: float | None = None
-    grad_accum_steps: int = 1  # torch: micro-batches per optimizer step
-    loss_scaling_factor: float | str = "dynamic"  # fp16 only: "dynamic" or a static scale
-    initial_loss_scale: float | None = None
-    max_loss_scale: float | None = None
+    max_gradient_norm: Positive | None = None
+    grad_accum_steps: PositiveInt = 1  # torch: micro-batches per optimizer step
+    loss_scaling_factor: LossScale = "dynamic"  # fp16 only
+    initial_loss_scale: Positive | None = None
+    max_loss_scale: Positive | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_1x_keys(cls, data: Any) -> Any:
+        data = _renamed(data, {"weight_decay_rate": "weight_decay"})
+        if isinstance(data, dict) and ("beta1" in data or "beta2" in data):
+            if "betas" in data:
+                raise _problem("{at}beta1/beta2 and {at}betas are the same setting; give only betas")
+            data["betas"] = [data.pop("beta1", 0.9), data.pop("beta2", 0.999)]
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerParams:
+        if self.optimizer_type.lower() not in ("adamw", "adam"):
+            raise _problem(f"expected AdamW or Adam, got {self.optimizer_type!r}", "optimizer_type")
+        if isinstance(self.learning_rate, list):
+            for i, s in enumerate(self.learning_rate[:-1]):
+                if s.total_iters is None:
+                    raise _problem("missing required key (only the last scheduler may run until max_steps)",
+                                   f"learning_rate.{i}.total_iters")
+        return self
 
 
-@dataclass
-class RunConfigParams:
+class RunConfigParams(_Section):
     """``runconfig``: how long to run, logging, checkpoints, seeds and (torch) execution options."""
 
-    max_steps: int
-    log_steps: int = 100
-    checkpoint_steps: int = 0  # 0: only a final checkpoint
+    max_steps: PositiveInt
+    log_steps: PositiveInt = 100
+    checkpoint_steps: NonNegativeInt = 0  # 0: only a final checkpoint
     save_initial_checkpoint: bool = False
-    keep_last_checkpoints: int = 3  # torch: older step checkpoints are deleted
-    seed: int = 1
-    eval_steps: int | None = None  # None: the whole eval set
-    eval_frequency: int | None = None  # torch: evaluate every N training steps (None: only at the end)
+    keep_last_checkpoints: PositiveInt = 3  # torch: older step checkpoints are deleted
+    seed: NonNegativeInt = 1
+    eval_steps: PositiveInt | None = None  # None: the whole eval set
+    eval_frequency: NonNegativeInt | None = None  # torch: evaluate every N training steps (0, None: at the end)
     model_dir: str = "./model_dir"
     checkpoint_path: str | None = None
     mode: str = "train"
     validate_only: bool = False
     compile_only: bool = False
-    num_csx: int = 1
-    num_workers_per_csx: int = 0
+    num_csx: PositiveInt = 1
+    num_workers_per_csx: NonNegativeInt = 0
     # Cerebras Wafer-Scale Cluster (target cerebras), as the reference 2.x runconfig names them.
     mgmt_address: str | None = None  # "<host>:<port>" of the cluster management server
     mgmt_namespace: str | None = None
     credentials_path: str | None = None  # TLS certificate of the cluster
-    mount_dirs: list[str] = field(default_factory=list)  # folders the appliance workers mount
-    python_paths: list[str] = field(default_factory=list)  # added to the workers' PYTHONPATH
+    mount_dirs: list[str] = []  # folders the appliance workers mount
+    python_paths: list[str] = []  # added to the workers' PYTHONPATH
     compile_dir: str | None = None  # compile cache folder on the appliance (None: the SDK's)
-    job_labels: list[str] = field(default_factory=list)  # "key=value" labels of appliance jobs
+    job_labels: list[str] = []  # "key=value" labels of appliance jobs
     job_priority: str | None = None  # p1, p2 or p3 (None: the cluster's default)
-    job_time_sec: int | None = None
+    job_time_sec: PositiveInt | None = None
     disable_version_check: bool = False
     show_debug_metrics: bool = False
     save_losses: bool = False
     torch_compile: bool = False  # torch: torch.compile the model (gpu target)
-    parallelism: str = "ddp"  # torch: "ddp" or "fsdp" (FSDP2 fully_shard) across torchrun ranks
+    parallelism: Literal["ddp", "fsdp"] = "ddp"  # torch: across torchrun ranks (fsdp: FSDP2 fully_shard)
     activation_checkpointing: bool = False  # torch: recompute each block in backward
-    sample_prompts: list[str] = field(default_factory=lambda: ["The meaning of life is"])
-    sample_max_new_tokens: int = 64  # evaluate: length of each text sample
-    sample_temperature: float = 0.8
-    sample_top_k: int | None = 40
+    sample_prompts: list[str] = ["The meaning of life is"]
+    sample_max_new_tokens: NonNegativeInt = 64  # evaluate: length of each text sample
+    sample_temperature: Positive = 0.8
+    sample_top_k: PositiveInt | None = 40
 
 
-@dataclass
-class Params:
+class Params(_Section):
     """A whole config: the five sections of the Cerebras reference."""
 
     train_input: InputParams
@@ -205,12 +305,22 @@ class Params:
     optimizer: OptimizerParams
     runconfig: RunConfigParams
 
-    def __post_init__(self) -> None:
-        _check_semantics(self)
+    @model_validator(mode="after")
+    def _check_inputs_fit_model(self) -> Params:
+        m = self.model
+        for section in ("train_input", "eval_input"):
+            inp: InputParams = getattr(self, section)
+            if inp.vocab_size != m.vocab_size:
+                raise _problem(f"{inp.vocab_size} differs from model.vocab_size {m.vocab_size}",
+                               f"{section}.vocab_size")
+            if inp.max_sequence_length > m.max_position_embeddings:
+                raise _problem(f"expected 1..model.max_position_embeddings ({m.max_position_embeddings}), "
+                               f"got {inp.max_sequence_length}", f"{section}.max_sequence_length")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-able dict with 2.x keys; ``load_params`` of it gives back an equal Params."""
-        return _plain(dataclasses.asdict(self))
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -233,7 +343,8 @@ class Params:
         return flat
 
     def config_hash(self) -> str:
-        """Short sha256 of the canonical config: equal configs hash equal whatever the key generation."""
+        """Short sha256 of the canonical config: equal configs hash equal whatever the key generation.
+        Tagged on MLflow runs and model versions: the canonical form must not change."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -245,25 +356,28 @@ def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
-def load_params(path_or_uri_or_name: str | Path, overrides: dict[str, object] | None = None) -> Params:
-    """Read a config (bundled name, local path or s3:// URI), apply dotted overrides, type-check it."""
-    source = str(path_or_uri_or_name)
+def load_params(params: str | Path, overrides: dict[str, object] | None = None) -> Params:
+    """Read config ``params`` (bundled name, local YAML path or s3:// URI), apply dotted
+    ``overrides`` (``{"runconfig.max_steps": 50}``) and check it. Raises ConfigError naming the key."""
+    source = str(params)
     try:
         raw = yaml.safe_load(_read_config_text(source))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a YAML mapping with sections {_section_names()}")
+        raise ConfigError(f"{source}: expected a YAML mapping with sections {', '.join(Params.model_fields)}")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     return params_from_dict(raw, source=source)
 
 
-def params_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Params:
+def params_from_dict(raw: Any, *, source: str = "<dict>") -> Params:
+    """Check a config given as a mapping (as ``yaml.safe_load`` reads it). Raises ConfigError
+    ``"<source>: <key path>: <what was expected>"`` for the first problem found."""
     try:
-        return _build(Params, raw, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_problem(exc)}") from None
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -292,10 +406,6 @@ def _read_config_text(source: str) -> str:
                       f"(bundled: {', '.join(available_configs())})")
 
 
-def _section_names() -> str:
-    return ", ".join(f.name for f in dataclasses.fields(Params))
-
-
 def _set_dotted(raw: dict[str, Any], dotted: str, value: object) -> None:
     parts = dotted.split(".")
     node: Any = raw
@@ -320,207 +430,131 @@ def _list_index(node: list, part: str, path: str) -> int:
     return int(part)
 
 
-# 1.x key -> 2.x key, per dataclass. Given both, the config is ambiguous.
-_RENAMED = {
-    "OptimizerParams": {"weight_decay_rate": "weight_decay"},
-    "SchedulerParams": {"steps": "total_iters", "decay_steps": "total_iters"},
-}
+# ----------------------------------------------------------------------------- error messages
 
 
-def _upgrade_keys(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
-    data = dict(data)
-    for old, new in _RENAMED.get(cls.__name__, {}).items():
-        if old in data:
-            if new in data:
-                raise ConfigError(f"{path}{old} and {path}{new} are the same setting (1.x and 2.x "
-                                  f"names); give only {path}{new}")
-            data[new] = data.pop(old)
-    if cls is OptimizerParams and ("beta1" in data or "beta2" in data):
-        if "betas" in data:
-            raise ConfigError(f"{path}beta1/beta2 and {path}betas are the same setting; give only betas")
-        data["betas"] = [data.pop("beta1", 0.9), data.pop("beta2", 0.999)]
-    if cls is SchedulerParams and data.get("scheduler") == "ExponentialDecay":
-        data["scheduler"] = "Exponential"  # 1.x name
-    return data
+def _first_problem(exc: ValidationError) -> str:
+    """pydantic's first error as ``<key path>: <what was expected>, got <value>``."""
+    error = exc.errors()[0]
+    path, tp, section = _resolve(error["loc"])
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "config":  # raised by a section's validator
+        at = "".join(f"{p}." for p in path)
+        message = ctx["message"].replace("{at}", at)
+        return f"{at}{ctx['key']}: {message}" if ctx["key"] else message
+    if kind == "missing" and path and isinstance(path[-1], int):  # a short fixed-length list
+        path, tp, _ = _resolve(error["loc"][:-1])
+        kind = "tuple_type"
+    key = ".".join(map(str, path)) or "config"
+    if kind in ("extra_forbidden", "invalid_key"):
+        fields = list(section.model_fields) if section else []
+        parent = key.rpartition(".")[0]
+        close = difflib.get_close_matches(str(path[-1]), fields, n=1)
+        hint = (f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close
+                else f" (known: {', '.join(fields)})")
+        return f"{key}: unknown key{hint}"
+    if tp is None:  # pragma: no cover - an error pydantic reports where no key of ours is
+        return f"{key}: {error['msg']}"
+    if kind == "missing":
+        return f"{key}: missing required key ({_expected(tp)})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        return f"{key}: expected {_expected(tp, bounds=True)}, got {value}"
+    options = re.findall(r"'([^']*)'", ctx.get("expected", "")) if isinstance(value, str) else []
+    hint = "".join(f"; did you mean {c}?" for c in difflib.get_close_matches(str(value), options, n=1))
+    return f"{key}: expected {_expected(tp)}, got {_describe(value)}{hint}"
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    """Make dataclass ``cls`` from a mapping, checking every key; ``path`` prefixes error key paths."""
-    if not isinstance(data, dict):
-        where = path.rstrip(".") or "config"
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {_describe(data)}")
-    data = _upgrade_keys(cls, data, path)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean {path}{close[0]}?" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"{path}{key}: unknown key{hint}")
-    values = {}
-    for name, f in fields.items():
-        if name in data:
-            values[name] = _coerce(hints[name], data[name], f"{path}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}{name}: missing required key ({_type_name(hints[name])})")
-    return cls(**values)
+def _resolve(loc: tuple[str | int, ...]) -> tuple[list[str | int], Any, type[BaseModel] | None]:
+    """The key path of a pydantic error location (union tags left out), the annotation there (a
+    union when the error is about the union's value) and the section holding its last key (None
+    past an unknown key)."""
+    tp: Any = Params
+    path: list[str | int] = []
+    section: type[BaseModel] | None = None
+    for i, part in enumerate(loc):
+        base, _ = _strip(tp)
+        if isinstance(base, type) and issubclass(base, BaseModel):
+            section = base
+            field = base.model_fields.get(str(part))
+            tp = field and (Annotated[(field.annotation, *field.metadata)] if field.metadata
+                            else field.annotation)
+        elif typing.get_origin(base) in (list, tuple) and isinstance(part, int):
+            args = typing.get_args(base)
+            tp = args[0] if typing.get_origin(base) is list else args[min(part, len(args) - 1)]
+        elif typing.get_origin(base) in (Union, types.UnionType):  # a tag of a discriminated union
+            if i < len(loc) - 1:
+                tp = next(arm for arm in typing.get_args(base) if Tag(str(part)) in _strip(arm)[1])
+            continue
+        else:
+            tp = None
+        path.append(part)
+    return path, tp, section
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+def _strip(tp: Any) -> tuple[Any, list[Any]]:
+    """(the type under Annotated and Optional, the Annotated metadata)."""
+    metadata: list[Any] = []
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            metadata += tp.__metadata__
+            tp = tp.__origin__
+        elif typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp):
+            arms = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(arms) != 1:
+                return tp, metadata
+            tp = arms[0]
+        else:
+            return tp, metadata
+
+
+_TYPE_NAMES = {bool: ("a boolean", "booleans"), int: ("an integer", "integers"),
+               float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _expected(tp: Any, *, bounds: bool = False) -> str:
+    """What a value of annotation ``tp`` must be, in words; with ``bounds``, its range too (``a
+    finite number in [0, 1)``)."""
+    base, metadata = _strip(tp)
+    origin, args = typing.get_origin(base), typing.get_args(base)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arm in (a for a in args if a is not type(None)):
-            if dataclasses.is_dataclass(arm) or typing.get_origin(arm) in (list, tuple):
-                # A mapping or list meant for a structured arm: its own error names the inner key.
-                if isinstance(value, dict if dataclasses.is_dataclass(arm) else (list, tuple)):
-                    return _coerce(arm, value, path)
-                continue
-            try:
-                return _coerce(arm, value, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{path}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list of {_type_name(args[0])}, got {_describe(value)}")
-        return [_coerce(args[0], v, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} numbers, got {_describe(value)}")
-        return tuple(_coerce(a, v, f"{path}.{i}") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-5" (no dot) as a string; it is plainly meant as a number.
-        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a field type this loader does not know is a programming error
-        raise TypeError(f"{path}: unsupported field type {tp!r}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+        text = " or ".join(_expected(arm, bounds=bounds) for arm in args if arm is not type(None))
+    elif origin is Literal:
+        text = f"one of {', '.join(repr(a) for a in args)}" if len(args) > 1 else repr(args[0])
+    elif origin is list:
+        non_empty = any(isinstance(m, MinLen) for m in metadata)
+        text = f"a {'non-empty ' if non_empty else ''}list of {_plural(args[0])}"
+    elif origin is tuple:
+        text = f"a list of {len(args)} {_plural(args[0])}"
+    elif isinstance(base, type) and issubclass(base, BaseModel):
+        text = f"a mapping of {base.__name__} keys"
+    else:
+        text = _TYPE_NAMES[base][0]
+        if bounds:
+            text = text.replace("a number", "a finite number") + _range(metadata)
+    if tp is not base and type(None) in typing.get_args(tp):  # Optional
+        text += " or null"
+    return text
 
 
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    if origin is tuple:
-        return f"a list of {len(args)} {_type_name(args[0])}s"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+def _range(metadata: list[Any]) -> str:
+    """`` in [0, 1)``, `` > 0``, `` >= 0`` or nothing: the bounds of the value types above."""
+    low = next((m for m in metadata if isinstance(m, (Gt, Ge))), None)
+    high = next((m for m in metadata if isinstance(m, Lt)), None)
+    if low is None:
+        return ""
+    bound = low.gt if isinstance(low, Gt) else low.ge
+    if high is not None:
+        return f" in {'(' if isinstance(low, Gt) else '['}{bound}, {high.lt})"
+    return f" {'>' if isinstance(low, Gt) else '>='} {bound}"
+
+
+def _plural(tp: Any) -> str:
+    base, _ = _strip(tp)
+    if isinstance(base, type) and issubclass(base, BaseModel):
+        return f"{base.__name__} mappings"
+    return _TYPE_NAMES[base][1] if base in _TYPE_NAMES else _expected(tp)
 
 
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-# ----------------------------------------------------------------------------- semantic checks
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-def _check_semantics(p: Params) -> None:
-    m, o, r = p.model, p.optimizer, p.runconfig
-    for name in ("hidden_size", "num_hidden_layers", "num_heads", "filter_size", "vocab_size",
-                 "max_position_embeddings"):
-        _require(getattr(m, name) > 0, f"model.{name}", f"expected a positive integer, got {getattr(m, name)}")
-    _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
-             f"model.hidden_size {m.hidden_size} must be divisible by num_heads {m.num_heads}")
-    _require(m.position_embedding_type == "learned" and m.use_position_embedding,
-             "model.position_embedding_type",
-             f"GPT-2 uses learned position embeddings, got {m.position_embedding_type!r}")
-    _require(m.attention_type == "scaled_dot_product", "model.attention_type",
-             f"expected 'scaled_dot_product', got {m.attention_type!r}")
-    _require(m.nonlinearity in NONLINEARITIES, "model.nonlinearity",
-             f"expected one of {NONLINEARITIES}, got {m.nonlinearity!r}")
-    _require(m.loss_scaling in LOSS_SCALINGS, "model.loss_scaling",
-             f"expected one of {LOSS_SCALINGS}, got {m.loss_scaling!r}")
-    _require(m.fp16_type in FP16_TYPES, "model.fp16_type", f"expected one of {FP16_TYPES}, got {m.fp16_type!r}")
-    for name in ("dropout_rate", "attention_dropout_rate", "embedding_dropout_rate"):
-        rate = getattr(m, name)
-        _require(rate is None or 0.0 <= rate < 1.0, f"model.{name}", f"expected a rate in [0, 1), got {rate}")
-    for name in ("embedding_initializer", "initializer", "output_layer_initializer"):
-        init = getattr(m, name)
-        _require(init is None or init.name in ("normal", "truncated_normal"), f"model.{name}.name",
-                 f"expected 'normal' or 'truncated_normal', got {init and init.name!r}")
-
-    for section in ("train_input", "eval_input"):
-        inp: InputParams = getattr(p, section)
-        _require(inp.batch_size > 0, f"{section}.batch_size", f"expected a positive integer, got {inp.batch_size}")
-        _require(inp.vocab_size == m.vocab_size, f"{section}.vocab_size",
-                 f"{inp.vocab_size} differs from model.vocab_size {m.vocab_size}")
-        _require(0 < inp.max_sequence_length <= m.max_position_embeddings, f"{section}.max_sequence_length",
-                 f"expected 1..model.max_position_embeddings ({m.max_position_embeddings}), "
-                 f"got {inp.max_sequence_length}")
-
-    _require(o.optimizer_type.lower() in OPTIMIZERS, "optimizer.optimizer_type",
-             f"expected AdamW or Adam, got {o.optimizer_type!r}")
-    _require(all(0.0 <= b < 1.0 for b in o.betas), "optimizer.betas", f"expected values in [0, 1), got {list(o.betas)}")
-    _require(o.weight_decay >= 0.0, "optimizer.weight_decay", f"expected >= 0, got {o.weight_decay}")
-    _require(o.grad_accum_steps >= 1, "optimizer.grad_accum_steps", f"expected >= 1, got {o.grad_accum_steps}")
-    _require(o.max_gradient_norm is None or o.max_gradient_norm > 0, "optimizer.max_gradient_norm",
-             f"expected a positive number or null, got {o.max_gradient_norm}")
-    _require(not isinstance(o.loss_scaling_factor, str) or o.loss_scaling_factor == "dynamic",
-             "optimizer.loss_scaling_factor", f"expected 'dynamic' or a number, got {o.loss_scaling_factor!r}")
-    if isinstance(o.learning_rate, list):
-        _check_schedule(o.learning_rate)
-
-    _require(r.max_steps > 0, "runconfig.max_steps", f"expected a positive integer, got {r.max_steps}")
-    _require(r.log_steps > 0, "runconfig.log_steps", f"expected a positive integer, got {r.log_steps}")
-    _require(r.checkpoint_steps >= 0, "runconfig.checkpoint_steps", f"expected >= 0, got {r.checkpoint_steps}")
-    _require(r.keep_last_checkpoints >= 1, "runconfig.keep_last_checkpoints",
-             f"expected >= 1, got {r.keep_last_checkpoints}")
-    _require(r.parallelism in PARALLELISMS, "runconfig.parallelism",
-             f"expected one of {PARALLELISMS}, got {r.parallelism!r}")
-    _require(r.sample_temperature > 0, "runconfig.sample_temperature", f"expected > 0, got {r.sample_temperature}")
-
-
-def _check_schedule(schedule: list[SchedulerParams]) -> None:
-    _require(bool(schedule), "optimizer.learning_rate", "expected a number or a non-empty list of schedulers")
-    for i, s in enumerate(schedule):
-        key = f"optimizer.learning_rate.{i}"
-        _require(s.scheduler in SCHEDULERS, f"{key}.scheduler",
-                 f"expected one of {SCHEDULERS}, got {s.scheduler!r}"
-                 + "".join(f"; did you mean {c}?" for c in difflib.get_close_matches(s.scheduler, SCHEDULERS, 1)))
-        needed = {"Linear": ("initial_learning_rate", "end_learning_rate"),
-                  "CosineDecay": ("initial_learning_rate", "end_learning_rate"),
-                  "Constant": ("learning_rate",),
-                  "Exponential": ("initial_learning_rate", "decay_rate")}[s.scheduler]
-        for name in needed:
-            _require(getattr(s, name) is not None, f"{key}.{name}", f"missing required key for {s.scheduler}")
-        last = i == len(schedule) - 1
-        _require(s.total_iters is not None or last, f"{key}.total_iters",
-                 "missing required key (only the last scheduler may run until max_steps)")
-        _require(s.total_iters is None or s.total_iters > 0, f"{key}.total_iters",
-                 f"expected a positive integer, got {s.total_iters}")
-        _require(s.scheduler not in ("Linear", "CosineDecay", "Exponential") or s.total_iters is not None,
-                 f"{key}.total_iters", f"{s.scheduler} needs total_iters (its length in steps)")
-        _require(math.isfinite(s.start_lr) and s.start_lr >= 0, f"{key}",
-                 f"learning rate must be a finite number >= 0, got {s.start_lr}")

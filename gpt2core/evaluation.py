@@ -3,6 +3,9 @@
 - ``eval/loss``: the model's loss (with the config's loss scaling) averaged over eval batches;
 - ``eval/lm_perplexity``: exp(masked cross entropy summed over the whole eval set / real tokens);
 - ``eval/accuracy``: mask-weighted accuracy of the argmax next-token prediction.
+
+``eval_dataloader`` and ``evaluate_pass`` are what the trainer's evaluation and the evaluate stage
+run: the config's eval data, batch and number of batches, and the mixed-precision rule.
 """
 
 from __future__ import annotations
@@ -11,11 +14,36 @@ import contextlib
 import itertools
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gpt2core.config import Params
+from gpt2core.data.loader import HDF5DataLoader, input_dataloader
+from gpt2core.precision import autocast_dtype
+
+
+def eval_dataloader(params: Params, data_dir: str | Path, *, rank: int = 0,
+                    world_size: int = 1) -> HDF5DataLoader:
+    """The ``eval_input`` loader of one rank: the global ``eval_input.batch_size`` split over
+    ``world_size`` ranks (at least 1 sequence each)."""
+    per_rank = max(1, params.eval_input.batch_size // world_size)
+    return input_dataloader(params.eval_input, data_dir, batch_size=per_rank, training=False, rank=rank,
+                            world_size=world_size)
+
+
+def evaluate_pass(model: nn.Module, params: Params, loader: HDF5DataLoader, *,
+                  device: torch.device) -> dict[str, float]:
+    """One evaluation as the config asks: from the loader's first batch, ``runconfig.eval_steps``
+    batches (the whole eval set when unset, never more), autocast per ``gpt2core.precision``.
+    Returns the ``evaluate`` metrics, summed over ranks."""
+    loader.seek(0)
+    limit = params.runconfig.eval_steps
+    steps = len(loader) if limit is None else min(len(loader), limit)
+    return evaluate(model, loader, device=device, max_batches=steps, autocast_dtype=autocast_dtype(params.model, device))
 
 
 @torch.no_grad()

@@ -119,6 +119,8 @@ def model_facts(params: Params) -> ModelFacts:
 def estimate_memory(params: Params, num_params: int, *, target: str, num_devices: int,
                     device_gb: float) -> MemoryEstimate:
     """Memory of one training process; see the module docstring for the model."""
+    from gpt2core.precision import autocast_dtype
+
     m, run = params.model, params.runconfig
     accum = params.optimizer.grad_accum_steps
     micro = max(1, params.train_input.batch_size // max(1, num_devices * accum))
@@ -127,7 +129,7 @@ def estimate_memory(params: Params, num_params: int, *, target: str, num_devices
     shard = num_devices if sharded else 1
     weights, grads, optimizer = 4 * num_params / shard, 4 * num_params / shard, 8 * num_params / shard
     ddp_buckets = 4 * num_params if (num_devices > 1 and not sharded) else 0
-    half = target == "gpu" and m.mixed_precision
+    half = autocast_dtype(m, "cuda" if target == "gpu" else "cpu") is not None
     scale = 1 if half else 2  # the formula counts 16-bit activations
     per_layer = 34 * seq * micro * hidden * scale
     if target != "gpu":  # no flash attention: the s x s scores are kept for backward

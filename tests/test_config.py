@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
 
-from gpt2core.config import CONFIGS_DIR, load_params, params_from_dict, parse_override
+from gpt2core.config import CONFIGS_DIR, Params, load_params, params_from_dict, parse_override
 from gpt2core.errors import ConfigError
 
 REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
@@ -116,3 +120,191 @@ def test_constant_learning_rate_and_missing_file():
     assert load_params("gpt2_tiny", {"optimizer.learning_rate": 1e-3}).optimizer.learning_rate == 1e-3
     with pytest.raises(ConfigError, match=r"gpt2_nano: no such config file .*gpt2_tiny"):
         load_params("gpt2_nano")
+
+
+# config_hash is tagged on MLflow runs and registered model versions: these values were computed
+# before the config moved to pydantic and must never change (a changed hash orphans every run).
+PINNED_HASHES = {
+    "gpt2_large": "960ca5bec29527b9",
+    "gpt2_medium": "68defee25dff1e3d",
+    "gpt2_small": "2dcc7867f09f37c8",
+    "gpt2_tiny": "61ac345f6e39d653",
+    "gpt2_xl": "efa6960efd50d0bc",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_HASHES))
+def test_config_hash_of_bundled_configs_is_pinned(name):
+    assert load_params(name).config_hash() == PINNED_HASHES[name]
+
+
+def _schedule_1x(raw: dict) -> dict:
+    opt = raw["optimizer"]
+    opt["weight_decay_rate"] = opt.pop("weight_decay")
+    opt["beta1"], opt["beta2"] = opt.pop("betas")
+    opt["learning_rate"][0]["steps"] = opt["learning_rate"][0].pop("total_iters")
+    opt["learning_rate"][1]["decay_steps"] = opt["learning_rate"][1].pop("total_iters")
+    return raw
+
+
+@pytest.mark.parametrize("edit, pinned", [
+    (_schedule_1x, PINNED_HASHES["gpt2_tiny"]),
+    (lambda r: r["optimizer"].update(learning_rate=1), "7d7320f109e3c650"),  # an int where a number goes
+    (lambda r: r["optimizer"].update(learning_rate=[  # 1.x ExponentialDecay with decay_steps
+        {"scheduler": "ExponentialDecay", "initial_learning_rate": 1, "decay_rate": 0.5, "decay_steps": 100,
+         "staircase": True}]), "33295739c5db1f2c"),
+    (lambda r: r["optimizer"].update(learning_rate=[  # 1.x steps, a YAML "1e-3" string
+        {"scheduler": "Linear", "initial_learning_rate": 0, "end_learning_rate": "1e-3", "steps": 10},
+        {"scheduler": "Constant", "learning_rate": 1e-3}]), "90ae56f79fb5284a"),
+    (lambda r: r["model"].update(initializer={"name": "truncated_normal", "mean": 0, "std": 0.02, "a": -0.04,
+                                              "b": 0.04}, embedding_initializer={"name": "normal", "std": 1}),
+     "9152f464726f930c"),
+])
+def test_config_hash_of_1x_and_loose_configs_is_pinned(edit, pinned):
+    raw = tiny_raw()
+    edit(raw)
+    assert params_from_dict(raw).config_hash() == pinned
+
+
+def test_1x_exponential_decay_reads_as_exponential():
+    raw = tiny_raw()
+    raw["optimizer"]["learning_rate"] = [{"scheduler": "ExponentialDecay", "initial_learning_rate": 1e-3,
+                                          "decay_rate": 0.5, "decay_steps": 100}]
+    entry = params_from_dict(raw).optimizer.learning_rate[0]
+    assert (entry.scheduler, entry.total_iters, entry.decay_rate) == ("Exponential", 100, 0.5)
+    raw["optimizer"]["learning_rate"][0]["total_iters"] = 100
+    with pytest.raises(ConfigError, match=r"optimizer\.learning_rate\.0\.decay_steps and "
+                                          r"optimizer\.learning_rate\.0\.total_iters are the same setting"):
+        params_from_dict(raw)
+
+
+THREE_ENTRY_SCHEDULE = [
+    {"scheduler": "Linear", "initial_learning_rate": 0.0, "end_learning_rate": 1e-3, "total_iters": 10},
+    {"scheduler": "Exponential", "initial_learning_rate": 1e-3, "decay_rate": 0.5, "total_iters": 100},
+    {"scheduler": "CosineDecay", "initial_learning_rate": 1e-3, "end_learning_rate": 1e-4, "total_iters": 100},
+    {"scheduler": "Constant", "learning_rate": 1e-4},
+]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), -1e-3])
+@pytest.mark.parametrize("index, key", [(i, k) for i, entry in enumerate(THREE_ENTRY_SCHEDULE)
+                                        for k in entry if k not in ("scheduler", "total_iters")])
+def test_every_learning_rate_of_every_scheduler_entry_is_finite_and_non_negative(index, key, bad):
+    schedule = [dict(entry) for entry in THREE_ENTRY_SCHEDULE]
+    assert load_params("gpt2_tiny", {"optimizer.learning_rate": schedule}).optimizer.learning_rate[3].start_lr == 1e-4
+    schedule[index][key] = bad
+    with pytest.raises(ConfigError, match=rf"^gpt2_tiny: optimizer\.learning_rate\.{index}\.{key}: "
+                                          r"expected a finite number >= 0 or null, got "):
+        load_params("gpt2_tiny", {"optimizer.learning_rate": schedule})
+
+
+@pytest.mark.parametrize("override", [
+    "optimizer.learning_rate.0.end_learning_rate=.nan",  # ../shared/cases/nan-lr-accepted
+    "optimizer.learning_rate.1.end_learning_rate=-1e-3",
+    "optimizer.learning_rate.1.initial_learning_rate=.inf",
+    "optimizer.learning_rate.0.total_iters=0",
+    "optimizer.learning_rate.1.total_iters=2.0",
+])
+def test_bad_scheduler_values_from_the_command_line_name_the_key(override):
+    key, value = parse_override(override)
+    with pytest.raises(ConfigError, match=rf"^gpt2_tiny: {re.escape(key)}: expected "):
+        load_params("gpt2_tiny", {key: value})
+
+
+def test_a_constant_learning_rate_is_finite_and_non_negative():
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ConfigError, match=r"optimizer\.learning_rate: expected a finite number >= 0 "
+                                              r"or a non-empty list of SchedulerParams mappings, got "):
+            load_params("gpt2_tiny", {"optimizer.learning_rate": bad})
+    with pytest.raises(ConfigError, match=r"optimizer\.learning_rate: expected a number or a non-empty list"):
+        load_params("gpt2_tiny", {"optimizer.learning_rate": []})
+
+
+def _numeric_keys(section: type[BaseModel], prefix: str) -> list[tuple[str, type]]:
+    """Every int and float key under ``section`` (nested sections included), with its type."""
+    found = []
+    for name, field in section.model_fields.items():
+        args = [a for a in typing.get_args(field.annotation) if a is not type(None)] or [field.annotation]
+        arm = args[0]
+        if isinstance(arm, type) and issubclass(arm, BaseModel):
+            found += _numeric_keys(arm, f"{prefix}{name}.")
+        elif arm in (int, float) or typing.get_origin(arm) is typing.Annotated and arm.__origin__ in (int, float):
+            found.append((f"{prefix}{name}", arm if arm in (int, float) else arm.__origin__))
+    return found
+
+
+NUMERIC_KEYS = [(f"{section}.{key}", tp) for section, model in Params.model_fields.items()
+                for key, tp in _numeric_keys(model.annotation, "")]
+
+
+def test_the_numeric_key_list_covers_the_sections():
+    keys = dict(NUMERIC_KEYS)
+    assert keys["model.initializer.std"] is float and keys["runconfig.sample_top_k"] is int
+    assert keys["optimizer.eps"] is float and keys["train_input.prefetch_factor"] is int
+    assert len(keys) > 40
+
+
+@pytest.mark.parametrize("key, tp", NUMERIC_KEYS)
+def test_every_numeric_key_refuses_non_finite_negative_and_wrong_type_values(key, tp):
+    base = {"model.initializer": {}, "model.embedding_initializer": {}, "model.output_layer_initializer": {}}
+    bad_values = [-1, True, "7"] + ([float("nan"), float("inf"), float("-inf")] if tp is float else [5.0])
+    if key.endswith(("initializer.mean", "initializer.a", "initializer.b")):
+        bad_values.remove(-1)  # a mean and truncation bounds may be negative
+    for bad in bad_values:
+        with pytest.raises(ConfigError, match=rf"^gpt2_tiny: {re.escape(key)}: expected "):
+            load_params("gpt2_tiny", {**base, key: bad})
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("model.dropout_rate", 1.0, "a finite number in [0, 1)"),
+    ("model.embedding_dropout_rate", -0.1, "a finite number in [0, 1) or null"),
+    ("model.layer_norm_epsilon", 0, "a finite number > 0"),
+    ("optimizer.eps", 0.0, "a finite number > 0"),
+    ("optimizer.betas.1", 1.0, "a finite number in [0, 1)"),
+    ("optimizer.weight_decay", -0.1, "a finite number >= 0"),
+    ("optimizer.max_gradient_norm", 0, "a finite number > 0 or null"),
+    ("optimizer.loss_scaling_factor", -128, "a finite number > 0 or 'dynamic'"),
+    ("optimizer.grad_accum_steps", 0, "an integer > 0"),
+    ("train_input.batch_size", 0, "an integer > 0"),
+    ("eval_input.num_workers", -1, "an integer >= 0"),
+    ("train_input.prefetch_factor", 0, "an integer > 0 or null"),
+    ("runconfig.checkpoint_steps", -5, "an integer >= 0"),
+    ("runconfig.keep_last_checkpoints", 0, "an integer > 0"),
+    ("runconfig.sample_temperature", 0.0, "a finite number > 0"),
+    ("runconfig.sample_top_k", 0, "an integer > 0 or null"),
+])
+def test_ranges_are_named_with_the_key(key, value, expected):
+    with pytest.raises(ConfigError, match=rf"^gpt2_tiny: {re.escape(key)}: expected {re.escape(expected)}, got "):
+        load_params("gpt2_tiny", {key: value})
+
+
+def test_a_float_for_an_integer_key_is_refused():
+    with pytest.raises(ConfigError, match=r"runconfig\.max_steps: expected an integer, got float 5\.0"):
+        load_params("gpt2_tiny", {"runconfig.max_steps": 5.0})
+    with pytest.raises(ConfigError, match=r"train_input\.batch_size: expected an integer, got float 4\.0"):
+        load_params("gpt2_tiny", {"train_input.batch_size": 4.0})
+
+
+def test_semantic_cross_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"eval_input\.vocab_size: 5 differs from model\.vocab_size 50257"):
+        load_params("gpt2_tiny", {"eval_input.vocab_size": 5})
+    with pytest.raises(ConfigError, match=r"optimizer\.optimizer_type: expected AdamW or Adam, got 'SGD'"):
+        load_params("gpt2_tiny", {"optimizer.optimizer_type": "SGD"})
+    with pytest.raises(ConfigError, match=r"model\.initializer\.b: expected a < b"):
+        load_params("gpt2_tiny", {"model.initializer": {"name": "truncated_normal", "a": 0.1, "b": -0.1}})
+    with pytest.raises(ConfigError, match=r"optimizer\.learning_rate\.0\.total_iters: missing required key "
+                                          r"\(only the last scheduler may run until max_steps\)"):
+        load_params("gpt2_tiny", {"optimizer.learning_rate": [{"scheduler": "Constant", "learning_rate": 0.1},
+                                                              {"scheduler": "Constant", "learning_rate": 0.01}]})
+    with pytest.raises(ConfigError, match=r"optimizer\.learning_rate\.1\.decay_rate: missing required key for "
+                                          r"Exponential"):
+        load_params("gpt2_tiny", {"optimizer.learning_rate.1": {"scheduler": "Exponential",
+                                                                "initial_learning_rate": 0.1, "total_iters": 5}})
+
+
+def test_model_stays_mutable_and_checked():
+    params = load_params("gpt2_tiny")
+    params.runconfig.checkpoint_path = "/tmp/checkpoint_5.mdl"
+    assert params.runconfig.checkpoint_path == "/tmp/checkpoint_5.mdl"
+    with pytest.raises(PydanticValidationError):
+        params.runconfig.max_steps = -1

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gpt2core.config import load_params
-from gpt2core.evaluation import evaluate, sample
+from gpt2core.evaluation import eval_dataloader, evaluate, evaluate_pass, sample
 from gpt2core.model import GPT2
+from gpt2core.precision import autocast_dtype
 from gpt2core.stages import evaluate as evaluate_stage
 from gpt2core.stages import run_stage
 from gpt2core.stages import train as train_stage
@@ -53,6 +55,40 @@ def test_metrics_follow_the_reference_definitions():
     assert metrics["eval/tokens"] == 16 * 2 + 9 * 2
     # padding is not scored: the per-batch mean differs from the per-token mean of the whole set
     assert metrics["eval/loss"] != pytest.approx(ce_sum / tokens, rel=1e-9)
+
+
+@pytest.mark.parametrize("mixed, fp16_type, device, expected", [
+    (True, "bfloat16", "cuda", torch.bfloat16),
+    (True, "float16", "cuda", torch.float16),
+    (True, "cbfloat16", "cuda", torch.bfloat16),  # no GPU has the wafer's format; bf16 covers its range
+    (False, "float16", "cuda", None),
+    (True, "float16", "cpu", None),  # CPU runs are fp32
+])
+def test_one_mixed_precision_rule(mixed, fp16_type, device, expected):
+    params = load_params("gpt2_tiny", {"model.mixed_precision": mixed, "model.fp16_type": fp16_type}).model
+    assert autocast_dtype(params, torch.device(device)) == expected
+    assert autocast_dtype(params, device) == expected
+
+
+def test_evaluate_pass_scores_eval_steps_batches_from_the_start(tmp_path):
+    rows = torch.randint(0, 50257, (21, 3, 16), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    rows[:, 1] = 1
+    with h5py.File(tmp_path / "val.h5", "w") as f:  # 21 rows: batches of 4, the last one of 1 row
+        f.create_dataset("data", data=rows.numpy())
+    params = load_params("gpt2_tiny", {**MICRO, "eval_input.batch_size": 4, "runconfig.eval_steps": None})
+    model, cpu = micro_model(), torch.device("cpu")
+    loader = eval_dataloader(params, tmp_path)
+    assert len(loader) == 6 and not loader.drop_last
+    whole = evaluate_pass(model, params, loader, device=cpu)
+    assert whole["eval/tokens"] == 21 * 16  # every sequence once
+    params.runconfig.eval_steps = 2
+    two = evaluate_pass(model, params, loader, device=cpu)
+    assert two == evaluate(model, eval_dataloader(params, tmp_path), device=cpu, max_batches=2)
+    assert evaluate_pass(model, params, loader, device=cpu) == two  # each pass from batch 0
+    params.runconfig.eval_steps = 1000
+    assert evaluate_pass(model, params, loader, device=cpu) == whole  # never past one epoch
+    halves = [eval_dataloader(params, tmp_path, rank=r, world_size=2) for r in range(2)]
+    assert [h.batch_size for h in halves] == [2, 2]
 
 
 def test_sampling_top_k_temperature_and_eos():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2core.data.loader import HDF5Dataset, build_dataloader
+from gpt2core.config import load_params
+from gpt2core.data.loader import HDF5Dataset, build_dataloader, input_dataloader
 from gpt2core.data.verify import verify_dataset
 from gpt2core.errors import DataError
 from gpt2core.tokenizer import EOS_ID, VOCAB_SIZE
@@ -91,6 +92,36 @@ def test_resume_at_the_exact_next_batch(small_split: Path):
         h.load_state_dict(state)
     tails = [_firsts(h, 13) for h in halves]
     assert [sorted(a + b) for a, b in zip(*tails, strict=True)] == [sorted(x) for x in expected[17:]]
+
+
+def test_persistent_workers_serve_every_epoch_and_the_next_iteration(small_split: Path):
+    expected = _firsts(build_dataloader(small_split, 8, seed=2), 30)  # 12 batches per epoch
+    loader = build_dataloader(small_split, 8, seed=2, num_workers=2, prefetch_factor=3, persistent_workers=True)
+    head = _firsts(loader, 17)
+    workers = loader._workers
+    assert (workers.num_workers, workers.prefetch_factor, workers.persistent_workers) == (2, 3, True)
+    assert head + _firsts(loader, 13) == expected  # the same workers, reset at the loader's position
+    assert loader._workers is workers
+    loader.seek(0)
+    assert _firsts(loader, 5) == expected[:5]
+    fresh = build_dataloader(small_split, 8, seed=2, num_workers=1)
+    fresh.seek(25)
+    assert _firsts(fresh, 5) == expected[25:30] and fresh._workers is not None
+
+
+def test_input_dataloader_reads_its_config_section(small_split: Path):
+    section = load_params("gpt2_tiny", {"train_input.shuffle_seed": 3, "train_input.drop_last": False,
+                                        "train_input.prefetch_factor": 4,
+                                        "train_input.persistent_workers": True}).train_input
+    train = input_dataloader(section, small_split, batch_size=10, training=True)
+    assert (train.seed, train.shuffle, train.drop_last, len(train)) == (3, True, False, 11)
+    assert (train.prefetch_factor, train.persistent_workers) == (None, False)  # no workers, nothing to keep
+    assert _firsts(train, 11) == _firsts(build_dataloader(small_split, 10, seed=3, drop_last=False), 11)
+    dropping = section.model_copy(update={"drop_last": True, "num_workers": 2})
+    assert len(input_dataloader(dropping, small_split, batch_size=10, training=True)) == 10
+    evaluation = input_dataloader(dropping, small_split, batch_size=10, training=False, rank=1, world_size=2)
+    assert not evaluation.drop_last and len(evaluation) == 6  # evaluation scores every sequence
+    assert (evaluation.num_workers, evaluation.prefetch_factor, evaluation.persistent_workers) == (2, 4, True)
 
 
 def test_resume_refuses_other_data_or_batch(small_split: Path):

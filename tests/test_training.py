@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2core.checkpoint_names import CEREBRAS, checkpoint_name, checkpoint_step, list_checkpoints
 from gpt2core.config import load_params
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.training import train
-from gpt2core.training.checkpoint import list_checkpoints
 from gpt2core.training.optimizer import build_optimizer
 from gpt2core.training.schedule import build_lr_scheduler
 
@@ -124,14 +124,28 @@ def test_grad_accumulation_matches_the_full_batch(tiny_dataset_64, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_64, tmp_path):
-    # An infinite loss weight makes step 1's loss inf, right after the initial checkpoint.
+    # An infinite loss weight makes step 1's loss inf, right after the initial checkpoint. The config
+    # refuses one (tests/test_config.py); model_copy(update=) skips validation, so the guard is reached.
     params = micro_params(tiny_dataset_64, **{"runconfig.max_steps": 5, "runconfig.save_initial_checkpoint": True,
-                                              "model.loss_scaling": "batch_size", "model.loss_weight": math.inf})
+                                              "model.loss_scaling": "batch_size"})
+    params.model = params.model.model_copy(update={"loss_weight": math.inf})
     with pytest.raises(TrainingError, match=r"step 1: loss is inf; .*checkpoint_00000000\.pt"):
         run_in_process(params, tiny_dataset_64, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint_00000000.pt"]
     state = torch.load(tmp_path / "checkpoints" / "checkpoint_00000000.pt", weights_only=True)
     assert state["step"] == 0 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_checkpoint_names_of_both_trainers(tmp_path):
+    assert (checkpoint_name(100), checkpoint_name(100, CEREBRAS)) == ("checkpoint_00000100.pt", "checkpoint_100.mdl")
+    assert checkpoint_step("checkpoint_00000100.pt") == 100 and checkpoint_step("checkpoint_00000100.pt", CEREBRAS) is None
+    assert checkpoint_step(tmp_path / "checkpoint_7.mdl", CEREBRAS) == 7 and checkpoint_step("checkpoint_7.mdl") is None
+    for name in ("checkpoint_00000010.pt", "checkpoint_00000002.pt", ".checkpoint_00000011.pt.tmp", "checkpoint_10.mdl",
+                 "checkpoint_9.mdl", "notes.txt"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_00000002.pt", "checkpoint_00000010.pt"]
+    assert [p.name for p in list_checkpoints(tmp_path, CEREBRAS)] == ["checkpoint_9.mdl", "checkpoint_10.mdl"]
+    assert list_checkpoints(tmp_path / "missing") == []
 
 
 # ----------------------------------------------------------------------------- resume and DDP
@@ -140,11 +154,11 @@ WORKER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from gpt2core.config import load_params
+    import torch.distributed as dist
     from gpt2core.training import train
-    from gpt2core.training.parallel import shutdown_distributed
     overrides, data_dir, work_dir = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     result = train(load_params("gpt2_tiny", overrides), data_dir=data_dir, work_dir=work_dir)
-    shutdown_distributed()
+    assert not dist.is_initialized(), "train() left the process group open"
 """)
 
 

@@ -33,10 +33,10 @@ import torch
 import cerebras.pytorch as cstorch
 from cerebras.appliance.cluster.config import ClusterConfigError
 
-from gpt2core.cerebras.checkpoints import checkpoint_path, list_checkpoints
 from gpt2core.cerebras.settings import CerebrasSettings, resolve_settings
-from gpt2core.config import Params, SchedulerParams, schedule_milestones
-from gpt2core.data.loader import build_dataloader
+from gpt2core.checkpoint_names import CEREBRAS, checkpoint_name, list_checkpoints
+from gpt2core.config import InputParams, Params, SchedulerParams, schedule_milestones
+from gpt2core.data.loader import input_dataloader
 from gpt2core.errors import ConfigError, DataError, TrainingError
 from gpt2core.model import GPT2
 
@@ -180,23 +180,24 @@ class Precision:
 # ----------------------------------------------------------------------------- data
 
 
-def hdf5_input_fn(data_dir: str, batch_size: int, seed: int, shuffle: bool, start_step: int) -> Any:
-    """Our HDF5 loader, as cstorch's DataLoader calls it (on the appliance's streaming workers for
-    CSX, in this process for CPU). Each streamer reads its share of the global batch; a resumed run
-    starts at the batch after ``start_step`` (the order depends only on seed and epoch)."""
+def hdf5_input_fn(section: InputParams, data_dir: str, start_step: int) -> Any:
+    """Our HDF5 loader of config section ``section``, as cstorch's DataLoader calls it (on the
+    appliance's streaming workers for CSX, in this process for CPU). Each streamer reads its share
+    of the global batch; a resumed run starts at the batch after ``start_step`` (the order depends
+    only on seed and epoch)."""
     rank, world_size = 0, 1
     if cstorch.distributed.is_streamer():
         rank, world_size = cstorch.distributed.get_streaming_rank(), cstorch.distributed.num_streamers()
+    batch_size = section.batch_size
     per_rank = cstorch.distributed.get_streaming_batch_size(batch_size) if world_size > 1 else batch_size
-    loader = build_dataloader(data_dir, per_rank, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
-    loader.epoch, loader.next_batch = divmod(start_step, len(loader))
+    loader = input_dataloader(section, data_dir, batch_size=per_rank, training=True, rank=rank,
+                              world_size=world_size)
+    loader.seek(start_step)
     return loader
 
 
 def make_dataloader(params: Params, data_dir: str | Path, start_step: int = 0) -> Any:
-    inp = params.train_input
-    return cstorch.utils.data.DataLoader(hdf5_input_fn, str(data_dir), inp.batch_size, inp.shuffle_seed,
-                                         inp.shuffle, start_step)
+    return cstorch.utils.data.DataLoader(hdf5_input_fn, params.train_input, str(data_dir), start_step)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -406,8 +407,8 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
                  "lr_scheduler": scheduler.state_dict(), "global_step": step}
         if precision.grad_scaler is not None:
             state["grad_scaler"] = precision.grad_scaler.state_dict()
-        cstorch.save(state, str(checkpoint_path(checkpoint_dir, step)))
-        for old in list_checkpoints(checkpoint_dir)[:-r.keep_last_checkpoints]:
+        cstorch.save(state, str(checkpoint_dir / checkpoint_name(step, CEREBRAS)))
+        for old in list_checkpoints(checkpoint_dir, CEREBRAS)[:-r.keep_last_checkpoints]:
             old.unlink()
 
     if r.save_initial_checkpoint and start_step == 0:
@@ -422,7 +423,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
         save_checkpoint(step)  # a checkpoint closure: runs only on the executor's checkpoint steps
     seconds = time.perf_counter() - started
 
-    final = checkpoint_path(checkpoint_dir, r.max_steps)
+    final = checkpoint_dir / checkpoint_name(r.max_steps, CEREBRAS)
     if not final.is_file():
         raise TrainingError(f"{final}: the final checkpoint was not written")
     convert_checkpoint(final, params, model_dir)

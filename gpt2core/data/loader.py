@@ -8,7 +8,12 @@ from `state_dict()`, even on a different world size with the same global batch.
 
 Reads: a batch's rows are read sorted, per file, in one call. Uncompressed contiguous files (what
 preprocessing writes by default) are memory-mapped; compressed or chunked ones go through h5py.
-Files are opened lazily in each process (workers never share an HDF5 handle).
+Files are opened lazily in each process (workers never share an HDF5 handle). With workers, one
+torch DataLoader serves all epochs of an iteration (workers live across epoch boundaries), and with
+``persistent_workers`` also the next iteration (an evaluation pass after another).
+
+``input_dataloader(section, ...)`` builds the loader of a config section (``train_input`` /
+``eval_input``); it is how training, evaluation and the Cerebras flow read data.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -23,6 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gpt2core.errors import DataError
+
+if TYPE_CHECKING:  # the loader itself needs no config (and no pydantic) to import
+    from gpt2core.config import InputParams
 
 FIELDS = ("input_ids", "attention_mask", "labels")
 
@@ -121,20 +130,34 @@ class HDF5Dataset(Dataset):
         return out
 
 
-class _BatchesOfEpoch(Dataset):
-    """Batch k of one rank's epoch order: what each DataLoader worker reads (whole batches, in order)."""
+class _Batches(Dataset):
+    """Batch ``(epoch, k)`` of one rank's order: what each DataLoader worker reads (whole batches).
+    A process computes an epoch's order itself, once, from the seed."""
 
-    def __init__(self, dataset: HDF5Dataset, order: np.ndarray, batch_size: int, first_batch: int, n_batches: int):
-        self.dataset, self.order, self.batch_size = dataset, order, batch_size
-        self.first_batch, self.n_batches = first_batch, n_batches
+    def __init__(self, loader: HDF5DataLoader):
+        self.loader, self._epoch, self._order = loader, -1, np.empty(0, dtype=np.int64)
 
-    def __len__(self) -> int:
-        return self.n_batches - self.first_batch
-
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        b = self.first_batch + k
-        rows = self.dataset.read_rows(self.order[b * self.batch_size:(b + 1) * self.batch_size])
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, k = key
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, self.loader.rank_order(epoch)
+        size = self.loader.batch_size
+        rows = self.loader.dataset.read_rows(self._order[k * size:(k + 1) * size])
         return {name: torch.from_numpy(np.ascontiguousarray(rows[:, i])) for i, name in enumerate(FIELDS)}
+
+
+class _Positions:
+    """The endless ``(epoch, k)`` keys from the loader's position on: the sampler of its DataLoader."""
+
+    def __init__(self, loader: HDF5DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_epoch = len(self.loader)
+        epoch, k = divmod(self.loader.epoch * per_epoch + self.loader.next_batch, per_epoch)
+        while True:
+            yield epoch, k
+            epoch, k = (epoch + 1, 0) if k + 1 == per_epoch else (epoch, k + 1)
 
 
 class HDF5DataLoader:
@@ -142,17 +165,22 @@ class HDF5DataLoader:
 
     `len()` is the number of batches per epoch; iterating past it starts the next epoch, reshuffled
     with `seed + epoch`, so a trainer loops for max_steps (and takes `len()` batches for one eval pass).
+    `num_workers` processes read ahead `prefetch_factor` batches each (torch's default 2 when None);
+    `persistent_workers` keeps them for the next iteration (torch.utils.data.DataLoader's options).
     """
 
     def __init__(self, dataset: HDF5Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False):
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size}: expected an integer >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank={rank}, world_size={world_size}: expected 0 <= rank < world_size")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.drop_last, self.rank, self.world_size, self.num_workers = drop_last, rank, world_size, num_workers
+        self.prefetch_factor, self.persistent_workers = prefetch_factor, persistent_workers
         self.epoch, self.next_batch = 0, 0
+        self._workers: DataLoader | None = None  # kept between iterations with persistent_workers
         if len(self) == 0:
             raise DataError(f"{dataset.data_dir}: {len(dataset)} sequences make no full batch of batch_size "
                             f"{batch_size} x world_size {world_size} (use drop_last=False or a smaller batch)")
@@ -179,18 +207,25 @@ class HDF5DataLoader:
             order = np.resize(order, total)
         return order[self.rank::self.world_size]
 
+    def __getstate__(self) -> dict:  # what a worker gets: never the DataLoader that started it
+        return {**self.__dict__, "_workers": None}
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            batches = _BatchesOfEpoch(self.dataset, self.rank_order(self.epoch), self.batch_size,
-                                      self.next_batch, len(self))
-            if self.num_workers:
-                loader = DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.num_workers)
-            else:  # in this process: no DataLoader machinery per batch
-                loader = map(batches.__getitem__, range(len(batches)))
-            for batch in loader:
-                self.next_batch += 1
-                yield batch
-            self.epoch, self.next_batch = self.epoch + 1, 0
+        if not self.num_workers:  # in this process: no DataLoader machinery per batch
+            batches: Iterator = map(_Batches(self).__getitem__, _Positions(self))
+        else:
+            if self._workers is None or not self.persistent_workers:
+                self._workers = DataLoader(_Batches(self), batch_size=None, sampler=_Positions(self),
+                                           num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                                           persistent_workers=self.persistent_workers)
+            batches = iter(self._workers)
+        for batch in batches:
+            self.seek(self.epoch * len(self) + self.next_batch + 1)
+            yield batch
+
+    def seek(self, batch: int) -> None:
+        """Continue at batch number ``batch`` counted from the start of epoch 0 (a resumed step)."""
+        self.epoch, self.next_batch = divmod(batch, len(self))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "next_batch": self.next_batch, "seed": self.seed, "shuffle": self.shuffle,
@@ -208,8 +243,24 @@ class HDF5DataLoader:
 
 
 def build_dataloader(data_dir: str | Path, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                     drop_last: bool = True, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0) -> HDF5DataLoader:
+                     drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     prefetch_factor: int | None = None, persistent_workers: bool = False) -> HDF5DataLoader:
     """The loader of one rank over the HDF5 files in `data_dir` (see HDF5DataLoader)."""
     return HDF5DataLoader(HDF5Dataset(data_dir), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                          rank=rank, world_size=world_size, num_workers=num_workers)
+                          rank=rank, world_size=world_size, num_workers=num_workers,
+                          prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+
+
+def input_dataloader(section: InputParams, data_dir: str | Path, *, batch_size: int, training: bool,
+                     rank: int = 0, world_size: int = 1) -> HDF5DataLoader:
+    """The loader of one rank for config section ``section`` (``train_input`` or ``eval_input``) over
+    the HDF5 files in ``data_dir``, reading ``batch_size`` sequences per batch (the rank's share of
+    the section's global batch). Order: ``shuffle`` with ``shuffle_seed``. Training drops the last
+    incomplete batch unless ``drop_last`` is false; evaluation never does: the eval metrics cover
+    every sequence once. Workers: ``num_workers``, and with them ``prefetch_factor`` and
+    ``persistent_workers`` (ignored without workers, as the Model Zoo's data processors do)."""
+    workers = section.num_workers
+    return build_dataloader(data_dir, batch_size, seed=section.shuffle_seed, shuffle=section.shuffle,
+                            drop_last=section.drop_last and training, rank=rank, world_size=world_size,
+                            num_workers=workers, prefetch_factor=section.prefetch_factor if workers else None,
+                            persistent_workers=section.persistent_workers and workers > 0)

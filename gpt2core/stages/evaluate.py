@@ -39,8 +39,7 @@ class Request(ModelRequest):
 def run(ctx: RunContext, request: Request) -> StageResult:
     """Score the model at ``request.model_dir`` (or the weights of ``request.checkpoint_path``) on
     ``eval_input.data_dir`` and publish the ``report`` artifact."""
-    from gpt2core.data.loader import build_dataloader
-    from gpt2core.evaluation import evaluate
+    from gpt2core.evaluation import eval_dataloader, evaluate_pass
 
     cfg = request.load_params()
     report_uri = ctx.artifact_uri(STAGE, "report")
@@ -51,11 +50,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         started = time.monotonic()
         model = _load_model(cfg, request.model_dir, request.checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:
-            loader = build_dataloader(eval_dir, cfg.eval_input.batch_size, shuffle=False, drop_last=False,
-                                      num_workers=cfg.eval_input.num_workers)
-            steps = len(loader) if cfg.runconfig.eval_steps is None else min(len(loader), cfg.runconfig.eval_steps)
-            autocast = torch.bfloat16 if device.type == "cuda" and cfg.model.mixed_precision else None
-            metrics = evaluate(model, loader, device=device, max_batches=steps, autocast_dtype=autocast)
+            metrics = evaluate_pass(model, cfg, eval_dataloader(cfg, eval_dir), device=device)
         samples = _samples(model, cfg, device)
         metrics["eval/seconds"] = time.monotonic() - started
         with local_output(report_uri) as out:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from gpt2core.cerebras.checkpoints import list_checkpoints as list_cerebras_checkpoints
+from gpt2core.checkpoint_names import CEREBRAS, TORCH, checkpoint_step, list_checkpoints
 from gpt2core.config import Params
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
@@ -31,7 +31,6 @@ from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
 from gpt2core.stages.inputs import data_input, local_checkpoint
 from gpt2core.stages.request import TrainingRequest
-from gpt2core.training.checkpoint import checkpoint_step, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
                            "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
             tracked.log_model(model_out, model_uri=outputs["model"])  # safetensors + params.yaml, registered
         with local_output(outputs["checkpoints"]) as checkpoints_out:
-            listing = list_cerebras_checkpoints if target == "cerebras" else list_checkpoints
-            for checkpoint in listing(work_dir / "checkpoints") or resumed_only:
+            suffix = CEREBRAS if target == "cerebras" else TORCH
+            for checkpoint in list_checkpoints(work_dir / "checkpoints", suffix) or resumed_only:
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
         # at the last step, so the per-step train/loss history ends on the final value
@@ -224,8 +223,7 @@ def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_pat
     from gpt2core import cerebras
 
     if checkpoint_path:  # the cstorch flow resumes from runconfig.checkpoint_path (a .mdl file)
-        cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir,
-                                                             listing=list_cerebras_checkpoints))
+        cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir, suffix=CEREBRAS))
     with data_input("train_input.data_dir", cfg.train_input.data_dir) as data_dir:
         result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out, checkpoint_dir=work_dir / "checkpoints",
                                 work_dir=work_dir, on_metrics=log_metrics)

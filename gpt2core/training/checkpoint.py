@@ -1,6 +1,6 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-One file per step, ``checkpoint_00000100.pt``, holding the model, optimizer, scheduler, grad
+One file per step, ``checkpoint_00000100.pt`` (``gpt2core/checkpoint_names.py``), holding the model, optimizer, scheduler, grad
 scaler, loader position, step and every rank's RNG state. States are gathered as full (unsharded)
 tensors with ``torch.distributed.checkpoint.state_dict``, so a checkpoint written by DDP or FSDP2
 on N processes loads on any number. The file is written to a temporary name, fsynced and renamed:
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +20,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from gpt2core.checkpoint_names import checkpoint_name, list_checkpoints
 from gpt2core.errors import TrainingError
 from gpt2core.training.parallel import DistInfo
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:08d}.pt"
-
-
-def checkpoint_step(name: str) -> int | None:
-    """The step of a checkpoint file name (``checkpoint_00000100.pt`` -> 100), else None."""
-    m = _NAME.match(name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest step first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}

@@ -61,6 +61,7 @@ def init_distributed(target: str) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group, if this process is in one (``init_distributed`` joined it)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -24,14 +24,16 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from gpt2core.config import Params
-from gpt2core.data.loader import build_dataloader
+from gpt2core.data.loader import HDF5DataLoader, input_dataloader
 from gpt2core.errors import ConfigError, TrainingError
-from gpt2core.evaluation import evaluate
+from gpt2core.evaluation import eval_dataloader, evaluate_pass
 from gpt2core.model import GPT2
+from gpt2core.precision import autocast_dtype
 from gpt2core.training.checkpoint import Checkpointer
 from gpt2core.training.metrics import ThroughputMeter, peak_flops
 from gpt2core.training.optimizer import build_optimizer
-from gpt2core.training.parallel import FSDPModule, DistInfo, all_reduce_sum, gradient_sync, init_distributed, parallelize
+from gpt2core.training.parallel import (FSDPModule, DistInfo, all_reduce_sum, gradient_sync, init_distributed,
+                                       parallelize, shutdown_distributed)
 from gpt2core.training.schedule import build_lr_scheduler
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,6 @@ class TrainResult:
     mfu: float = 0.0
     checkpoint: Path | None = None
     eval_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def autocast_dtype(params: Params, device: torch.device) -> torch.dtype | None:
-    """Mixed precision runs on GPUs only; CPU training is fp32 (exact and reproducible)."""
-    if device.type != "cuda" or not params.model.mixed_precision:
-        return None
-    return torch.float16 if params.model.fp16_type == "float16" else torch.bfloat16
 
 
 def micro_batch_size(params: Params, world_size: int) -> int:
@@ -82,10 +77,16 @@ def train(params: Params, *, data_dir: str | Path, work_dir: str | Path, target:
     """Train for ``runconfig.max_steps``, resuming from ``resume_from`` or else the newest checkpoint
     in ``work_dir/checkpoints``. Rank 0 calls ``log_metrics(metrics: dict, step: int)`` every
     ``runconfig.log_steps`` and ``on_checkpoint(path: Path, step: int)`` after writing each checkpoint
-    (the callback must not raise for a failure training should survive, e.g. an upload)."""
+    (the callback must not raise for a failure training should survive, e.g. an upload).
+
+    Under torchrun this joins the process group and leaves it when training ends, also on errors
+    (every collective of training, the final gather and evaluation included, happens in here)."""
     info = init_distributed(target)
-    return Trainer(params, info, Path(work_dir), log_metrics, on_checkpoint).fit(data_dir, eval_data_dir,
-                                                                                 resume_from)
+    try:
+        return Trainer(params, info, Path(work_dir), log_metrics, on_checkpoint).fit(data_dir, eval_data_dir,
+                                                                                     resume_from)
+    finally:
+        shutdown_distributed()
 
 
 class Trainer:
@@ -96,7 +97,7 @@ class Trainer:
         self.log_metrics = log_metrics if info.is_main else None
         self.on_checkpoint = on_checkpoint if info.is_main else None
         run, device = params.runconfig, info.device
-        self.amp_dtype = autocast_dtype(params, device)
+        self.amp_dtype = autocast_dtype(params.model, device)
 
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         self.model = GPT2(params.model).to(device)
@@ -110,13 +111,13 @@ class Trainer:
         self.checkpointer = Checkpointer(work_dir / "checkpoints", keep_last=run.keep_last_checkpoints, info=info)
         self.meter = ThroughputMeter(self.model.flops_per_token(params.train_input.max_sequence_length),
                                      peak_flops(device, self.amp_dtype)[0])
+        self.eval_loader: HDF5DataLoader | None = None  # kept between evaluations (persistent_workers)
 
     def fit(self, data_dir: str | Path, eval_data_dir: str | Path | None,
             resume_from: str | Path | None) -> TrainResult:
         p, run, info = self.params, self.params.runconfig, self.info
-        loader = build_dataloader(data_dir, micro_batch_size(p, info.world_size), seed=p.train_input.shuffle_seed,
-                                  shuffle=p.train_input.shuffle, drop_last=True, rank=info.rank,
-                                  world_size=info.world_size, num_workers=p.train_input.num_workers)
+        loader = input_dataloader(p.train_input, data_dir, batch_size=micro_batch_size(p, info.world_size),
+                                  training=True, rank=info.rank, world_size=info.world_size)
         if loader.dataset.max_seq_length != p.train_input.max_sequence_length:
             raise ConfigError(f"train_input.max_sequence_length: {p.train_input.max_sequence_length}, but "
                               f"{data_dir} holds sequences of {loader.dataset.max_seq_length} tokens")
@@ -225,13 +226,10 @@ class Trainer:
         return all_reduce_sum(step_loss).item(), float(grad_norm)
 
     def evaluate(self, eval_data_dir: str | Path) -> dict[str, float]:
-        p = self.params.eval_input
-        loader = build_dataloader(eval_data_dir, max(1, p.batch_size // self.info.world_size), shuffle=False,
-                                  drop_last=False, rank=self.info.rank, world_size=self.info.world_size,
-                                  num_workers=p.num_workers)
-        n = len(loader) if self.params.runconfig.eval_steps is None else min(len(loader), self.params.runconfig.eval_steps)
-        return evaluate(self.train_model, loader, device=self.info.device, max_batches=n,
-                        autocast_dtype=self.amp_dtype)
+        if self.eval_loader is None:
+            self.eval_loader = eval_dataloader(self.params, eval_data_dir, rank=self.info.rank,
+                                               world_size=self.info.world_size)
+        return evaluate_pass(self.train_model, self.params, self.eval_loader, device=self.info.device)
 
     def _log(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float) -> None:
         if not self.info.is_main:
