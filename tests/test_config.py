@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpt2core.config import CONFIGS_DIR, load_params, params_from_dict, parse_override
+from gpt2core.config import configs_dir, load_params, params_from_dict, parse_override
 from gpt2core.errors import ConfigError
 
 REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
@@ -19,7 +19,7 @@ REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
 
 
 def tiny_raw() -> dict:
-    return yaml.safe_load((CONFIGS_DIR / "gpt2_tiny.yaml").read_text())
+    return yaml.safe_load((configs_dir() / "gpt2_tiny.yaml").read_text())
 
 
 def write(tmp_path: Path, raw: dict) -> Path:
@@ -39,7 +39,7 @@ def test_bundled_sizes_have_reference_architectures(name):
 
 def test_name_path_and_yaml_round_trip_agree(tmp_path):
     by_name = load_params("gpt2_tiny")
-    assert load_params(CONFIGS_DIR / "gpt2_tiny.yaml") == by_name
+    assert load_params(configs_dir() / "gpt2_tiny.yaml") == by_name
     again = load_params(write(tmp_path, yaml.safe_load(by_name.to_yaml())))
     assert again == by_name and again.config_hash() == by_name.config_hash()
 
