@@ -7,8 +7,10 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.errors import TrackingError
+from gpt2core.platform import artifacts as storage, tracking
+from gpt2core.platform.artifacts.s3 import list_keys
+from gpt2core.platform.artifacts.uris import split_s3_uri
 from gpt2core.stages.common import RunContext
 
 
@@ -47,8 +49,8 @@ def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tm
     assert parent.data.params == {"config": "gpt2_tiny"}
     # MLflow's artifacts live in the same S3 as the stages' artifacts
     assert child.info.artifact_uri.startswith(f"{ctx.artifact_root}/mlflow/")
-    bucket, prefix = storage.split_s3_uri(child.info.artifact_uri)
-    keys = storage._list_keys(bucket, prefix)
+    bucket, prefix = split_s3_uri(child.info.artifact_uri)
+    keys = list_keys(bucket, prefix)
     assert f"{prefix}/reports/report.md" in keys
     png = storage.read_bytes(f"{child.info.artifact_uri}/{tracking.LOSS_CURVE_FILE}")
     assert png.startswith(b"\x89PNG")
