@@ -12,35 +12,20 @@ the KFP UI.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from html import escape
 from pathlib import Path
 
-from gpt2core.errors import TrackingError
 from gpt2core.stages.common import RunContext, StageResult
-
-
-def find_parent_run(pipeline_run_id: str, experiment: str) -> str:
-    """The MLflow parent run that start_run opened for this KFP run (tagged with its id)."""
-    import mlflow
-
-    from gpt2core.platform.tracking import TAG_KIND, TAG_PIPELINE_RUN
-
-    runs = mlflow.search_runs(
-        experiment_names=[experiment],
-        filter_string=f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' and tags.`{TAG_KIND}` = 'pipeline'",
-        output_format="list",
-    )
-    if not runs:
-        raise TrackingError(f"no MLflow parent run tagged {TAG_PIPELINE_RUN}={pipeline_run_id} in "
-                            f"experiment {experiment!r} at {mlflow.get_tracking_uri()}")
-    return runs[0].info.run_id
 
 
 def stage_context(pipeline_run_id: str, artifact_root: str, experiment: str) -> RunContext:
     """The RunContext a stage runs in, with its MLflow parent run looked up."""
+    from gpt2core.platform.tracking import find_parent_run
+
     return RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
                       experiment=experiment,
                       parent_run_id=find_parent_run(pipeline_run_id, experiment))
@@ -117,55 +102,10 @@ def _flatten(data: Mapping, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def svg_line_chart(points: Sequence[tuple[float, float]], *, title: str, x_label: str,
-                   y_label: str, width: int = 640, height: int = 320) -> str:
-    """A self-contained SVG line chart (the KFP UI renders HTML artifacts in a sandboxed iframe)."""
-    pad = 50
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-
-    def sx(x: float) -> float:
-        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
-
-    def sy(y: float) -> float:
-        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
-
-    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'font-family="sans-serif" font-size="12">'
-        f'<text x="{width / 2}" y="20" text-anchor="middle">{escape(title)}</text>'
-        f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" '
-        f'fill="none" stroke="#999"/>'
-        f'<polyline points="{path}" fill="none" stroke="#1f77b4" stroke-width="2"/>'
-        f'<text x="{pad}" y="{height - pad + 15}">{x0:g}</text>'
-        f'<text x="{width - pad}" y="{height - pad + 15}" text-anchor="end">{x1:g}</text>'
-        f'<text x="{pad - 5}" y="{height - pad}" text-anchor="end">{y0:.3g}</text>'
-        f'<text x="{pad - 5}" y="{pad + 10}" text-anchor="end">{y1:.3g}</text>'
-        f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">{escape(x_label)}</text>'
-        f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" '
-        f'text-anchor="middle">{escape(y_label)}</text></svg>'
-    )
-
-
-def metric_history(parent_run_id: str, stage: str, metric: str) -> list[tuple[float, float]]:
-    """(step, value) of `metric` in the newest child run of `parent_run_id` for `stage`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        order_by=["attributes.start_time DESC"],
-    )
-    for child in children:
-        if stage in (child.data.tags.get("stage"), child.data.tags.get("gpt2ops.stage"),
-                     child.info.run_name):
-            history = client.get_metric_history(child.info.run_id, metric)
-            return [(float(m.step), float(m.value)) for m in sorted(history, key=lambda m: m.step)]
-    return []
+def png_img(png: bytes, alt: str) -> str:
+    """An HTML ``<img>`` holding the PNG itself (a base64 data URI): the KFP UI shows HTML
+    artifacts in a sandboxed iframe that loads nothing from elsewhere."""
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
 
 
 def stage_overrides(dataset_uri: str, max_steps: int) -> dict[str, object]:
@@ -236,8 +176,6 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
     import dataclasses
     import tempfile
 
-    from mlflow.tracking import MlflowClient
-
     from gpt2core.platform import tracking
     from gpt2core.stages import evaluate
     from gpt2core.platform.artifacts import local_input, manifest_digest, read_manifest
@@ -253,10 +191,8 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
         champion = tracking.champion_version(name)
         champion_score = None
         if champion is not None and champion != version:
-            tags = MlflowClient().get_model_version(name, champion).tags
-            if tags.get(tracking.TAG_DATASET_HASH) == dataset_hash and "eval/loss" in tags:
-                champion_score = float(tags["eval/loss"])
-            else:
+            champion_score = tracking.tagged_score(name, champion, dataset_hash=dataset_hash)
+            if champion_score is None:
                 with tempfile.TemporaryDirectory(prefix="gpt2ops-champion-") as scratch:
                     folder = tracking.download_model_version(name, champion, scratch)
                     rerun = evaluate.run(
@@ -272,7 +208,7 @@ def promote_model(ctx: RunContext, *, config: str, dataset_uri: str, model_uri: 
         decision = {"model_name": name, "version": version, "promoted": promoted,
                     "eval/loss": eval_loss, "champion_version": champion,
                     "champion_eval/loss": champion_score}
-        tracked.set_tags({"gpt2ops.promoted": str(promoted), "gpt2ops.model_version": version})
+        tracked.set_tags({tracking.TAG_PROMOTED: str(promoted), tracking.TAG_MODEL_VERSION: version})
     return decision
 
 

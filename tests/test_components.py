@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,8 +23,9 @@ from components.promote.component import promote
 from components.train.component import train
 from components.validate.component import validate
 from gpt2core.errors import ConfigError, TrackingError
-from gpt2core.stages.common import StageResult
+from gpt2core.platform import tracking
 from gpt2core.platform.tracking import TAG_KIND, TAG_PIPELINE_RUN
+from gpt2core.stages.common import StageResult
 
 STAGES = (download, preprocess, validate, compile_model, train, evaluate, promote)
 
@@ -109,23 +111,25 @@ def test_parent_run_is_found_by_its_pipeline_run_tag():
         # stage runs carry the same pipeline run id; only the parent is a "pipeline" run
         with mlflow.start_run(nested=True, tags={TAG_PIPELINE_RUN: "kfp-123", TAG_KIND: "stage"}):
             pass
-    assert runtime.find_parent_run("kfp-123", "components-test") == run.info.run_id
+    assert tracking.find_parent_run("kfp-123", "components-test") == run.info.run_id
     ctx = runtime.stage_context("kfp-123", "s3://b/p", "components-test")
     assert ctx.parent_run_id == run.info.run_id
     assert ctx.artifact_uri("train", "model") == "s3://b/p/kfp-123/train/model"
     with pytest.raises(TrackingError, match="kfp-999"):
-        runtime.find_parent_run("kfp-999", "components-test")
+        tracking.find_parent_run("kfp-999", "components-test")
 
 
-def test_metric_history_reads_the_stage_child_run():
+def test_the_stage_child_run_and_its_metric_history_are_found():
     mlflow.set_experiment("components-history")
     with mlflow.start_run() as parent:
-        with mlflow.start_run(run_name="train", nested=True):
+        with mlflow.start_run(run_name="train", nested=True) as child:
             for step, loss in enumerate([9.0, 7.5, 6.0]):
                 mlflow.log_metric("train/loss", loss, step=step * 10)
-    assert runtime.metric_history(parent.info.run_id, "train", "train/loss") == [
-        (0.0, 9.0), (10.0, 7.5), (20.0, 6.0)]
-    assert runtime.metric_history(parent.info.run_id, "evaluate", "eval/loss") == []
+    run_id = tracking.stage_run_id(parent.info.run_id, "train")
+    assert run_id == child.info.run_id
+    assert tracking.metric_histories(run_id, ["train/loss", "eval/loss"]) == {
+        "train/loss": ([0, 10, 20], [9.0, 7.5, 6.0])}
+    assert tracking.stage_run_id(parent.info.run_id, "evaluate") is None
 
 
 def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
@@ -152,13 +156,15 @@ def test_report_markdown_prefers_the_markdown_files_else_renders_the_json(tmp_pa
     assert "all checks passed" in text and "peak_gb" not in text
 
 
-def test_svg_line_chart_is_well_formed():
-    svg = runtime.svg_line_chart([(0, 10.8), (10, 8.0), (20, 6.5)], title="loss <train>",
-                                 x_label="step", y_label="loss")
-    root = ET.fromstring(svg)
-    polyline = root.find("{http://www.w3.org/2000/svg}polyline")
-    assert len(polyline.get("points").split()) == 3
-    assert "loss &lt;train&gt;" in svg
+def test_the_loss_curve_html_embeds_the_png_itself():
+    png = tracking.curves_png({"train/loss": ([0, 10, 20], [10.8, 8.0, 6.5])}, title="loss <train>")
+    assert png.startswith(b"\x89PNG")
+    img = runtime.png_img(png, "loss <train>")
+    element = ET.fromstring(img)  # well-formed
+    assert element.tag == "img" and element.get("alt") == "loss <train>"
+    assert "loss &lt;train&gt;" in img
+    scheme, _, data = element.get("src").partition(",")
+    assert scheme == "data:image/png;base64" and base64.b64decode(data) == png
 
 
 def test_stage_overrides_point_at_the_dataset_splits():

@@ -28,8 +28,6 @@ def start_run(
     Returns:
         The MLflow parent run id.
     """
-    from mlflow.tracking import MlflowClient
-
     from components.runtime import check_pipeline_parameters
     from gpt2core.platform import tracking
     from gpt2core.stages.common import RunContext
@@ -38,9 +36,8 @@ def start_run(
                 gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root)
     ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
                      experiment=experiment)
-    parent_run_id = tracking.start_pipeline_run(ctx, params=form)  # tagged with pipeline_run_id
-    if run_name:
-        MlflowClient().set_tag(parent_run_id, "mlflow.runName", run_name)
+    parent_run_id = tracking.start_pipeline_run(ctx, params=form,  # tagged with pipeline_run_id
+                                                run_name=run_name or None)
     check_pipeline_parameters(**form)
     return parent_run_id
 
@@ -65,23 +62,17 @@ def record_results(
     served from the cache and so logged under an earlier parent) and render a run summary."""
     import json
 
-    from mlflow.tracking import MlflowClient
+    from components.runtime import markdown_table, write_text
+    from gpt2core.platform import tracking
 
-    from components.runtime import find_parent_run, markdown_table, write_text
-
-    parent_run_id = find_parent_run(pipeline_run_id, experiment)
+    parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
     artifacts = {"download/corpus": corpus_uri, "preprocess/dataset": dataset_uri,
                  "validate/report": validation_report_uri, "compile/compile_cache": compile_cache_uri,
                  "train/model": model_uri, "train/checkpoints": checkpoints_uri,
                  "evaluate/report": eval_report_uri}
     eval_metrics = json.loads(eval_metrics_json)
-    client = MlflowClient()
-    for name, uri in artifacts.items():
-        client.set_tag(parent_run_id, f"artifact.{name}", uri)
-    for name, value in eval_metrics.items():
-        client.log_metric(parent_run_id, name, float(value))
-    client.set_tag(parent_run_id, "gpt2ops.model_version", model_version)
-    client.set_tag(parent_run_id, "gpt2ops.promoted", str(promoted))
+    tracking.record_pipeline_results(parent_run_id, artifacts=artifacts, metrics=eval_metrics,
+                                     model_version=model_version, promoted=promoted)
     write_text(summary, "# gpt2ops pipeline run\n\n"
                f"MLflow parent run `{parent_run_id}` (experiment `{experiment}`)\n\n"
                f"Model version {model_version}: "
@@ -93,19 +84,15 @@ def record_results(
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> None:
     """Exit handler: mark the MLflow parent run FINISHED, or FAILED with the failing task."""
-    from mlflow.tracking import MlflowClient
-
-    from components.runtime import find_parent_run
-    from gpt2core.platform import tracking
     from gpt2core.errors import TrackingError
+    from gpt2core.platform import tracking
 
     try:
-        parent_run_id = find_parent_run(pipeline_run_id, experiment)
+        parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
     except TrackingError as exc:  # start_run itself failed before opening the parent run
         print(f"no parent run to close: {exc}")
         return
-    succeeded = status.state == "SUCCEEDED"
-    if not succeeded:
-        MlflowClient().set_tag(parent_run_id, tracking.TAG_ERROR,
-                               (status.error_message or status.state)[:5000])
-    tracking.end_pipeline_run(parent_run_id, "FINISHED" if succeeded else "FAILED")
+    if status.state == "SUCCEEDED":
+        tracking.end_pipeline_run(parent_run_id, "FINISHED")
+    else:
+        tracking.end_pipeline_run(parent_run_id, "FAILED", error=status.error_message or status.state)

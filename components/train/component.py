@@ -42,17 +42,18 @@ def train(
         model_uri: final weights (safetensors) and config.
         checkpoints_uri: the training checkpoints folder.
     """
-    from components.runtime import (metric_history, publish, stage_context, stage_overrides,
-                                    svg_line_chart, train_on_processes, write_text)
+    from components.runtime import (png_img, publish, stage_context, stage_overrides, train_on_processes,
+                                    write_text)
+    from gpt2core.platform import tracking
 
     ctx = stage_context(pipeline_run_id, artifact_root, experiment)
     result = train_on_processes(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
                                 compile_cache_uri=compile_cache_uri, target=target,
                                 nproc=num_gpus if target == "gpu" else 1, num_nodes=num_nodes)
     publish(result, {"model": model, "checkpoints": checkpoints}, metrics)
-    losses = metric_history(ctx.parent_run_id, "train", "train/loss")
-    chart = (svg_line_chart(losses, title="training loss", x_label="step", y_label="train/loss")
-             if len(losses) > 1 else "<p>fewer than two logged loss values</p>")
+    run_id = tracking.stage_run_id(ctx.parent_run_id, "train")
+    png = tracking.loss_curve_png(run_id) if run_id else None  # = the run's plots/loss_curve.png
+    chart = png_img(png, "training loss") if png else "<p>no loss values logged</p>"
     write_text(loss_curve, f"<html><body><h2>Training loss</h2>{chart}"
                f"<p>model: <code>{result.outputs['model']}</code></p></body></html>")
     return result.outputs["model"], result.outputs["checkpoints"]

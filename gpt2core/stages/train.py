@@ -31,7 +31,7 @@ from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.platform.artifacts import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
                               local_output, put_file, shared_local_input)
-from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
         return StageResult(outputs=outputs)
 
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
-            "gpt2ops.target": target}
+            TAG_TARGET: target}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         started = time.monotonic()
         resumed_only: list[Path] = []  # a run resumed at max_steps saved no checkpoint: publish that one
