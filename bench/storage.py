@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from gpt2core.platform import artifacts as storage
+from gpt2core.platform.artifacts.s3 import s3_client
 from gpt2core.platform.s3server import embedded_s3
 
 
@@ -57,7 +58,7 @@ def main() -> None:
         src = scratch / "artifact"
         total = make_artifact(src, args.files, args.file_mb, args.large_mb)
         paths = sorted(p for p in src.rglob("*") if p.is_file())
-        client, prefix = storage.s3_client(), f"bench/{uuid.uuid4().hex[:8]}"
+        client, prefix = s3_client(), f"bench/{uuid.uuid4().hex[:8]}"
         uri = f"s3://{args.bucket}/{prefix}/ours"
 
         def put_loop() -> None:

@@ -12,6 +12,7 @@ parent run per pipeline run would make every cache lookup miss.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Mapping
@@ -104,12 +105,15 @@ def _flatten(data: Mapping, prefix: str = "") -> dict[str, object]:
 def loss_curve_html(result: StageResult) -> str:
     """The train stage's loss curves as an HTML page for the KFP UI: the same PNG MLflow holds as
     ``plots/loss_curve.png``, embedded (the UI renders HTML artifacts in a sandboxed iframe)."""
-    import base64
-
     from gpt2core.platform import tracking
 
     png = tracking.loss_curve_png(result.mlflow_run_id) if result.mlflow_run_id else None
-    chart = (f'<img alt="training loss" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
-             if png else "<p>fewer than two logged loss values</p>")
+    chart = png_img(png, "training loss") if png else "<p>no logged loss values</p>"
     return (f"<html><body><h2>Training loss</h2>{chart}"
             f"<p>model: <code>{escape(result.outputs.get('model', ''))}</code></p></body></html>")
+
+
+def png_img(png: bytes, alt: str) -> str:
+    """An HTML ``<img>`` holding the PNG itself (a base64 data URI): the KFP UI shows HTML
+    artifacts in a sandboxed iframe that loads nothing from elsewhere."""
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'

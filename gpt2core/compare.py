@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from gpt2core.errors import TrackingError
 from gpt2core.platform.artifacts import local_output
-from gpt2core.platform.tracking import (TAG_CONFIG_HASH, TAG_PIPELINE_RUN, TAG_STAGE, mlflow_client, plot_curves,
-                               redacted, tracking_errors, tracking_uri)
+from gpt2core.platform.tracking import (TAG_CONFIG_HASH, TAG_PIPELINE_RUN, TAG_STAGE, curves_png,
+                                        find_stage_runs, metric_histories)
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,7 @@ def _shown(value: float) -> str:
 
 def compare_runs(experiment: str, *, stage: str = "train", max_runs: int = 20) -> Comparison:
     """The newest max_runs runs of `stage` in `experiment`, newest first."""
-    client = mlflow_client()
-    with tracking_errors(f"search runs of experiment {experiment!r}"):
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise TrackingError(f"MLflow at {redacted(tracking_uri())}: no experiment named {experiment!r}")
-        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{TAG_STAGE}` = '{stage}'",
-                                  order_by=["attributes.start_time DESC"], max_results=max_runs)
-        histories = {run.info.run_id: sorted(client.get_metric_history(run.info.run_id, CURVE_METRIC),
-                                             key=lambda m: m.step) for run in runs}
+    runs = find_stage_runs(experiment, stage, max_runs=max_runs)
     if not runs:
         raise TrackingError(f"experiment {experiment!r} has no {stage} runs (runs are tagged {TAG_STAGE})")
     differing = sorted(k for k in set().union(*(r.data.params for r in runs))
@@ -79,9 +71,9 @@ def compare_runs(experiment: str, *, stage: str = "train", max_runs: int = 20) -
         row.update({p: run.data.params.get(p, "") for p in params})
         row.update({m: _shown(run.data.metrics[m]) if m in run.data.metrics else "" for m in metrics})
         rows.append(row)
-        if histories[run.info.run_id]:
-            curves[name] = ([m.step for m in histories[run.info.run_id]],
-                            [m.value for m in histories[run.info.run_id]])
+        history = metric_histories(run.info.run_id, (CURVE_METRIC,))
+        if CURVE_METRIC in history:
+            curves[name] = history[CURVE_METRIC]
     if len(differing) > MAX_DIFFERING_PARAMS:
         log.info("%d more params differ between the runs: %s", len(differing) - MAX_DIFFERING_PARAMS,
                  ", ".join(differing[MAX_DIFFERING_PARAMS:]))
@@ -90,15 +82,11 @@ def compare_runs(experiment: str, *, stage: str = "train", max_runs: int = 20) -
 
 def write_comparison(comparison: Comparison, output: str, *, title: str) -> None:
     """Table (Markdown, CSV) and the overlaid loss curves (PNG) into the artifact at output."""
-    import matplotlib.pyplot as plt
-
     with local_output(output) as out:
         (out / TABLE_FILE).write_text(f"# {title}\n\n{comparison.markdown()}")
         (out / CSV_FILE).write_text(comparison.csv())
         if comparison.curves:
-            figure = plot_curves(comparison.curves, title=title, y_label=CURVE_METRIC)
-            figure.savefig(out / PLOT_FILE, dpi=120)
-            plt.close(figure)
+            (out / PLOT_FILE).write_bytes(curves_png(comparison.curves, title=title, y_label=CURVE_METRIC))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,6 @@ import difflib
 import hashlib
 import itertools
 import json
-import os
 import re
 import types
 import typing
@@ -35,11 +34,14 @@ from pydantic_core import PydanticCustomError
 
 import gpt2core
 from gpt2core.errors import ConfigError
+from gpt2core.platform.settings import settings
 
-# A checkout has configs/ beside the package; an installed wheel has not, so the container images
-# (containers/Dockerfile) put them elsewhere and say where with GPT2OPS_CONFIG_DIR.
-CONFIGS_DIR = Path(os.environ.get("GPT2OPS_CONFIG_DIR")
-                   or Path(gpt2core.__file__).resolve().parent.parent / "configs")
+
+def configs_dir() -> Path:
+    """The bundled configs: $GPT2OPS_CONFIG_DIR, else configs/ beside the package. A checkout has
+    configs/ there; an installed wheel has not, so the container images (containers/Dockerfile) put
+    them elsewhere and set the variable."""
+    return settings().config_dir or Path(gpt2core.__file__).resolve().parent.parent / "configs"
 
 
 def _number_from_yaml_string(value: Any) -> Any:
@@ -353,7 +355,7 @@ class Params(_Section):
 
 
 def available_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
 
 
 def load_params(params: str | Path, overrides: dict[str, object] | None = None) -> Params:
@@ -399,7 +401,7 @@ def _read_config_text(source: str) -> str:
             return read_text(source)
         except NotFound:
             raise ConfigError(f"{source}: no such config file") from None
-    bundled = CONFIGS_DIR / (source if source.endswith(".yaml") else f"{source}.yaml")
+    bundled = configs_dir() / (source if source.endswith(".yaml") else f"{source}.yaml")
     if "/" not in source and bundled.is_file():
         return bundled.read_text()
     raise ConfigError(f"{source}: no such config file or bundled config "

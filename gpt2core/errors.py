@@ -5,6 +5,11 @@ class Gpt2opsError(Exception):
     """Base class: the message names the key, file or URI at fault and what was expected."""
 
 
+class SettingsError(Gpt2opsError):
+    """An environment variable (or a file of the secret folder) has a value of the wrong type or out of
+    range (message names the variable and what was expected)."""
+
+
 class ConfigError(Gpt2opsError):
     """A config value is missing, of the wrong type, unknown or out of range (message names the key path)."""
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from gpt2core.errors import Gpt2opsError
+from gpt2core.platform.settings import settings
 
 TARGETS = ("cpu", "cuda", "cerebras")
-ENV_IMAGES_FILE = "GPT2OPS_IMAGES_FILE"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES_FILE = REPO_ROOT / "containers" / "images.json"
 BUILD_COMMAND = "python -m containers.build {target}"
@@ -45,7 +45,7 @@ def default_tag(target: str) -> str:
 
 
 def images_file() -> Path:
-    return Path(os.environ.get(ENV_IMAGES_FILE) or DEFAULT_IMAGES_FILE)
+    return settings().images_file or DEFAULT_IMAGES_FILE
 
 
 def read_records(path: Path | None = None) -> dict[str, dict[str, Any]]:
@@ -67,7 +67,7 @@ def image_for(target: str = "cpu") -> str:
     """The image reference that runs ``target`` (not checked against any daemon or registry)."""
     if target not in TARGETS:
         raise ImageError(f"unknown image target {target!r}; expected one of {', '.join(TARGETS)}")
-    from_env = os.environ.get(f"GPT2OPS_IMAGE_{target.upper()}")
+    from_env = settings().image(target)
     if from_env:
         return from_env
     record = read_records().get(target)

@@ -13,6 +13,7 @@ from pathlib import Path
 from gpt2core import flags
 from gpt2core.errors import ConfigError, Gpt2opsError
 from gpt2core.pipeline_parameters import PipelineParameters
+from gpt2core.platform.settings import reload_settings
 
 PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
 RUNNERS = ("subprocess", "docker")
@@ -54,9 +55,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def main_run(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
+    # Exported, so the steps (child processes) get them too; then re-read in this process.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work_dir / 'mlflow.db'}")
     if args.image:
         os.environ["GPT2OPS_IMAGE_CPU"] = args.image  # read when the components are imported
+    reload_settings()
     arguments = pipeline_arguments(args)
     arguments.setdefault("run_name", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -125,34 +128,25 @@ def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, ca
 
 def run_summary(run_name: str, experiment: str) -> dict[str, object]:
     """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples."""
-    from mlflow.tracking import MlflowClient
+    from gpt2core.platform import tracking
 
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`mlflow.runName` = '{run_name}'",
-        order_by=["attributes.start_time DESC"], max_results=1) if found else []
-    if not runs:
+    parent = tracking.find_pipeline_run_named(run_name, experiment)
+    if parent is None:
         raise Gpt2opsError(f"the pipeline left no MLflow parent run named {run_name!r} in "
                            f"experiment {experiment!r}; see the step logs above")
-    parent = runs[0]
-    children = client.search_runs(
-        [found.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    tags = parent.data.tags
-    artifacts = {k.removeprefix("artifact."): v for k, v in sorted(tags.items())
-                 if k.startswith("artifact.")}
+    artifacts = parent.artifacts
     return {
-        "status": parent.info.status,
-        "error": tags.get("gpt2ops.error"),
+        "status": parent.status,
+        "error": parent.error,
         "experiment": experiment,
-        "parent_run_id": parent.info.run_id,
-        "stage_runs": {c.info.run_name: c.info.run_id for c in children},
+        "parent_run_id": parent.run_id,
+        "stage_runs": parent.stage_runs,
         "artifacts": artifacts,
-        "metrics": {k: v for k, v in sorted(parent.data.metrics.items()) if k.startswith("eval/")},
-        "model_version": tags.get("gpt2ops.model_version"),
-        "promoted": tags.get("gpt2ops.promoted") == "True",
+        "metrics": {k: v for k, v in sorted(parent.metrics.items()) if k.startswith("eval/")},
+        "model_version": parent.model_version,
+        "promoted": parent.promoted,
         "samples": read_samples(artifacts["evaluate/report"]) if "evaluate/report" in artifacts else [],
-        "tracking_uri": client.tracking_uri,
+        "tracking_uri": tracking.tracking_uri(),
     }
 
 

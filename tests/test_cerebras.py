@@ -26,6 +26,7 @@ from gpt2core.cerebras.modelzoo import MODELZOO_PARAMS_FILE, modelzoo_params, wr
 from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import load_params, params_from_dict
 from gpt2core.errors import ConfigError, DataError
+from gpt2core.platform.settings import reload_settings
 from gpt2core.platform.context import RunContext
 
 SCHEDULE = [
@@ -212,6 +213,7 @@ def cpu_run(sdk: str, tiny_dataset: Path, s3_server, tmp_path_factory: pytest.Te
                      artifact_root=f"s3://{s3_server.bucket}/tests/cerebras-{uuid.uuid4().hex[:8]}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cerebras.ENV_BACKEND, "CPU")
+        reload_settings()
         result = run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides,
                                                              model_dir=str(root / "work"), target="cerebras"))
     return {"params": load_params("gpt2_tiny", overrides), "overrides": overrides, "ctx": ctx, "result": result,
@@ -285,6 +287,7 @@ def test_resume_from_the_published_checkpoints_continues_at_their_step(cpu_run: 
     overrides = {**cpu_run["overrides"], "runconfig.max_steps": TRAIN_STEPS + 2, "runconfig.log_steps": 1}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cerebras.ENV_BACKEND, "CPU")
+        reload_settings()
         result = run_stage("train", ctx, train_stage.Request(
             params="gpt2_tiny", overrides=overrides, model_dir=str(tmp_path),
             checkpoint_path=cpu_run["result"].outputs["checkpoints"], target="cerebras"))

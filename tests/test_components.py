@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import mlflow
@@ -133,8 +134,21 @@ def test_loss_curve_html_embeds_the_runs_loss_png():
     assert png == tracking.loss_curve_png(run.info.run_id)  # the same picture MLflow gets
     with mlflow.start_run() as empty:
         pass
-    assert "fewer than two logged loss values" in kfp_io.loss_curve_html(
+    assert "no logged loss values" in kfp_io.loss_curve_html(
         StageResult(outputs={"model": "s3://b/m"}, mlflow_run_id=empty.info.run_id))
+
+
+def test_the_stage_child_run_and_its_metric_history_are_found():
+    mlflow.set_experiment("components-history")
+    with mlflow.start_run() as parent:
+        with mlflow.start_run(run_name="train", nested=True) as child:
+            for step, loss in enumerate([9.0, 7.5, 6.0]):
+                mlflow.log_metric("train/loss", loss, step=step * 10)
+    run_id = tracking.stage_run_id(parent.info.run_id, "train")
+    assert run_id == child.info.run_id
+    assert tracking.metric_histories(run_id, ["train/loss", "eval/loss"]) == {
+        "train/loss": ([0, 10, 20], [9.0, 7.5, 6.0])}
+    assert tracking.stage_run_id(parent.info.run_id, "evaluate") is None
 
 
 def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
@@ -159,6 +173,17 @@ def test_report_markdown_prefers_the_markdown_files_else_renders_the_json(tmp_pa
     (tmp_path / "summary.md").write_text("all checks passed\n")
     text = kfp_io.report_markdown(str(tmp_path), "Validation report")
     assert "all checks passed" in text and "peak_gb" not in text
+
+
+def test_the_loss_curve_html_embeds_the_png_itself():
+    png = tracking.curves_png({"train/loss": ([0, 10, 20], [10.8, 8.0, 6.5])}, title="loss <train>")
+    assert png.startswith(b"\x89PNG")
+    img = kfp_io.png_img(png, "loss <train>")
+    element = ET.fromstring(img)  # well-formed
+    assert element.tag == "img" and element.get("alt") == "loss <train>"
+    assert "loss &lt;train&gt;" in img
+    scheme, _, data = element.get("src").partition(",")
+    assert scheme == "data:image/png;base64" and base64.b64decode(data) == png
 
 
 def test_a_dataset_request_points_at_its_splits():

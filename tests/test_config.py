@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
-from gpt2core.config import CONFIGS_DIR, Params, load_params, params_from_dict, parse_override
+from gpt2core.config import Params, configs_dir, load_params, params_from_dict, parse_override
 from gpt2core.errors import ConfigError
 
 REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
@@ -23,7 +23,7 @@ REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
 
 
 def tiny_raw() -> dict:
-    return yaml.safe_load((CONFIGS_DIR / "gpt2_tiny.yaml").read_text())
+    return yaml.safe_load((configs_dir() / "gpt2_tiny.yaml").read_text())
 
 
 def write(tmp_path: Path, raw: dict) -> Path:
@@ -43,7 +43,7 @@ def test_bundled_sizes_have_reference_architectures(name):
 
 def test_name_path_and_yaml_round_trip_agree(tmp_path):
     by_name = load_params("gpt2_tiny")
-    assert load_params(CONFIGS_DIR / "gpt2_tiny.yaml") == by_name
+    assert load_params(configs_dir() / "gpt2_tiny.yaml") == by_name
     again = load_params(write(tmp_path, yaml.safe_load(by_name.to_yaml())))
     assert again == by_name and again.config_hash() == by_name.config_hash()
 

@@ -21,6 +21,7 @@ from gpt2core.cli import main as cli_main
 from gpt2core.data import download
 from gpt2core.data.download import QUICKSTART_SOURCE, download_source
 from gpt2core.errors import DataError, Gpt2opsError
+from gpt2core.platform.settings import reload_settings
 from gpt2core.stages import download as download_stage
 from gpt2core.stages import run_stage
 from gpt2core.platform.context import RunContext
@@ -90,6 +91,7 @@ def http_server():
 @pytest.fixture(autouse=True)
 def _fast_private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path / "cache"))
+    reload_settings()
     monkeypatch.setattr(download, "HTTP_BACKOFF_S", 0.0)
 
 
@@ -232,7 +234,8 @@ def test_folder_file_uri_and_single_file(tmp_path: Path):
 
 
 def test_s3_prefix_and_object(s3_server, s3_root: str, tmp_path: Path):
-    from gpt2core.platform.artifacts import s3_client, split_s3_uri
+    from gpt2core.platform.artifacts.s3 import s3_client
+    from gpt2core.platform.artifacts.uris import split_s3_uri
 
     bucket, prefix = split_s3_uri(s3_root)
     client = s3_client()

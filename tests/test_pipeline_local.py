@@ -14,7 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from gpt2core.cli import main
-from gpt2core.platform.artifacts import artifact_exists, read_manifest, s3_client, split_s3_uri
+from gpt2core.platform.artifacts import artifact_exists, read_manifest
+from gpt2core.platform.artifacts.s3 import s3_client
+from gpt2core.platform.artifacts.uris import split_s3_uri
 
 pytestmark = pytest.mark.slow
 

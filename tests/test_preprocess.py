@@ -286,8 +286,10 @@ def test_stages_through_s3(small_corpus: Path, s3_root: str, tmp_path: Path, mon
     from gpt2core.stages import download, preprocess, run_stage
     from gpt2core.platform.context import RunContext
     from gpt2core.platform.artifacts import local_input, read_manifest
+    from gpt2core.platform.settings import reload_settings
 
     monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path / "cache"))
+    reload_settings()
     ctx = RunContext(pipeline_run_id="run7", artifact_root=s3_root)
     corpus = run_stage("download", ctx, download.Request(source=str(small_corpus))).outputs["corpus"]
     assert corpus == f"{s3_root}/run7/download/corpus"

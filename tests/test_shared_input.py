@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from gpt2core.platform import artifacts as storage
+from gpt2core.platform.artifacts.shared_input import _shared_slot
+from gpt2core.platform.settings import reload_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,7 @@ def _left_in(scratch: Path) -> list[str]:
 @pytest.fixture
 def scratch(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("GPT2OPS_SCRATCH_DIR", str(tmp_path / "scratch"))
+    reload_settings()
     return tmp_path / "scratch"
 
 
@@ -90,7 +93,7 @@ def test_processes_of_a_node_share_one_download(s3_root, scratch, tmp_path):
 def test_crashed_download_is_redone_and_a_changed_artifact_gets_a_new_folder(s3_root, scratch):
     _publish(f"{s3_root}/dataset", dataset(b"v1"))
     uri = f"{s3_root}/dataset/train"
-    folder, _ = storage._shared_slot(uri)
+    folder, _ = _shared_slot(uri)
     partial = folder.with_name(folder.name + ".partial")
     (partial / "train").mkdir(parents=True)
     (partial / "data_0.h5").write_bytes(b"half a file from a downloader that died")

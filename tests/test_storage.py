@@ -9,9 +9,12 @@ import threading
 
 import pytest
 
-from gpt2core.platform import artifacts as storage
 from gpt2core.errors import StorageError
+from gpt2core.platform import artifacts as storage
+from gpt2core.platform.artifacts import s3
+from gpt2core.platform.artifacts.uris import split_s3_uri
 from gpt2core.platform.s3server import SeaweedS3Server
+from gpt2core.platform.settings import reload_settings, settings
 
 
 def _write_tree(folder, files: dict[str, bytes]) -> None:
@@ -58,8 +61,8 @@ def test_error_inside_output_publishes_nothing_and_keeps_old_artifact(where, s3_
         raise RuntimeError("boom")
     assert not storage.artifact_exists(fresh)
     if where == "s3":
-        bucket, prefix = storage.split_s3_uri(fresh)
-        assert storage._list_keys(bucket, prefix) == []
+        bucket, prefix = split_s3_uri(fresh)
+        assert s3.list_keys(bucket, prefix) == []
 
 
 def test_a_folder_inside_an_artifact_is_an_input_too(s3_root, tmp_path):
@@ -88,25 +91,25 @@ def test_republish_removes_files_of_the_older_version(s3_root):
         _write_tree(out, {"a.bin": b"1", "old/b.bin": b"2"})
     with storage.local_output(uri) as out:
         _write_tree(out, {"a.bin": b"3"})
-    bucket, prefix = storage.split_s3_uri(uri)
-    assert sorted(storage._list_keys(bucket, prefix + "/")) == [f"{prefix}/MANIFEST.json", f"{prefix}/a.bin"]
+    bucket, prefix = split_s3_uri(uri)
+    assert sorted(s3.list_keys(bucket, prefix + "/")) == [f"{prefix}/MANIFEST.json", f"{prefix}/a.bin"]
 
 
 def test_multipart_upload_of_a_large_file(s3_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "_MULTIPART_BYTES", 5 << 20)  # S3's smallest part size
+    monkeypatch.setattr(s3, "MULTIPART_BYTES", 5 << 20)  # S3's smallest part size
     big = os.urandom(11 << 20)
     _write_tree(tmp_path / "src", {"big.bin": big})
     storage.upload_dir(tmp_path / "src", f"{s3_root}/big")
-    bucket, prefix = storage.split_s3_uri(f"{s3_root}/big")
-    head = storage.s3_client().head_object(Bucket=bucket, Key=f"{prefix}/big.bin")
+    bucket, prefix = split_s3_uri(f"{s3_root}/big")
+    head = s3.s3_client().head_object(Bucket=bucket, Key=f"{prefix}/big.bin")
     assert head["ETag"].strip('"').endswith("-3")  # three parts
     with storage.local_input(f"{s3_root}/big") as path:
         assert (path / "big.bin").read_bytes() == big
 
 
 def test_without_manifest_an_artifact_does_not_exist(s3_root):
-    bucket, prefix = storage.split_s3_uri(s3_root)
-    storage.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/partial/data.h5", Body=b"x")
+    bucket, prefix = split_s3_uri(s3_root)
+    s3.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/partial/data.h5", Body=b"x")
     assert not storage.artifact_exists(f"{s3_root}/partial")
     with pytest.raises(storage.NotFound, match=rf"{s3_root}/partial: no such artifact"):
         with storage.local_input(f"{s3_root}/partial"):
@@ -117,8 +120,8 @@ def test_corrupted_object_is_detected_on_download(s3_root):
     uri = f"{s3_root}/dataset"
     with storage.local_output(uri) as out:
         _write_tree(out, {"train/x.h5": b"good bytes"})
-    bucket, prefix = storage.split_s3_uri(uri)
-    storage.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/train/x.h5", Body=b"evil bytes")
+    bucket, prefix = split_s3_uri(uri)
+    s3.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/train/x.h5", Body=b"evil bytes")
     with pytest.raises(StorageError, match=r"train/x.h5 does not match its sha256"):
         with storage.local_input(uri):
             pass
@@ -141,8 +144,8 @@ def test_local_input_checks_a_local_artifact_and_accepts_plain_folders(tmp_path)
 
 
 def test_single_files(s3_root, tmp_path):
-    bucket, prefix = storage.split_s3_uri(s3_root)
-    storage.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/gpt2.yaml", Body=b"model: {}\n")
+    bucket, prefix = split_s3_uri(s3_root)
+    s3.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/gpt2.yaml", Body=b"model: {}\n")
     assert storage.read_text(f"{s3_root}/gpt2.yaml") == "model: {}\n"
     assert storage.fetch_file(f"{s3_root}/gpt2.yaml", tmp_path / "c.yaml").read_text() == "model: {}\n"
     with pytest.raises(storage.NotFound, match=rf"{s3_root}/nope.yaml: no such object"):
@@ -157,6 +160,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_server, s3_r
     wrong_secret = "wrong-secret-" + "Z" * 20
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    reload_settings()
     caplog.set_level(logging.DEBUG, logger="gpt2core")
     with pytest.raises(StorageError) as err:
         storage.read_manifest(f"{s3_root}/x")
@@ -164,6 +168,7 @@ def test_wrong_credentials_give_a_clear_error_without_the_secret(s3_server, s3_r
     assert f"{s3_root}/x" in message and s3_server.endpoint in message
     assert "SignatureDoesNotMatch" in message and "credentials" in message
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEY")
+    reload_settings()
     with pytest.raises(StorageError, match="InvalidAccessKeyId") as err2:
         with storage.local_output(f"{s3_root}/y") as out:
             _write_tree(out, {"a": b"1"})
@@ -185,8 +190,8 @@ def test_credentials_from_a_mounted_secret_folder(s3_server, s3_root, tmp_path, 
         monkeypatch.delenv(name)
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("GPT2OPS_S3_SECRET_DIR", str(secret_dir))
-    settings = storage.S3Settings.from_env()
-    assert settings.endpoint_url == s3_server.endpoint and s3_server.secret_key not in repr(settings)
+    reload_settings()
+    assert settings().aws_endpoint_url == s3_server.endpoint and s3_server.secret_key not in repr(settings())
     with storage.local_output(f"{s3_root}/via-secret") as out:
         _write_tree(out, {"a": b"1"})
     assert storage.artifact_exists(f"{s3_root}/via-secret")
@@ -201,6 +206,7 @@ def own_server(tmp_path, monkeypatch):
     with server:
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
+        reload_settings()
         yield server
 
 
@@ -227,21 +233,104 @@ def test_server_restarted_mid_upload_completes_through_retries(own_server, tmp_p
         assert sorted(p.name for p in path.glob("*.bin")) == sorted(f["path"] for f in manifest["files"])
 
 
-def test_server_gone_mid_upload_fails_cleanly_without_manifest(own_server, tmp_path, monkeypatch):
-    uri = "s3://faults/run1/dataset"
+URI = "s3://faults/run1/dataset"
+
+
+@pytest.fixture
+def republish(own_server, tmp_path, monkeypatch) -> str:
+    """Version 1 (old.bin) published at URI on the fault server, version 2 (24 files) in
+    tmp_path/v2; botocore's own retries cut to 2, so the outage window is what rides outages out."""
     _write_tree(tmp_path / "v1", {"old.bin": b"version 1"})
-    storage.upload_dir(tmp_path / "v1", uri)
+    storage.upload_dir(tmp_path / "v1", URI)
     _many_files(tmp_path / "v2")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    reload_settings()
+    return URI
+
+
+def test_server_gone_mid_upload_fails_cleanly_without_manifest(own_server, republish, tmp_path, monkeypatch):
+    uri = republish
     monkeypatch.setenv("GPT2OPS_S3_OUTAGE_S", "2")
-    with pytest.raises(StorageError, match=rf"{uri}: could not upload at {own_server.endpoint}"):
+    reload_settings()
+    with pytest.raises(StorageError, match=rf"{uri}: could not upload at {own_server.endpoint}: .* "
+                                           r"past the outage window GPT2OPS_S3_OUTAGE_S=2 s") as err:
         storage.upload_dir(tmp_path / "v2", uri, on_file_done=lambda _path: own_server.stop())
+    assert "\n" not in str(err.value)
     own_server.start()
     # neither version reads as complete: v1's manifest went first, v2's never came
     assert not storage.artifact_exists(uri)
     with pytest.raises(storage.NotFound, match="no such artifact"):
         with storage.local_input(uri):
             pass
+
+
+def _restart_later(server: SeaweedS3Server, after_s: float) -> threading.Thread:
+    restart = threading.Timer(after_s, server.start)
+    restart.start()
+    return restart
+
+
+def test_server_stopped_before_an_upload_starts_is_ridden_out(own_server, republish, tmp_path):
+    """The store is down when the upload begins (its first call, deleting the old manifest, meets a
+    refused connection) and back 20 s later: within GPT2OPS_S3_OUTAGE_S (default 120 s) the upload
+    completes, with its manifest."""
+    uri = republish
+    own_server.stop()
+    restart = _restart_later(own_server, 20.0)
+    try:
+        manifest = storage.upload_dir(tmp_path / "v2", uri)
+    finally:
+        restart.join()
+    assert storage.read_manifest(uri) == manifest and len(manifest["files"]) == 24
+    with storage.local_input(uri) as path:  # every byte arrived: checksums verified
+        assert sorted(p.name for p in path.glob("*.bin")) == sorted(f["path"] for f in manifest["files"])
+    bucket, prefix = split_s3_uri(uri)
+    assert f"{prefix}/old.bin" not in s3.list_keys(bucket, prefix)  # the older version's file went too
+
+
+def test_server_stopped_after_the_last_file_is_ridden_out_by_the_manifest(own_server, republish, tmp_path):
+    """The last calls of an upload (deleting an older version's files, writing the manifest) meet
+    the outage: they are tried again too."""
+    uri = republish
+    restarts = []
+
+    def stop_after_the_last_file(path: str) -> None:
+        if path == "part-023.bin":
+            own_server.stop()
+            restarts.append(_restart_later(own_server, 3.0))
+
+    manifest = storage.upload_dir(tmp_path / "v2", uri, on_file_done=stop_after_the_last_file)
+    restarts[0].join()
+    assert storage.read_manifest(uri) == manifest
+    bucket, prefix = split_s3_uri(uri)
+    assert sorted(s3.list_keys(bucket, prefix)) == sorted(
+        [f"{prefix}/{f['path']}" for f in manifest["files"]] + [f"{prefix}/MANIFEST.json"])
+
+
+def test_single_object_calls_ride_out_an_outage(own_server, tmp_path, monkeypatch):
+    """A read, a listing, a put and a delete, all started while the store is down (each in its own
+    thread), complete once it is back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    reload_settings()
+    (tmp_path / "c.yaml").write_text("model: {}\n")
+    for name in ("c.yaml", "old.yaml"):
+        storage.put_file(tmp_path / "c.yaml", f"s3://faults/configs/{name}")
+    own_server.stop()
+    restart = _restart_later(own_server, 3.0)
+    with ThreadPoolExecutor(4) as pool:
+        read = pool.submit(storage.read_text, "s3://faults/configs/c.yaml")
+        listed = pool.submit(storage.list_files, "s3://faults/configs")
+        put = pool.submit(storage.put_file, tmp_path / "c.yaml", "s3://faults/other/d.yaml")
+        deleted = pool.submit(storage.delete_file, "s3://faults/configs/old.yaml")
+        assert read.result() == "model: {}\n"
+        assert set(listed.result()) <= {"c.yaml", "old.yaml"} and "c.yaml" in listed.result()
+        put.result()
+        deleted.result()
+    restart.join()
+    assert storage.list_files("s3://faults/configs") == ["c.yaml"]
+    assert storage.read_text("s3://faults/other/d.yaml") == "model: {}\n"
 
 
 def test_embedded_s3_sets_and_restores_the_environment(tmp_path, monkeypatch):

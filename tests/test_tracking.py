@@ -7,8 +7,11 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.errors import TrackingError
+from gpt2core.platform import artifacts as storage, tracking
+from gpt2core.platform.artifacts.s3 import list_keys
+from gpt2core.platform.artifacts.uris import split_s3_uri
+from gpt2core.platform.settings import reload_settings
 from gpt2core.platform.context import RunContext
 
 
@@ -47,11 +50,14 @@ def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tm
     assert parent.data.params == {"config": "gpt2_tiny"}
     # MLflow's artifacts live in the same S3 as the stages' artifacts
     assert child.info.artifact_uri.startswith(f"{ctx.artifact_root}/mlflow/")
-    bucket, prefix = storage.split_s3_uri(child.info.artifact_uri)
-    keys = storage._list_keys(bucket, prefix)
+    bucket, prefix = split_s3_uri(child.info.artifact_uri)
+    keys = list_keys(bucket, prefix)
     assert f"{prefix}/reports/report.md" in keys
     png = storage.read_bytes(f"{child.info.artifact_uri}/{tracking.LOSS_CURVE_FILE}")
     assert png.startswith(b"\x89PNG")
+    # the KFP train step finds the stage's run under the parent and shows the very same PNG
+    assert tracking.stage_run_id(parent.info.run_id, "train") == stage_run_id
+    assert tracking.loss_curve_png(stage_run_id) == png
 
 
 def test_failed_stage_marks_its_run_failed_and_the_parent_too(ctx):
@@ -93,6 +99,7 @@ def test_unreachable_tracking_server_names_the_uri(ctx, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://mlflow-user:p4ssw0rd@127.0.0.1:{port}")
+    reload_settings()
     with pytest.raises(TrackingError) as err:
         with tracking.stage_run("train", ctx):
             pass
@@ -105,6 +112,7 @@ def test_unwritable_sqlite_store_names_the_uri(ctx, monkeypatch, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     uri = f"sqlite:///{tmp_path}/a_file/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    reload_settings()
     with pytest.raises(TrackingError, match=f"MLflow at {uri}: could not"):
         tracking.start_pipeline_run(ctx)
 
@@ -176,6 +184,7 @@ def test_a_real_tracking_server_over_http_with_artifacts_in_s3(ctx, tmp_path, mo
             assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
             time.sleep(1)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        reload_settings()
         with tracking.stage_run("train", ctx, params={"model.hidden_size": 64}) as run:
             run.log_metrics({"train/loss": 3.0}, step=1)
             (tmp_path / "r.md").write_text("ok")

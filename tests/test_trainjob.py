@@ -30,6 +30,7 @@ import yaml
 
 from gpt2core.launch import launch, trainjob
 from gpt2core.errors import ConfigError, TrainingError
+from gpt2core.platform.settings import reload_settings
 from gpt2core.platform.context import RunContext
 from test_k8s import K8S, render
 
@@ -237,6 +238,7 @@ def cluster(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # so not "in cluster"
     monkeypatch.delenv(trainjob.ENV_NAMESPACE, raising=False)
+    reload_settings()
     yield server
     server.shutdown()
     server.server_close()
@@ -269,6 +271,7 @@ def test_two_node_trainjob_trains_publishes_and_reattaches(cluster, s3_dataset, 
     from gpt2core.platform.artifacts import read_manifest
 
     monkeypatch.setenv(trainjob.ENV_TRAINER_IMAGE, "registry.example/gpt2ops-cuda:test")
+    reload_settings()
     ctx = RunContext(pipeline_run_id="kfp-run-2nodes", artifact_root=s3_root,
                      experiment="trainjob-test")
     ctx = dataclasses.replace(ctx, parent_run_id=tracking.start_pipeline_run(ctx))

@@ -37,6 +37,7 @@ from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import Params
 from gpt2core.errors import ConfigError
 from gpt2core.platform.child_process import run_child_module
+from gpt2core.platform.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ def sdk_importable() -> bool:
 
 def sdk_python() -> str:
     """The Python that runs the cstorch flow."""
-    configured = os.environ.get(ENV_PYTHON)
+    configured = settings().cerebras_python
     if configured:
         if not Path(configured).is_file():
             raise ConfigError(f"{ENV_PYTHON}={configured}: no such Python executable")
-        return configured
+        return str(configured)
     if sdk_importable():
         return sys.executable
     if VENV_PYTHON.is_file():
@@ -74,7 +75,7 @@ def sdk_python() -> str:
 
 
 def default_backend() -> str:
-    return os.environ.get(ENV_BACKEND, "CSX").upper()
+    return settings().cerebras_backend
 
 
 def validate(params: Params, *, data_dir: str | Path, work_dir: str | Path, backend: str | None = None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Sources: a local path or `file://` URI (file or folder), `http(s)://` (retries; a partial download is
 resumed with a Range request, also on the next run; optional sha256), `s3://bucket/key-or-prefix`
-(any S3-compatible endpoint, settings as in gpt2core.platform.artifacts) and `hf://datasets/<org>/<name>[@rev]`
+(any S3-compatible endpoint, settings as in gpt2core.platform.settings) and `hf://datasets/<org>/<name>[@rev]`
 (a Hugging Face dataset repo, when the hub is reachable). A fetched .tar.gz/.tgz/.tar.xz/.tar.bz2/
 .tar/.zip is unpacked; `include` globs (matched against the path inside the archive or folder)
 choose the files. Kept files must be corpus files (see gpt2core.data.readers); the first record of
@@ -33,6 +33,7 @@ from gpt2core.data.preprocess import CORPUS_INFO
 from gpt2core.data.readers import SUPPORTED_SUFFIXES, corpus_format, iter_documents
 from gpt2core.errors import DataError
 from gpt2core.platform.artifacts import sha256_file
+from gpt2core.platform.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ _PROGRESS_EVERY_S = 10.0
 
 def cache_root() -> Path:
     """Where http downloads are kept between runs ($GPT2OPS_CACHE_DIR, else ~/.cache/gpt2ops)."""
-    return Path(os.environ.get("GPT2OPS_CACHE_DIR") or Path.home() / ".cache" / "gpt2ops")
+    return settings().cache_dir
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,26 +157,25 @@ def _stream_to(resp, part: Path, *, append: bool, url: str, total: int) -> None:
 
 def _fetch_s3(uri: str, scratch: Path) -> Path:
     """One object, or every object under a prefix (as a folder)."""
-    from gpt2core.platform.artifacts import _s3_errors, s3_client, split_s3_uri
+    from gpt2core.platform.artifacts.s3 import download_files, list_keys, s3_errors
+    from gpt2core.platform.artifacts.uris import split_s3_uri
 
     bucket, key = split_s3_uri(uri)
-    client = s3_client()
-    with _s3_errors(uri, "list"):
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-    if key in keys:
-        pairs = [(key, scratch / PurePosixPath(key).name)]
-        target = pairs[0][1]
+    with s3_errors(uri, "list"):
+        keys = list_keys(bucket, key)
+    if key in keys:  # one object: the folder above it, that one file
+        parent, _, name = key.rpartition("/")
+        folder, paths = f"s3://{bucket}/{parent}", [name]
+        target = scratch / paths[0]
     else:
         prefix = f"{key}/" if key else ""
-        pairs = [(k, scratch / k[len(prefix):]) for k in keys if k.startswith(prefix) and not k.endswith("/")]
+        folder = f"s3://{bucket}/{key}"
+        paths = [k[len(prefix):] for k in keys if k.startswith(prefix) and not k.endswith("/")]
         target = scratch
-    if not pairs:
+    if not paths:
         raise DataError(f"{uri}: no such object or prefix")
-    with _s3_errors(uri, "download"):
-        for k, dest in pairs:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, k, str(dest))
+    with s3_errors(uri, "download"):
+        download_files(folder, paths, scratch)
     return target
 
 

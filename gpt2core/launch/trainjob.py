@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2core.errors import ConfigError, TrainingError
+from gpt2core.platform.settings import settings
 
 # The GPU node pool: nodes labelled gpt2ops.io/pool=gpu and tainted nvidia.com/gpu:NoSchedule (the
 # taint keeps other pods off the GPUs, the toleration lets GPU steps on).
@@ -143,7 +144,7 @@ def cluster_connection():  # noqa: ANN201 - (kubernetes.client.ApiClient, namesp
         except (config.ConfigException, OSError) as exc:
             raise ConfigError(f"{NO_CLUSTER_HINT} (not in a cluster: {in_cluster}; kubeconfig "
                               f"{kubeconfig}: {exc})") from None
-    return client.ApiClient(configuration), os.environ.get(ENV_NAMESPACE) or namespace
+    return client.ApiClient(configuration), settings().namespace or namespace
 
 
 class TrainJobLauncher:
@@ -340,7 +341,7 @@ def run_train_job(args: Sequence[str], *, pipeline_run_id: str, num_nodes: int, 
     spec = TrainJobSpec(name=trainjob_name(pipeline_run_id), namespace=namespace,
                         pipeline_run_id=pipeline_run_id, num_nodes=num_nodes,
                         procs_per_node=procs_per_node, gpus_per_node=gpus_per_node, args=tuple(args),
-                        image=os.environ.get(ENV_TRAINER_IMAGE) or None, deadline_s=int(timeout_s))
+                        image=settings().trainer_image, deadline_s=int(timeout_s))
     with api_client:
         TrainJobLauncher(api_client, poll_s=poll_s, log_every_s=log_every_s).run(spec, timeout_s=timeout_s)
     return spec

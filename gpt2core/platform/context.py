@@ -11,7 +11,9 @@ import uuid
 from dataclasses import dataclass
 
 from gpt2core.platform.results import RESULT_FILE
+from gpt2core.platform.settings import settings
 
+# The variables a stage's CLI flags fall back to (read through the settings).
 ENV_RUN_ID = "GPT2OPS_PIPELINE_RUN_ID"
 ENV_ARTIFACT_ROOT = "GPT2OPS_ARTIFACT_ROOT"
 ENV_PARENT_RUN = "GPT2OPS_MLFLOW_PARENT_RUN_ID"
@@ -37,11 +39,14 @@ class RunContext:
 
     @classmethod
     def from_env(cls, **overrides: str | None) -> RunContext:
+        """The context the settings give (a new pipeline run id, ``./work/artifacts`` when unset),
+        with overrides (the CLI's flags) that are not None taking precedence."""
+        s = settings()
         values = {
-            "pipeline_run_id": os.environ.get(ENV_RUN_ID) or uuid.uuid4().hex[:12],
-            "artifact_root": os.environ.get(ENV_ARTIFACT_ROOT) or os.path.abspath("work/artifacts"),
-            "experiment": os.environ.get(ENV_EXPERIMENT) or "gpt2ops",
-            "parent_run_id": os.environ.get(ENV_PARENT_RUN) or None,
+            "pipeline_run_id": s.pipeline_run_id or uuid.uuid4().hex[:12],
+            "artifact_root": s.artifact_root or os.path.abspath("work/artifacts"),
+            "experiment": s.mlflow_experiment_name,
+            "parent_run_id": s.mlflow_parent_run_id,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

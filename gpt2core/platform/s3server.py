@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt2core.errors import StorageError
+from gpt2core.platform.settings import reload_settings
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,15 @@ class SeaweedS3Server:
 
 @contextlib.contextmanager
 def embedded_s3(data_dir: str | Path = "work/s3", bucket: str = "gpt2ops") -> Iterator[SeaweedS3Server]:
-    """Run an embedded S3 server and point this process's S3 clients (and children) at it.
-
-    The previous environment is restored on exit.
+    """Run an embedded S3 server and point this process's S3 clients (and children) at it: its
+    ``AWS_*`` variables are exported and the settings re-read. The previous environment (and
+    settings) are restored on exit.
     """
     server = SeaweedS3Server(Path(data_dir).resolve(), bucket=bucket)
     with server:
         saved = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())
+        reload_settings()
         try:
             yield server
         finally:
@@ -185,3 +187,4 @@ def embedded_s3(data_dir: str | Path = "work/s3", bucket: str = "gpt2ops") -> It
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+            reload_settings()

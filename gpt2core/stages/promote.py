@@ -58,7 +58,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         champion = tracking.champion_version(name)
         champion_score = None
         if champion is not None and champion != version:
-            champion_score = tracking.model_version_score(name, champion, dataset_hash=dataset_hash)
+            champion_score = tracking.tagged_score(name, champion, dataset_hash=dataset_hash)
             if champion_score is None:
                 with tempfile.TemporaryDirectory(prefix="gpt2ops-champion-") as scratch:
                     folder = tracking.download_model_version(name, champion, scratch)

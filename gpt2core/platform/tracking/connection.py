@@ -1,0 +1,97 @@
+"""The MLflow connection: the tracking URI from the settings, a client checked once per process,
+MLflow failures as TrackingErrors naming the URI (credentials in it redacted)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from gpt2core.errors import TrackingError
+from gpt2core.platform.context import RunContext
+from gpt2core.platform.settings import settings
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    return settings().mlflow_tracking_uri
+
+
+def redacted(uri: str) -> str:
+    """The URI without a user:password part, for messages."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+@contextlib.contextmanager
+def tracking_errors(action: str) -> Iterator[None]:
+    """Any failure talking to MLflow becomes a TrackingError naming the tracking URI."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MlflowException, requests and SQLAlchemy errors alike
+        from mlflow.exceptions import MlflowException
+
+        detail = exc.message if isinstance(exc, MlflowException) else f"{type(exc).__name__}: {exc}"
+        raise TrackingError(f"MLflow at {redacted(tracking_uri())}: could not {action}: "
+                            f"{str(detail).splitlines()[0][:500]}") from exc
+
+
+_checked_uris: set[str] = set()
+
+
+def mlflow_client():  # noqa: ANN201 - an MlflowClient
+    """An MlflowClient for the configured store, checked once per process to answer quickly.
+
+    MLflow's own HTTP retries take minutes to give up on a dead server; a short probe of /health
+    turns that into an immediate error naming the URI.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from gpt2core.platform.artifacts import export_s3_env
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    export_s3_env()  # MLflow's S3 artifact store reads credentials from the environment only
+    if uri not in _checked_uris:
+        if uri.startswith(("http://", "https://")):
+            import requests
+
+            try:
+                # Any HTTP answer means reachable; a refused login shows in the call below.
+                requests.get(uri.rstrip("/") + "/health", timeout=10)
+            except requests.RequestException as exc:
+                raise TrackingError(f"MLflow tracking server {redacted(uri)} is unreachable "
+                                    f"({type(exc).__name__}); start it or set MLFLOW_TRACKING_URI") from None
+        with tracking_errors("open the tracking store"):
+            MlflowClient(uri).search_experiments(max_results=1)
+        _checked_uris.add(uri)
+    return MlflowClient(uri)
+
+
+def experiment_id(client, ctx: RunContext) -> str:  # noqa: ANN001 - an MlflowClient
+    """The id of ctx.experiment; a new experiment keeps its artifacts under the pipeline's
+    artifact root (``<root>/mlflow``), so with an s3:// root they go to the same S3 as the stages'."""
+    with tracking_errors(f"open experiment {ctx.experiment!r}"):
+        experiment = client.get_experiment_by_name(ctx.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = f"{ctx.artifact_root.rstrip('/')}/mlflow"
+        return client.create_experiment(ctx.experiment, artifact_location=location)
+
+
+def git_sha() -> str:
+    """The code version: $GPT2OPS_GIT_SHA (set when an image is built), else the checkout's HEAD."""
+    if settings().git_sha:
+        return settings().git_sha
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

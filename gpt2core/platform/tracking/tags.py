@@ -1,0 +1,29 @@
+"""Every tag and alias name gpt2ops sets on MLflow runs and model versions or searches by, defined
+once here; nothing outside tracking spells one out."""
+
+# On every run
+TAG_KIND = "gpt2ops.kind"  # KIND_PIPELINE (the parent run of a pipeline run) or KIND_STAGE
+KIND_PIPELINE, KIND_STAGE = "pipeline", "stage"
+TAG_PIPELINE_RUN = "gpt2ops.pipeline_run_id"
+TAG_GIT_SHA = "gpt2ops.git_sha"
+TAG_ERROR = "gpt2ops.error"  # the error a run FAILED with (one line, at most 5000 characters)
+
+# On stage runs
+TAG_STAGE = "gpt2ops.stage"
+TAG_CONFIG_HASH = "gpt2ops.config_hash"  # Params.config_hash()
+TAG_DATASET_HASH = "gpt2ops.dataset_hash"  # artifact_digest of the data (also on model versions)
+TAG_TARGET = "gpt2ops.target"  # cpu | gpu | cerebras
+
+# On the promote run and the parent run: the decision; on the parent also every artifact's URI
+TAG_MODEL_VERSION = "gpt2ops.model_version"
+TAG_PROMOTED = "gpt2ops.promoted"  # "True" | "False"
+TAG_ARTIFACT_PREFIX = "artifact."  # artifact.<stage>/<artifact> -> URI
+
+# On model versions
+TAG_MODEL_URI = "gpt2ops.model_uri"  # the train stage's model artifact the version was logged from
+CHAMPION, CHALLENGER = "champion", "challenger"  # registered model aliases
+
+# MLflow's own tags that gpt2ops sets or searches by
+MLFLOW_RUN_NAME = "mlflow.runName"
+MLFLOW_PARENT_RUN = "mlflow.parentRunId"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
