@@ -12,5 +12,5 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())" >&2
-exec "$PYTHON" bench/train_throughput.py --config gpt2_small --device cuda --dtype bfloat16 --compile \
+exec "$PYTHON" bench/train_throughput.py --params gpt2_small --device cuda --dtype bfloat16 --compile \
     --batch 32 --seq 1024 --warmup 3 --rounds 3 --steps 10 "$@"

@@ -6,7 +6,7 @@ Measurements alternate between the two models round by round, so load from other
 both alike; the median step time of each is reported. Prints one JSON object.
 
     python bench/train_throughput.py                                      # CPU eager, gpt2_tiny
-    python bench/train_throughput.py --config gpt2_small --device cuda --dtype bfloat16 --compile \
+    python bench/train_throughput.py --params gpt2_small --device cuda --dtype bfloat16 --compile \
         --batch 16 --seq 1024                                             # GPU (see bench/gpu_bench.sh)
 """
 
@@ -76,7 +76,7 @@ def timed(step, ids, labels, n):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="gpt2_tiny")
+    parser.add_argument("--params", default="gpt2_tiny", help="config: bundled name, YAML path or s3:// URI")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=None, help="default: train_input.max_sequence_length")
     parser.add_argument("--device", default="cpu")
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout of both models (0: deterministic)")
     args = parser.parse_args()
 
-    params = load_params(args.config, {f"model.{k}": args.dropout for k in
+    params = load_params(args.params, {f"model.{k}": args.dropout for k in
                                        ("dropout_rate", "embedding_dropout_rate", "attention_dropout_rate")})
     seq = args.seq or params.train_input.max_sequence_length
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -118,7 +118,7 @@ def main() -> None:
                          "mfu": round(tokens_per_s * flops_per_token / peak, 4),
                          "params": sum(p.numel() for p in models[name].parameters())}
     out = {
-        "bench": "train_throughput", "config": args.config, "batch": args.batch, "seq": seq,
+        "bench": "train_throughput", "params": args.params, "batch": args.batch, "seq": seq,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "dtype": args.dtype, "compile": args.compile,
         "torch": torch.__version__, "peak_flops": peak, "peak_source": peak_source,

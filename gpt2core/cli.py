@@ -1,8 +1,10 @@
-"""The `gpt2ops` command: one subcommand per pipeline stage, plus local runs and KFP management.
+"""The `gpt2ops` command: one subcommand per pipeline stage, plus local runs and pipeline management.
 
-Subcommand modules are imported lazily so `gpt2ops preprocess` does not pay for importing torch or
-MLflow, and so the library itself never imports kfp: only `run` and `pipeline` (which live in the
-`pipelines` package) do.
+A stage's flags are its request's fields (``gpt2core.stages.<stage>.Request``) plus the run context
+(``--pipeline_run_id``, ``--artifact_root``, ...); the stage runs through the launcher
+(``gpt2core.launch``), writes its ``result.json`` and prints the result. Modules are imported lazily,
+so `gpt2ops preprocess` does not pay for importing torch or MLflow, and so the library itself never
+imports kfp: only `run` and `pipeline` (in the `pipelines` package) do.
 """
 
 from __future__ import annotations
@@ -12,18 +14,17 @@ import importlib
 import logging
 import sys
 
-# subcommand -> (module, one-line help). Each module defines add_arguments(parser) and main(args).
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "download": ("gpt2core.stages.download", "fetch a raw text corpus into an artifact"),
-    "preprocess": ("gpt2core.stages.preprocess", "tokenize a corpus into Cerebras-layout HDF5"),
-    "validate": ("gpt2core.stages.validate", "check config, data and memory before training"),
-    "compile": ("gpt2core.stages.compile", "compile the training step and save compiler caches"),
-    "train": ("gpt2core.stages.train", "train a GPT-2 model"),
-    "evaluate": ("gpt2core.stages.evaluate", "evaluate a checkpoint and sample text"),
-    "compare": ("gpt2core.stages.compare", "compare MLflow runs side by side"),
+from gpt2core.stages import STAGES
+
+# Subcommands that are not stages: name -> (module, one-line help). Each module defines
+# add_<name>_arguments(parser) or add_arguments(parser), and main_<name>(args) or main(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("gpt2core.compare", "compare MLflow runs side by side"),
     "run": ("pipelines.cli", "run the whole pipeline locally (kfp.local)"),
     "pipeline": ("pipelines.cli", "compile | upload | submit | schedule against a KFP endpoint"),
 }
+# Stages that the launcher can run on several processes or nodes (the others run in this process).
+DISTRIBUTED_STAGES = ("train",)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -31,15 +32,47 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the module of the chosen subcommand is imported; the others get a help line only.
-    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    chosen = next((a for a in argv if a in STAGES or a in COMMANDS), None)
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            _add_stage_arguments(p, name)
+    for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(module_name)
-            add = getattr(module, f"add_{name}_arguments", None) or module.add_arguments
-            add(p)
-            p.set_defaults(_module=module)
+            (getattr(module, f"add_{name}_arguments", None) or module.add_arguments)(p)
+            p.set_defaults(_main=getattr(module, f"main_{name}", None) or module.main)
     return parser
+
+
+def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    from gpt2core.stages import stage_module
+    from gpt2core.stages.request import add_context_arguments
+
+    stage_module(stage).Request.add_arguments(parser)
+    if stage in DISTRIBUTED_STAGES:
+        g = parser.add_argument_group("launch")
+        g.add_argument("--nproc_per_node", type=int, default=1,
+                       help="processes on this node, one per GPU (torchrun; default 1: this process)")
+        g.add_argument("--num_nodes", type=int, default=1,
+                       help="nodes: past 1 a Kubeflow Trainer TrainJob runs the stage (default 1)")
+    add_context_arguments(parser)
+    parser.set_defaults(_main=lambda args: _run_stage_command(stage, args))
+
+
+def _run_stage_command(stage: str, args: argparse.Namespace) -> int:
+    from gpt2core.launch import launch
+    from gpt2core.platform.context import process_rank
+    from gpt2core.stages import stage_module
+    from gpt2core.stages.request import context_from_args
+
+    request = stage_module(stage).Request.from_args(args)
+    result = launch(stage, context_from_args(args), request, nproc_per_node=getattr(args, "nproc_per_node", 1),
+                    num_nodes=getattr(args, "num_nodes", 1))
+    if process_rank() == 0:
+        print(result.model_dump_json(indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    module = args._module
-    run = getattr(module, f"main_{args.command}", None) or module.main
     try:
-        result = run(args)
+        result = args._main(args)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line for users; --log-level DEBUG for the trace

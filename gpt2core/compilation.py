@@ -12,12 +12,9 @@ Multi-GPU training compiles per-rank graphs (DDP splits at bucket boundaries) th
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +23,8 @@ from pathlib import Path
 
 from gpt2core import errors
 from gpt2core.config import Params, load_params
-from gpt2core.errors import Gpt2opsError, StorageError
+from gpt2core.errors import StorageError
+from gpt2core.platform.child_process import child_main, run_child_module
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +59,11 @@ def compile_training_step(params: Params, target: str, out_dir: Path, *, timeout
         config = Path(tmp) / "params.yaml"
         config.write_text(params.to_yaml())
         log.info("compiling the training step for %s (cold, empty caches)", target)
-        cold = _child(["--params", str(config), "--target", target, "--save", str(cache_file)], Path(tmp) / "cold",
+        cold = _child({"params": str(config), "target": target, "save": str(cache_file)}, Path(tmp) / "cold",
                       timeout_s)
         log.info("cold: first step %.1f s, then %.3f s/step; starting warm from %.1f MB of caches",
                  cold["first_step_s"], cold["step_s"], cache_file.stat().st_size / 1e6)
-        warm = _child(["--params", str(config), "--target", target, "--load", str(cache_file)], Path(tmp) / "warm",
+        warm = _child({"params": str(config), "target": target, "load": str(cache_file)}, Path(tmp) / "warm",
                       timeout_s)
         log.info("warm: first step %.1f s (cache entries loaded: %s)", warm["first_step_s"], warm["cache_entries"])
     return CompileReport(target=target, device=cold["device"], torch_version=cold["torch_version"],
@@ -74,25 +72,14 @@ def compile_training_step(params: Params, target: str, out_dir: Path, *, timeout
                          cache_bytes=cache_file.stat().st_size, cache_entries=warm["cache_entries"])
 
 
-def _child(args: list[str], scratch: Path, timeout_s: float) -> dict:
-    """Run this module in a new Python with its own empty Inductor/Triton caches; its result (or
-    its gpt2ops error, re-raised here as the same class) comes back through a JSON file."""
+def _child(request: dict, scratch: Path, timeout_s: float) -> dict:
+    """Time the step in a new Python with its own empty Inductor/Triton caches (its result, or its
+    gpt2ops error raised here again as the same class, comes back through a result file)."""
     scratch.mkdir(parents=True)
-    result_file = scratch / "result.json"
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"),
-           "TRITON_CACHE_DIR": str(scratch / "triton")}
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch / "triton")}
     cpu_before = _children_cpu_s()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "gpt2core.compilation", *args, "--result", str(result_file)],
-                              env=env, timeout=timeout_s, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    except subprocess.TimeoutExpired:
-        raise errors.TrainingError(f"compiling the training step took over {timeout_s:.0f} s") from None
-    result = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if result and "error" in result:
-        raise getattr(errors, result["error_type"], Gpt2opsError)(result["error"])
-    if proc.returncode != 0 or result is None:
-        tail = "\n".join(proc.stdout.splitlines()[-20:])
-        raise errors.TrainingError(f"compiling the training step failed (exit code {proc.returncode}):\n{tail}")
+    result = run_child_module(sys.executable, "gpt2core.compilation", request,
+                              what="compiling the training step", env=env, timeout_s=timeout_s)
     return {**result, "process_cpu_s": _children_cpu_s() - cpu_before}
 
 
@@ -184,21 +171,12 @@ def write_skipped_report(out_dir: Path, reason: str) -> None:
     (out_dir / REPORT_FILE).write_text(json.dumps({"compiled": False, "reason": reason}, indent=1))
 
 
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="(internal) time the compiled training step in this process")
-    parser.add_argument("--params", required=True)
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--load", type=Path)
-    parser.add_argument("--save", type=Path)
-    parser.add_argument("--result", type=Path, required=True)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = time_training_step(load_params(args.params), args.target, load=args.load, save=args.save)
-    except Gpt2opsError as exc:
-        result = {"error": str(exc), "error_type": type(exc).__name__}
-    args.result.write_text(json.dumps(result))
+def _time_request(request: dict) -> dict:
+    """The child side of ``_child``: time the step for the request's config and target."""
+    load, save = request.get("load"), request.get("save")
+    return time_training_step(load_params(request["params"]), request["target"], load=load and Path(load),
+                              save=save and Path(save))
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(child_main(_time_request))

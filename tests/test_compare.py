@@ -9,8 +9,8 @@ import pytest
 from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.cli import main as cli
 from gpt2core.errors import TrackingError
-from gpt2core.stages import compare
-from gpt2core.stages.common import RunContext
+from gpt2core import compare
+from gpt2core.platform.context import RunContext
 
 
 @pytest.fixture

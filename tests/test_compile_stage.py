@@ -12,7 +12,8 @@ from gpt2core.platform import artifacts as storage
 from gpt2core.compilation import CACHE_FILE, REPORT_FILE, load_compile_cache
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.stages import compile as compile_stage
-from gpt2core.stages.common import RunContext
+from gpt2core.stages import run_stage
+from gpt2core.platform.context import RunContext
 
 # The smallest graph that is still the real training step: compiling is most of this test's time.
 SMALL = {"model.num_hidden_layers": 1, "train_input.max_sequence_length": 32,
@@ -26,7 +27,7 @@ def ctx(s3_root) -> RunContext:
 
 @pytest.mark.slow
 def test_compiles_cold_then_warm_and_the_train_stage_can_load_the_caches(ctx, tmp_path, monkeypatch):
-    result = compile_stage.run("gpt2_tiny", ctx=ctx, overrides={**SMALL, "runconfig.torch_compile": True})
+    result = run_stage("compile", ctx, compile_stage.Request(params="gpt2_tiny", overrides={**SMALL, "runconfig.torch_compile": True}))
     uri = result.outputs["compile_cache"]
     assert uri == ctx.artifact_uri("compile", "compile_cache")
     report = json.loads(storage.read_text(f"{uri}/{REPORT_FILE}"))
@@ -46,7 +47,7 @@ def test_compiles_cold_then_warm_and_the_train_stage_can_load_the_caches(ctx, tm
 
 
 def test_an_eager_config_publishes_a_report_only(ctx):
-    result = compile_stage.run("gpt2_tiny", ctx=ctx, overrides=SMALL)  # runconfig.torch_compile: false
+    result = run_stage("compile", ctx, compile_stage.Request(params="gpt2_tiny", overrides=SMALL))  # runconfig.torch_compile: false
     uri = result.outputs["compile_cache"]
     report = json.loads(storage.read_text(f"{uri}/{REPORT_FILE}"))
     assert report == {"compiled": False, "reason": "runconfig.torch_compile is false: training runs eagerly"}
@@ -55,8 +56,8 @@ def test_an_eager_config_publishes_a_report_only(ctx):
 
 
 def test_bad_target_and_missing_gpu_fail_clearly(ctx):
-    with pytest.raises(ConfigError, match="target 'tpu'"):
-        compile_stage.run("gpt2_tiny", ctx=ctx, target="tpu")
+    with pytest.raises(ConfigError, match=r"target: Input should be 'cpu', 'gpu' or 'cerebras' \(got 'tpu'\)"):
+        compile_stage.Request(params="gpt2_tiny", target="tpu")
     with pytest.raises(TrainingError, match="no CUDA device"):
-        compile_stage.run("gpt2_tiny", ctx=ctx, overrides={**SMALL, "runconfig.torch_compile": True}, target="gpu")
+        run_stage("compile", ctx, compile_stage.Request(params="gpt2_tiny", overrides={**SMALL, "runconfig.torch_compile": True}, target="gpu"))
     assert not storage.artifact_exists(ctx.artifact_uri("compile", "compile_cache"))

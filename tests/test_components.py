@@ -1,4 +1,4 @@
-"""The KFP components: their typed interfaces, and the shared runtime they call inside the step."""
+"""The KFP components: their typed interfaces, and the KFP translation (kfp_io) they call inside the step."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from kfp import dsl
 
 from components import IMAGE
-from components import runtime
+from components import kfp_io
 from components.compile.component import compile_model
 from components.download.component import download
 from components.evaluate.component import evaluate
@@ -23,9 +23,10 @@ from components.promote.component import promote
 from components.train.component import train
 from components.validate.component import validate
 from gpt2core.errors import ConfigError, TrackingError
+from gpt2core.platform.results import StageResult
+from gpt2core.pipeline_parameters import PipelineParameters
 from gpt2core.platform import tracking
 from gpt2core.platform.tracking import TAG_KIND, TAG_PIPELINE_RUN
-from gpt2core.stages.common import StageResult
 
 STAGES = (download, preprocess, validate, compile_model, train, evaluate, promote)
 
@@ -70,15 +71,19 @@ def test_stage_components_take_run_ids_and_emit_typed_artifacts(component):
     assert string_outputs and all(n.endswith(("_uri", "_json", "_version")) for n in string_outputs)
 
 
-GOOD = dict(config="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",
+GOOD = dict(params="gpt2_tiny", source="https://example.org/corpus.tar.gz", target="cpu",
             num_gpus=1, num_nodes=1, gpu_type="H100", max_steps=0,
             artifact_root="s3://bucket/runs")
 LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_tiny.yaml")
 
 
+def check_form(**values) -> PipelineParameters:
+    return PipelineParameters.create(**values).check()
+
+
 @pytest.mark.parametrize("change, parameter", [
-    ({"config": "gpt2_huge"}, "parameter config"),
-    ({"config": "/nonexistent/config.yaml"}, "parameter config"),
+    ({"params": "gpt2_huge"}, "parameter params"),
+    ({"params": "/nonexistent/config.yaml"}, "parameter params"),
     ({"source": "ftp://example.org/x.txt"}, "parameter source"),
     ({"source": "https:///no-host"}, "parameter source"),
     ({"source": ""}, "parameter source"),
@@ -89,20 +94,19 @@ LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_tiny.
     ({"max_steps": -1}, "parameter max_steps"),
     ({"num_nodes": 0}, "parameter num_nodes"),
     ({"num_nodes": 2}, "parameter num_nodes: .*target gpu"),
-    ({"target": "gpu", "num_nodes": 2, "config": LOCAL_CONFIG},
-     "parameter config/s3_prefix: .*cannot read a file of this machine"),
-    ({"artifact_root": "bucket/runs"}, "parameter s3_prefix"),
+    ({"target": "gpu", "num_nodes": 2, "params": LOCAL_CONFIG},
+     "parameter params/artifact_root: .*cannot read a file of this machine"),
+    ({"artifact_root": "bucket/runs"}, "parameter artifact_root"),
 ])
 def test_bad_run_form_values_name_the_parameter(change, parameter):
     with pytest.raises(ConfigError, match=parameter):
-        runtime.check_pipeline_parameters(**{**GOOD, **change})
+        check_form(**{**GOOD, **change})
 
 
 def test_good_run_form_values_pass():
-    runtime.check_pipeline_parameters(**GOOD)
-    runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8,
-                                         "source": "hf://datasets/org/name", "max_steps": 10})
-    runtime.check_pipeline_parameters(**{**GOOD, "target": "gpu", "num_gpus": 8, "num_nodes": 4})
+    check_form(**GOOD)
+    check_form(**{**GOOD, "target": "gpu", "num_gpus": 8, "source": "hf://datasets/org/name", "max_steps": 10})
+    check_form(**{**GOOD, "target": "gpu", "num_gpus": 8, "num_nodes": 4})
 
 
 def test_parent_run_is_found_by_its_pipeline_run_tag():
@@ -112,11 +116,26 @@ def test_parent_run_is_found_by_its_pipeline_run_tag():
         with mlflow.start_run(nested=True, tags={TAG_PIPELINE_RUN: "kfp-123", TAG_KIND: "stage"}):
             pass
     assert tracking.find_parent_run("kfp-123", "components-test") == run.info.run_id
-    ctx = runtime.stage_context("kfp-123", "s3://b/p", "components-test")
+    ctx = kfp_io.stage_context("kfp-123", "s3://b/p", "components-test")
     assert ctx.parent_run_id == run.info.run_id
     assert ctx.artifact_uri("train", "model") == "s3://b/p/kfp-123/train/model"
     with pytest.raises(TrackingError, match="kfp-999"):
         tracking.find_parent_run("kfp-999", "components-test")
+
+
+def test_loss_curve_html_embeds_the_runs_loss_png():
+    mlflow.set_experiment("components-history")
+    with mlflow.start_run() as run:
+        for step, loss in enumerate([9.0, 7.5, 6.0]):
+            mlflow.log_metric("train/loss", loss, step=step * 10)
+    page = kfp_io.loss_curve_html(StageResult(outputs={"model": "s3://b/m"}, mlflow_run_id=run.info.run_id))
+    png = base64.b64decode(page.split("data:image/png;base64,")[1].split('"')[0])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
+    assert png == tracking.loss_curve_png(run.info.run_id)  # the same picture MLflow gets
+    with mlflow.start_run() as empty:
+        pass
+    assert "no logged loss values" in kfp_io.loss_curve_html(
+        StageResult(outputs={"model": "s3://b/m"}, mlflow_run_id=empty.info.run_id))
 
 
 def test_the_stage_child_run_and_its_metric_history_are_found():
@@ -137,7 +156,7 @@ def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "kfp" / "metrics"))
     result = StageResult(outputs={"dataset": "s3://b/run/preprocess/dataset"},
                          metrics={"data/n_examples": 120, "data/bad": float("nan")})
-    runtime.publish(result, {"dataset": dataset}, metrics)
+    kfp_io.publish(result, {"dataset": dataset}, metrics)
     assert dataset.metadata["uri"] == "s3://b/run/preprocess/dataset"
     assert json.loads((tmp_path / "kfp" / "dataset").read_text()) == {
         "uri": "s3://b/run/preprocess/dataset"}
@@ -148,18 +167,18 @@ def test_publish_points_kfp_artifacts_at_the_stage_outputs(tmp_path):
 
 def test_report_markdown_prefers_the_markdown_files_else_renders_the_json(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"memory": {"peak_gb": 1.5}, "ok": True}))
-    text = runtime.report_markdown(str(tmp_path), "Validation report")
+    text = kfp_io.report_markdown(str(tmp_path), "Validation report")
     assert text.startswith("# Validation report")
     assert "| memory.peak_gb | 1.5 |" in text and "| ok | True |" in text
     (tmp_path / "summary.md").write_text("all checks passed\n")
-    text = runtime.report_markdown(str(tmp_path), "Validation report")
+    text = kfp_io.report_markdown(str(tmp_path), "Validation report")
     assert "all checks passed" in text and "peak_gb" not in text
 
 
 def test_the_loss_curve_html_embeds_the_png_itself():
     png = tracking.curves_png({"train/loss": ([0, 10, 20], [10.8, 8.0, 6.5])}, title="loss <train>")
     assert png.startswith(b"\x89PNG")
-    img = runtime.png_img(png, "loss <train>")
+    img = kfp_io.png_img(png, "loss <train>")
     element = ET.fromstring(img)  # well-formed
     assert element.tag == "img" and element.get("alt") == "loss <train>"
     assert "loss &lt;train&gt;" in img
@@ -167,11 +186,15 @@ def test_the_loss_curve_html_embeds_the_png_itself():
     assert scheme == "data:image/png;base64" and base64.b64decode(data) == png
 
 
-def test_stage_overrides_point_at_the_dataset_splits():
-    assert runtime.stage_overrides("s3://b/r/preprocess/dataset/", 0) == {
-        "train_input.data_dir": "s3://b/r/preprocess/dataset/train",
-        "eval_input.data_dir": "s3://b/r/preprocess/dataset/val"}
-    assert runtime.stage_overrides("s3://b/d", 25)["runconfig.max_steps"] == 25
+def test_a_dataset_request_points_at_its_splits():
+    from gpt2core.stages import train
+
+    request = train.Request(params="gpt2_tiny", dataset="s3://b/r/preprocess/dataset/", max_steps=25)
+    assert request.config_overrides() == {"train_input.data_dir": "s3://b/r/preprocess/dataset/train",
+                                          "eval_input.data_dir": "s3://b/r/preprocess/dataset/val",
+                                          "runconfig.max_steps": 25}
+    explicit = train.Request(params="gpt2_tiny", dataset="s3://b/d", overrides={"eval_input.data_dir": "/v"})
+    assert explicit.config_overrides()["eval_input.data_dir"] == "/v"  # --set wins over --dataset
 
 
 @pytest.mark.slow
@@ -181,11 +204,13 @@ def test_train_runs_on_several_processes_under_torchrun(tiny_dataset, tmp_path):
     mlflow.set_experiment("components-torchrun")
     with mlflow.start_run(tags={TAG_PIPELINE_RUN: "kfp-ddp", TAG_KIND: "pipeline"}) as parent:
         pass
-    ctx = runtime.stage_context("kfp-ddp", str(tmp_path / "artifacts"), "components-torchrun")
+    from gpt2core.launch import launch
+    from gpt2core.stages import train
+
+    ctx = kfp_io.stage_context("kfp-ddp", str(tmp_path / "artifacts"), "components-torchrun")
     assert ctx.parent_run_id == parent.info.run_id
-    result = runtime.train_on_processes(
-        "gpt2_tiny", ctx=ctx, overrides=runtime.stage_overrides(str(tiny_dataset), 2),
-        compile_cache_uri="", target="cpu", nproc=2)
+    result = launch("train", ctx, train.Request(params="gpt2_tiny", dataset=str(tiny_dataset), max_steps=2,
+                                                model_dir=str(tmp_path / "work")), nproc_per_node=2)
     assert result.outputs["model"] == ctx.artifact_uri("train", "model")
     assert (tmp_path / "artifacts" / "kfp-ddp" / "train" / "model" / "MANIFEST.json").exists()
     assert 0 < result.metrics["train/loss"] < 12

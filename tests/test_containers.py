@@ -202,7 +202,7 @@ def test_whole_pipeline_runs_in_docker(cpu_image, english_text_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     run = subprocess.run(
         [sys.executable, "-m", "gpt2core.cli", "run", "--runner", "docker", "--image", cpu_image,
-         "--work_dir", str(work), "--config", "gpt2_tiny", "--max_steps", "2",
+         "--work_dir", str(work), "--params", "gpt2_tiny", "--max_steps", "2",
          "--source", str(source), "--run_name", "docker-e2e"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     output = run.stdout + run.stderr

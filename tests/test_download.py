@@ -23,7 +23,8 @@ from gpt2core.data.download import QUICKSTART_SOURCE, download_source
 from gpt2core.errors import DataError, Gpt2opsError
 from gpt2core.platform.settings import reload_settings
 from gpt2core.stages import download as download_stage
-from gpt2core.stages.common import RunContext
+from gpt2core.stages import run_stage
+from gpt2core.platform.context import RunContext
 
 JSONL = b"".join(json.dumps({"text": f"document {i} " * 30}).encode() + b"\n" for i in range(20))
 BIG_JSONL = JSONL * 30  # 400 KB: a cut transfer has received whole chunks
@@ -302,7 +303,7 @@ def test_stage_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
     src.mkdir()
     (src / "a.jsonl").write_bytes(JSONL)
     ctx = RunContext(pipeline_run_id="run1", artifact_root=str(tmp_path / "artifacts"))
-    result = download_stage.run(str(src), ctx=ctx)
+    result = run_stage("download", ctx, download_stage.Request(source=str(src)))
     corpus = Path(result.outputs["corpus"])
     assert corpus == tmp_path / "artifacts" / "run1" / "download" / "corpus"
     manifest = json.loads((corpus / "MANIFEST.json").read_text())

@@ -15,8 +15,9 @@ from gpt2core.evaluation import eval_dataloader, evaluate, evaluate_pass, sample
 from gpt2core.model import GPT2
 from gpt2core.precision import autocast_dtype
 from gpt2core.stages import evaluate as evaluate_stage
+from gpt2core.stages import run_stage
 from gpt2core.stages import train as train_stage
-from gpt2core.stages.common import RunContext
+from gpt2core.platform.context import RunContext
 
 MICRO = {"model.hidden_size": 32, "model.num_hidden_layers": 1, "model.num_heads": 2, "model.filter_size": 128,
          "train_input.max_sequence_length": 64, "eval_input.max_sequence_length": 64}
@@ -115,7 +116,7 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
                  "eval_input.data_dir": str(tiny_dataset_64 / "val"), "runconfig.max_steps": 3,
                  "runconfig.checkpoint_steps": 2, "runconfig.log_steps": 1, "runconfig.eval_steps": 2,
                  "runconfig.sample_max_new_tokens": 5, "runconfig.sample_prompts": ["To be, or not"]}
-    trained = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "work"))
+    trained = run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides, model_dir=str(tmp_path / "work")))
     model_dir = tmp_path / "artifacts" / "run1" / "train" / "model"
     assert trained.outputs["model"] == str(model_dir)
     assert {p.name for p in model_dir.iterdir()} == {"model.safetensors", "config.json", "params.yaml", "MANIFEST.json"}
@@ -124,7 +125,7 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
     assert checkpoints == {"checkpoint_00000002.pt", "checkpoint_00000003.pt", "MANIFEST.json"}
     assert trained.metrics["train/loss"] > 0 and trained.metrics["train/steps"] == 3
 
-    result = evaluate_stage.run("gpt2_tiny", ctx=ctx, model_uri=trained.outputs["model"], overrides=overrides)
+    result = run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=trained.outputs["model"], overrides=overrides))
     report = tmp_path / "artifacts" / "run1" / "evaluate" / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics == result.metrics
@@ -135,6 +136,7 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
     assert "To be, or not" in (report / "report.md").read_text() and (report / "report.html").is_file()
 
     # the same weights, read from the final training checkpoint instead, score the same
-    from_checkpoint = evaluate_stage.run("gpt2_tiny", ctx=ctx, model_uri=trained.outputs["model"],
-                                         overrides=overrides, checkpoint_path=trained.outputs["checkpoints"])
+    from_checkpoint = run_stage("evaluate", ctx, evaluate_stage.Request(
+        params="gpt2_tiny", model_dir=trained.outputs["model"], overrides=overrides,
+        checkpoint_path=trained.outputs["checkpoints"]))
     assert from_checkpoint.metrics["eval/loss"] == pytest.approx(metrics["eval/loss"])

@@ -190,7 +190,7 @@ def test_secret_templates_have_the_keys_the_pipeline_reads():
 
 def test_trainer_runtime_lands_on_the_gpu_pool(rendered):
     """One GPU pool everywhere: the Trainer runtime's placement, the pipeline's gpu defaults and the
-    node setup in docs/kubernetes.md all come from gpt2core.trainjob's label and taint."""
+    node setup in docs/kubernetes.md all come from gpt2core.launch.trainjob's label and taint."""
     from gpt2core import trainjob
     from pipelines.cli import pipeline_defaults
 
@@ -214,7 +214,7 @@ def test_trainer_runtime_lands_on_the_gpu_pool(rendered):
 
 
 def test_pipeline_runner_may_launch_and_follow_trainjobs(rendered):
-    """What gpt2core.trainjob calls: create/get/delete trainjobs, list pods, read their logs."""
+    """What gpt2core.launch.trainjob calls: create/get/delete trainjobs, list pods, read their logs."""
     role = next(o for o in rendered["dev"]
                 if o["kind"] == "Role" and o["metadata"]["name"] == "gpt2ops-pipeline-runner")
 

@@ -19,3 +19,13 @@ def test_no_pyflakes_errors():
          "gpt2core", "components", "pipelines", "containers", "bench", "tests"],
         cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_layers_point_one_way():
+    """The import-linter contracts in pyproject.toml: pipelines -> components -> CLI -> run form ->
+    launcher -> stages -> library and platform; gpt2core never imports kfp; the model and trainer
+    never import storage or tracking."""
+    result = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout

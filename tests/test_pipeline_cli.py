@@ -130,7 +130,7 @@ def test_submit_sends_the_spec_and_only_the_given_parameters(host, kfp_api, caps
     assert body["experiment_id"] == "exp-1"
     assert sent_spec(body)["pipelineInfo"]["name"] == "gpt2ops-pretrain"
     assert body["runtime_config"]["parameters"] == {
-        "config": "gpt2_small", "target": "gpu", "num_gpus": 8, "node_selector": {"pool": "h100"},
+        "params": "gpt2_small", "target": "gpu", "num_gpus": 8, "node_selector": {"pool": "h100"},
         "max_steps": 1000}
     assert "started run run-1" in capsys.readouterr().out
 

@@ -52,12 +52,12 @@ def test_committed_yaml_is_in_sync_with_the_code(tmp_path):
 def test_every_run_form_parameter_has_a_default_and_a_description(compiled):
     spec, _ = compiled
     parameters = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"config", "source", "target", "num_gpus", "gpu_type", "node_selector", "tolerations",
-            "max_steps", "experiment", "s3_prefix"} <= set(parameters)
+    assert {"params", "source", "target", "num_gpus", "gpu_type", "node_selector", "tolerations",
+            "max_steps", "experiment", "artifact_root"} <= set(parameters)
     for name, parameter in parameters.items():
         assert "defaultValue" in parameter, name
         assert len(parameter.get("description", "")) > 10, name
-    assert parameters["config"]["defaultValue"] == "gpt2_tiny"
+    assert parameters["params"]["defaultValue"] == "gpt2_tiny"
     assert parameters["target"]["defaultValue"] == "cpu"
     assert parameters["source"]["defaultValue"].startswith("https://")
 
@@ -130,7 +130,7 @@ def test_gpu_branch_lands_on_the_gpu_pool_by_default(compiled):
     """The gpu branch's compile and train take gpu_node_selector (in place of node_selector) and
     gpu_tolerations (on top of tolerations), whose defaults are the GPU pool's label and taint; the
     train step tells the TrainJob it may launch which image to run."""
-    from gpt2core.trainjob import ENV_TRAINER_IMAGE, GPU_NODE_SELECTOR, GPU_TOLERATIONS
+    from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE, GPU_NODE_SELECTOR, GPU_TOLERATIONS
 
     spec, k8s = compiled
     parameters = spec["root"]["inputDefinitions"]["parameters"]

@@ -36,7 +36,7 @@ def run_pipeline(work_dir, plays, s3_root, run_name, max_steps=6, experiment="pi
     started = time.monotonic()
     code = main(["run", "--work_dir", str(work_dir), "--params", "gpt2_tiny", "--source", str(plays),
                  "--include", "", "--sha256", "", "--max_steps", str(max_steps),
-                 "--s3_prefix", s3_root, "--experiment", experiment, "--run_name", run_name])
+                 "--artifact_root", s3_root, "--experiment", experiment, "--run_name", run_name])
     return code, time.monotonic() - started
 
 

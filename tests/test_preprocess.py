@@ -283,19 +283,19 @@ def test_cli(small_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
 def test_stages_through_s3(small_corpus: Path, s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """download -> preprocess as the pipeline runs them: artifacts in S3 (SeaweedFS), manifests, metrics."""
     from gpt2core.data.loader import build_dataloader
-    from gpt2core.stages import download, preprocess
-    from gpt2core.stages.common import RunContext
+    from gpt2core.stages import download, preprocess, run_stage
+    from gpt2core.platform.context import RunContext
     from gpt2core.platform.artifacts import local_input, read_manifest
     from gpt2core.platform.settings import reload_settings
 
     monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path / "cache"))
     reload_settings()
     ctx = RunContext(pipeline_run_id="run7", artifact_root=s3_root)
-    corpus = download.run(str(small_corpus), ctx=ctx).outputs["corpus"]
+    corpus = run_stage("download", ctx, download.Request(source=str(small_corpus))).outputs["corpus"]
     assert corpus == f"{s3_root}/run7/download/corpus"
     # two forked workers inside a tracked stage run (MLflow's system-metrics thread is running)
     params = _params(val_fraction=0.25, samples_per_file=100, processes=2)
-    result = preprocess.run(corpus, ctx=ctx, params=params, verify=True)
+    result = run_stage("preprocess", ctx, preprocess.Request(input_dir=corpus, preprocessing=params, verify=True))
     dataset = result.outputs["dataset"]
     assert dataset == f"{s3_root}/run7/preprocess/dataset"
     paths = {f["path"] for f in read_manifest(dataset)["files"]}

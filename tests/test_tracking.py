@@ -12,7 +12,7 @@ from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.platform.artifacts.s3 import list_keys
 from gpt2core.platform.artifacts.uris import split_s3_uri
 from gpt2core.platform.settings import reload_settings
-from gpt2core.stages.common import RunContext
+from gpt2core.platform.context import RunContext
 
 
 @pytest.fixture

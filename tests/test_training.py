@@ -229,8 +229,9 @@ def test_a_retried_train_stage_resumes_from_the_lost_attempts_checkpoint(tiny_da
     """Attempt 1 trains 4 steps, uploading checkpoints to <run>/train/progress/, and dies before it
     publishes; attempt 2 (same pipeline run, a fresh model_dir) resumes at step 4 and gives the
     losses of a straight run; another pipeline run starts from step 0."""
+    from gpt2core.stages import run_stage
     from gpt2core.stages import train as train_stage
-    from gpt2core.stages.common import RunContext
+    from gpt2core.platform.context import RunContext
     from gpt2core.platform.artifacts import list_files
 
     overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
@@ -245,16 +246,16 @@ def test_a_retried_train_stage_resumes_from_the_lost_attempts_checkpoint(tiny_da
     with monkeypatch.context() as mp:
         mp.setattr(train_stage, "save_pretrained", preempted)  # dies after training, before publishing
         with pytest.raises(RuntimeError, match="preempted"):
-            train_stage.run("gpt2_tiny", ctx=ctx, overrides={**overrides, "runconfig.max_steps": 4},
-                            model_dir=str(tmp_path / "attempt1"))
+            run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides, max_steps=4,
+                                                        model_dir=str(tmp_path / "attempt1")))
     # uploaded in the background, latest wins: which earlier ones made it depends on timing, but the
     # stage waits for the newest before it goes on, and keep-last 2 holds
     uploaded = list_files(progress)
     assert uploaded[-1] == "checkpoint_00000004.pt" and len(uploaded) <= 2
 
     with caplog.at_level("INFO", logger="gpt2core.stages.train"):
-        retried = train_stage.run("gpt2_tiny", ctx=ctx, overrides={**overrides, "runconfig.max_steps": 6},
-                                  model_dir=str(tmp_path / "attempt2"))
+        retried = run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides, max_steps=6,
+                                                              model_dir=str(tmp_path / "attempt2")))
     assert f"resuming from {progress}/checkpoint_00000004.pt (an earlier attempt of this run)" in caplog.text
     assert list(read_losses(tmp_path / "attempt2")) == [5, 6]  # trained steps 5 and 6 only
     assert retried.metrics["train/steps"] == 6
@@ -263,16 +264,17 @@ def test_a_retried_train_stage_resumes_from_the_lost_attempts_checkpoint(tiny_da
         "MANIFEST.json", "checkpoint_00000005.pt", "checkpoint_00000006.pt"]
 
     other = RunContext(pipeline_run_id="another", artifact_root=s3_root)
-    train_stage.run("gpt2_tiny", ctx=other, overrides={**overrides, "runconfig.max_steps": 6},
-                    model_dir=str(tmp_path / "other"))
+    run_stage("train", other, train_stage.Request(params="gpt2_tiny", overrides=overrides, max_steps=6,
+                                                  model_dir=str(tmp_path / "other")))
     straight = read_losses(tmp_path / "other")
     assert list(straight) == [1, 2, 3, 4, 5, 6]  # a new run id starts from step 0
     assert read_losses(tmp_path / "attempt2") == {5: straight[5], 6: straight[6]}  # bitwise equal
 
 
 def test_a_failed_progress_upload_does_not_stop_training(tiny_dataset_64, tmp_path, monkeypatch, caplog):
+    from gpt2core.stages import run_stage
     from gpt2core.stages import train as train_stage
-    from gpt2core.stages.common import RunContext
+    from gpt2core.platform.context import RunContext
     from gpt2core.errors import StorageError
 
     def unreachable(*args, **kwargs):
@@ -283,7 +285,7 @@ def test_a_failed_progress_upload_does_not_stop_training(tiny_dataset_64, tmp_pa
     overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
                  "runconfig.checkpoint_steps": 1, "runconfig.max_steps": 2}
     with caplog.at_level("WARNING", logger="gpt2core.stages.train"):
-        result = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "work"))
+        result = run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides, model_dir=str(tmp_path / "work")))
     assert result.metrics["train/steps"] == 2
     assert "could not upload checkpoint of step 1" in caplog.text
 
@@ -343,8 +345,9 @@ def test_training_goes_on_while_a_progress_upload_is_blocked(tiny_dataset_64, s3
 
 
 def test_an_attempt_lost_after_its_last_step_is_published_by_the_retry(tiny_dataset_64, tmp_path, monkeypatch):
+    from gpt2core.stages import run_stage
     from gpt2core.stages import train as train_stage
-    from gpt2core.stages.common import RunContext
+    from gpt2core.platform.context import RunContext
 
     ctx = RunContext(pipeline_run_id="done-then-lost", artifact_root=str(tmp_path / "artifacts"))
     overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.eval_frequency": 0,
@@ -352,8 +355,8 @@ def test_an_attempt_lost_after_its_last_step_is_published_by_the_retry(tiny_data
     with monkeypatch.context() as mp:
         mp.setattr(train_stage, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("lost")))
         with pytest.raises(RuntimeError, match="lost"):
-            train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "attempt1"))
-    retried = train_stage.run("gpt2_tiny", ctx=ctx, overrides=overrides, model_dir=str(tmp_path / "attempt2"))
+            run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides, model_dir=str(tmp_path / "attempt1")))
+    retried = run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", overrides=overrides, model_dir=str(tmp_path / "attempt2")))
     assert retried.metrics["train/steps"] == 2  # resumed at max_steps: nothing left to train
     published = Path(ctx.artifact_uri("train", "checkpoints"))
     assert sorted(p.name for p in published.iterdir()) == ["MANIFEST.json", "checkpoint_00000002.pt"]

@@ -28,11 +28,10 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from components import runtime
-from gpt2core import trainjob
+from gpt2core.launch import launch, trainjob
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.platform.settings import reload_settings
-from gpt2core.stages.common import RunContext
+from gpt2core.platform.context import RunContext
 from test_k8s import K8S, render
 
 NAMESPACE = "gpt2ops-test"
@@ -246,8 +245,10 @@ def cluster(tmp_path, monkeypatch):
     server.stop_all()
 
 
-def micro_overrides(dataset_uri: str, max_steps: int) -> dict[str, object]:
-    return {**runtime.stage_overrides(dataset_uri, max_steps), **MICRO}
+def micro_request(dataset_uri: str, max_steps: int, params: str = "gpt2_tiny", target: str = "cpu"):  # noqa: ANN201
+    from gpt2core.stages import train
+
+    return train.Request(params=params, dataset=dataset_uri, max_steps=max_steps, overrides=MICRO, target=target)
 
 
 @pytest.fixture
@@ -274,10 +275,9 @@ def test_two_node_trainjob_trains_publishes_and_reattaches(cluster, s3_dataset, 
     ctx = RunContext(pipeline_run_id="kfp-run-2nodes", artifact_root=s3_root,
                      experiment="trainjob-test")
     ctx = dataclasses.replace(ctx, parent_run_id=tracking.start_pipeline_run(ctx))
-    launch = dict(ctx=ctx, overrides=micro_overrides(s3_dataset, 4), compile_cache_uri="",
-                  target="cpu", nproc=1, num_nodes=2, poll_s=0.2)
+    on_two_nodes = dict(nproc_per_node=1, num_nodes=2, poll_s=0.2)
 
-    result = runtime.train_on_processes("gpt2_tiny", **launch)
+    result = launch("train", ctx, micro_request(s3_dataset, 4), **on_two_nodes)
 
     name = trainjob.trainjob_name(ctx.pipeline_run_id)
     assert cluster.created == [name]
@@ -304,7 +304,7 @@ def test_two_node_trainjob_trains_publishes_and_reattaches(cluster, s3_dataset, 
     logs = [node.log.read_text() for node in job.nodes]
     assert '"outputs"' in logs[0] and '"outputs"' not in logs[1]
 
-    again = runtime.train_on_processes("gpt2_tiny", **launch)  # the step, retried
+    again = launch("train", ctx, micro_request(s3_dataset, 4), **on_two_nodes)  # the step, retried
     assert cluster.created == [name]  # no second job: 409, then followed to its end
     assert [m for m, p in cluster.requests if m == "POST"] == ["POST", "POST"]
     assert again == result
@@ -313,7 +313,7 @@ def test_two_node_trainjob_trains_publishes_and_reattaches(cluster, s3_dataset, 
 def test_a_failed_job_is_reported_then_replaced_by_a_retry_and_a_timeout_deletes_it(cluster):
     """A failed job: an error naming it, with its pods' log tails and the kubectl commands; the
     job is kept for its logs until a retried step replaces it. A job that overruns is deleted."""
-    from gpt2core.trainjob import TrainJobLauncher, TrainJobSpec, cluster_connection
+    from gpt2core.launch.trainjob import TrainJobLauncher, TrainJobSpec, cluster_connection
 
     api_client, namespace = cluster_connection()
     assert namespace == NAMESPACE
@@ -369,15 +369,15 @@ def test_no_cluster_is_a_clear_error(tmp_path, monkeypatch):
     ctx = RunContext(pipeline_run_id="r", artifact_root="s3://bucket/runs")
     with pytest.raises(ConfigError, match="num_nodes > 1 needs a Kubernetes cluster with Kubeflow "
                                           "Trainer v2"):
-        runtime.train_on_processes("gpt2_tiny", ctx=ctx, overrides={}, compile_cache_uri="",
-                                   target="gpu", nproc=8, num_nodes=2)
+        launch("train", ctx, micro_request("s3://bucket/data", 1, target="gpu"), nproc_per_node=8, num_nodes=2)
 
 
 def test_pods_must_be_able_to_read_the_config_and_artifact_root(tmp_path):
     local_config = tmp_path / "mine.yaml"
     local_config.write_text((K8S.parent / "configs" / "gpt2_tiny.yaml").read_text())
-    launch = dict(overrides={}, compile_cache_uri="", target="gpu", nproc=8, num_nodes=2)
+    on_nodes = dict(nproc_per_node=8, num_nodes=2)
     with pytest.raises(ConfigError, match=r"mine.yaml.*cannot read a file of this machine.*s3://"):
-        runtime.train_on_processes(str(local_config), ctx=RunContext("r", "s3://b/runs"), **launch)
+        launch("train", RunContext("r", "s3://b/runs"), micro_request("s3://b/data", 1, str(local_config), "gpu"),
+               **on_nodes)
     with pytest.raises(ConfigError, match=r"artifact root .*: with num_nodes > 1 .*s3://"):
-        runtime.train_on_processes("gpt2_tiny", ctx=RunContext("r", str(tmp_path)), **launch)
+        launch("train", RunContext("r", str(tmp_path)), micro_request("s3://b/data", 1, target="gpu"), **on_nodes)

@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from gpt2core.platform import artifacts as storage, tracking
 from gpt2core.config import load_params
 from gpt2core.errors import ValidationError
-from gpt2core.stages import validate
-from gpt2core.stages.common import RunContext
+from gpt2core.stages import run_stage, validate
+from gpt2core.platform.context import RunContext
 from gpt2core.validation import estimate_memory, model_facts
 
 
@@ -41,7 +41,7 @@ def _stage_run(ctx: RunContext):
 
 
 def test_a_sound_job_passes_with_facts_in_report_and_mlflow(ctx, s3_dataset):
-    result = validate.run("gpt2_tiny", ctx=ctx, overrides=_data(s3_dataset), target="cpu")
+    result = run_stage("validate", ctx, validate.Request(params="gpt2_tiny", overrides=_data(s3_dataset), target="cpu"))
     report = json.loads(storage.read_text(f"{result.outputs['report']}/report.json"))
     assert report["ok"] and report["problems"] == []
     facts = model_facts(load_params("gpt2_tiny"))
@@ -65,7 +65,7 @@ def test_every_problem_is_reported_at_once_and_the_stage_fails(ctx, s3_dataset):
                  "train_input.batch_size": 512, "model.hidden_size": 1024, "model.num_heads": 16,
                  "model.num_hidden_layers": 24, "model.filter_size": 4096}
     with pytest.raises(ValidationError) as err:
-        validate.run("gpt2_tiny", ctx=ctx, overrides=overrides, target="gpu", num_gpus=3, gpu_type="H100")
+        run_stage("validate", ctx, validate.Request(params="gpt2_tiny", overrides=overrides, target="gpu", num_gpus=3, gpu_type="H100"))
     message = str(err.value)
     assert "problem(s) (report: " in message
     report = json.loads(storage.read_text(f"{ctx.artifact_uri('validate', 'report')}/report.json"))
@@ -81,11 +81,12 @@ def test_every_problem_is_reported_at_once_and_the_stage_fails(ctx, s3_dataset):
 
 def test_a_broken_config_and_an_unknown_gpu_still_give_a_report(ctx):
     with pytest.raises(ValidationError, match=r"gpu_type: 'Z9000' is unknown"):
-        validate.run("gpt2_tiny", ctx=ctx, overrides={"train_input.data_dir": "/nonexistent/train",
-                                                     "eval_input.data_dir": "/nonexistent/val"},
-                     target="gpu", gpu_type="Z9000")
+        run_stage("validate", ctx, validate.Request(
+            params="gpt2_tiny", overrides={"train_input.data_dir": "/nonexistent/train",
+                                           "eval_input.data_dir": "/nonexistent/val"},
+            target="gpu", gpu_type="Z9000"))
     with pytest.raises(ValidationError, match=r"config gpt2_tiny: .*model.num_heads"):
-        validate.run("gpt2_tiny", ctx=ctx, overrides={"model.num_heads": "many"})
+        run_stage("validate", ctx, validate.Request(params="gpt2_tiny", overrides={"model.num_heads": "many"}))
     report = json.loads(storage.read_text(f"{ctx.artifact_uri('validate', 'report')}/report.json"))
     assert not report["ok"] and report["model"] == {}
 

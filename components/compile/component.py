@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def compile_model(
-    config: str,
+    params: str,
     dataset_uri: str,
     max_steps: int,
     target: str,
@@ -20,7 +20,7 @@ def compile_model(
     """Compile the training step for the target and save the compiler caches for the train step.
 
     Args:
-        config: config name or path / s3:// URI of a Cerebras YAML.
+        params: config name or path / s3:// URI of a Cerebras YAML.
         dataset_uri: the preprocess stage's HDF5 dataset folder.
         max_steps: training steps (0 = the config's runconfig.max_steps).
         target: cpu | gpu | cerebras.
@@ -30,10 +30,11 @@ def compile_model(
     Returns:
         compile_cache_uri: the compiler cache folder.
     """
-    from components.runtime import publish, stage_context, stage_overrides
-    from gpt2core.stages import compile as stage
+    from components.kfp_io import publish, stage_context
+    from gpt2core.launch import launch
+    from gpt2core.stages.compile import Request
 
-    result = stage.run(config, ctx=stage_context(pipeline_run_id, artifact_root, experiment),
-                       overrides=stage_overrides(dataset_uri, max_steps), target=target)
+    request = Request(params=params, dataset=dataset_uri, max_steps=max_steps or None, target=target)
+    result = launch("compile", stage_context(pipeline_run_id, artifact_root, experiment), request)
     publish(result, {"compile_cache": compile_cache})
     return (result.outputs["compile_cache"],)

@@ -29,14 +29,11 @@ def download(
     Returns:
         corpus_uri: where the corpus was written.
     """
-    from components.runtime import publish, stage_context
-    from gpt2core.stages import download as stage
+    from components.kfp_io import publish, stage_context
+    from gpt2core.launch import launch
+    from gpt2core.stages.download import Request
 
-    result = stage.run(
-        source,
-        ctx=stage_context(pipeline_run_id, artifact_root, experiment),
-        include=tuple(p.strip() for p in include.split(",") if p.strip()),
-        sha256=sha256 or None,
-    )
+    request = Request(source=source, include=include, sha256=sha256 or None)
+    result = launch("download", stage_context(pipeline_run_id, artifact_root, experiment), request)
     publish(result, {"corpus": corpus}, metrics)
     return (result.outputs["corpus"],)

@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
-    config: str,
+    params: str,
     dataset_uri: str,
     model_uri: str,
     pipeline_run_id: str,
@@ -21,7 +21,7 @@ def evaluate(
     eval/accuracy) and sample text from it.
 
     Args:
-        config: config name or path / s3:// URI of a Cerebras YAML.
+        params: config name or path / s3:// URI of a Cerebras YAML.
         dataset_uri: the preprocess stage's HDF5 dataset folder (its val/ split is evaluated).
         model_uri: the train stage's model folder.
         pipeline_run_id: KFP run id; names the artifact folder and finds the MLflow parent run.
@@ -33,11 +33,12 @@ def evaluate(
     """
     import json
 
-    from components.runtime import publish, report_markdown, stage_context, stage_overrides, write_text
-    from gpt2core.stages import evaluate as stage
+    from components.kfp_io import publish, report_markdown, stage_context, write_text
+    from gpt2core.launch import launch
+    from gpt2core.stages.evaluate import Request
 
-    result = stage.run(config, ctx=stage_context(pipeline_run_id, artifact_root, experiment),
-                       model_uri=model_uri, overrides=stage_overrides(dataset_uri, 0))
+    result = launch("evaluate", stage_context(pipeline_run_id, artifact_root, experiment),
+                    Request(params=params, dataset=dataset_uri, model_dir=model_uri))
     publish(result, {}, metrics)
     write_text(report, report_markdown(result.outputs["report"], "Evaluation"))
     return result.outputs["report"], json.dumps(result.metrics, sort_keys=True)

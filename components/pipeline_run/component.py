@@ -10,7 +10,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def start_run(
-    config: str,
+    params: str,
     source: str,
     target: str,
     num_gpus: int,
@@ -28,17 +28,16 @@ def start_run(
     Returns:
         The MLflow parent run id.
     """
-    from components.runtime import check_pipeline_parameters
+    from gpt2core.pipeline_parameters import PipelineParameters
     from gpt2core.platform import tracking
-    from gpt2core.stages.common import RunContext
+    from gpt2core.platform.context import RunContext
 
-    form = dict(config=config, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
-                gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root)
-    ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root,
-                     experiment=experiment)
-    parent_run_id = tracking.start_pipeline_run(ctx, params=form,  # tagged with pipeline_run_id
-                                                run_name=run_name or None)
-    check_pipeline_parameters(**form)
+    form = dict(params=params, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
+                gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root, experiment=experiment,
+                run_name=run_name)
+    ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root, experiment=experiment)
+    parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=run_name)  # tagged with the run id
+    PipelineParameters.create(**form).check()
     return parent_run_id
 
 
@@ -62,7 +61,7 @@ def record_results(
     served from the cache and so logged under an earlier parent) and render a run summary."""
     import json
 
-    from components.runtime import markdown_table, write_text
+    from components.kfp_io import markdown_table, write_text
     from gpt2core.platform import tracking
 
     parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
@@ -92,7 +91,6 @@ def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinal
     except TrackingError as exc:  # start_run itself failed before opening the parent run
         print(f"no parent run to close: {exc}")
         return
-    if status.state == "SUCCEEDED":
-        tracking.end_pipeline_run(parent_run_id, "FINISHED")
-    else:
-        tracking.end_pipeline_run(parent_run_id, "FAILED", error=status.error_message or status.state)
+    succeeded = status.state == "SUCCEEDED"
+    tracking.end_pipeline_run(parent_run_id, "FINISHED" if succeeded else "FAILED",
+                              error=None if succeeded else (status.error_message or status.state))

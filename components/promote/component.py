@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def promote(
-    config: str,
+    params: str,
     dataset_uri: str,
     model_uri: str,
     eval_metrics_json: str,
@@ -21,7 +21,7 @@ def promote(
     `champion` alias to it only if its eval/loss beats the champion's on the same eval set.
 
     Args:
-        config: config name or path / s3:// URI of a Cerebras YAML (to re-evaluate the champion).
+        params: config name or path / s3:// URI of a Cerebras YAML (to re-evaluate the champion).
         dataset_uri: the preprocess stage's HDF5 dataset folder (its val/ split is the eval set).
         model_uri: the train stage's model folder.
         eval_metrics_json: the evaluate stage's metrics (eval/loss decides).
@@ -34,11 +34,12 @@ def promote(
     """
     import json
 
-    from components.runtime import markdown_table, promote_model, stage_context, write_text
+    from components.kfp_io import report_markdown, stage_context, write_text
+    from gpt2core.launch import launch
+    from gpt2core.stages.promote import Request
 
-    result = promote_model(stage_context(pipeline_run_id, artifact_root, experiment),
-                           config=config, dataset_uri=dataset_uri, model_uri=model_uri,
-                           eval_loss=json.loads(eval_metrics_json)["eval/loss"])
-    verdict = "promoted to champion" if result["promoted"] else "champion kept"
-    write_text(decision, f"# Model registry: {verdict}\n\n" + markdown_table(result))
-    return result["promoted"], result["version"]
+    request = Request(params=params, dataset=dataset_uri, model_dir=model_uri,
+                      eval_loss=json.loads(eval_metrics_json)["eval/loss"])
+    result = launch("promote", stage_context(pipeline_run_id, artifact_root, experiment), request)
+    write_text(decision, report_markdown(result.outputs["decision"], "Model registry"))
+    return bool(result.metrics["promote/promoted"]), str(int(result.metrics["promote/version"]))

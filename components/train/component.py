@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(
-    config: str,
+    params: str,
     dataset_uri: str,
     compile_cache_uri: str,
     max_steps: int,
@@ -27,7 +27,7 @@ def train(
     targets (the pipeline runs it on the matching node pool and image).
 
     Args:
-        config: config name or path / s3:// URI of a Cerebras YAML.
+        params: config name or path / s3:// URI of a Cerebras YAML.
         dataset_uri: the preprocess stage's HDF5 dataset folder.
         compile_cache_uri: the compile stage's cache folder, reused to skip recompilation.
         max_steps: training steps (0 = the config's runconfig.max_steps).
@@ -42,18 +42,19 @@ def train(
         model_uri: final weights (safetensors) and config.
         checkpoints_uri: the training checkpoints folder.
     """
-    from components.runtime import (png_img, publish, stage_context, stage_overrides, train_on_processes,
-                                    write_text)
-    from gpt2core.platform import tracking
+    import tempfile
 
-    ctx = stage_context(pipeline_run_id, artifact_root, experiment)
-    result = train_on_processes(config, ctx=ctx, overrides=stage_overrides(dataset_uri, max_steps),
-                                compile_cache_uri=compile_cache_uri, target=target,
-                                nproc=num_gpus if target == "gpu" else 1, num_nodes=num_nodes)
+    from components.kfp_io import loss_curve_html, publish, stage_context, write_text
+    from gpt2core.launch import launch
+    from gpt2core.stages.train import Request
+
+    # A fresh working folder: the stage resumes from checkpoints it finds there, and a folder shared
+    # between runs (runconfig.model_dir is relative to the working directory) would resume another run.
+    with tempfile.TemporaryDirectory(prefix="gpt2ops-train-") as model_dir:
+        request = Request(params=params, dataset=dataset_uri, max_steps=max_steps or None, target=target,
+                          compile_cache=compile_cache_uri or None, model_dir=model_dir)
+        result = launch("train", stage_context(pipeline_run_id, artifact_root, experiment), request,
+                        nproc_per_node=num_gpus if target == "gpu" else 1, num_nodes=num_nodes)
     publish(result, {"model": model, "checkpoints": checkpoints}, metrics)
-    run_id = tracking.stage_run_id(ctx.parent_run_id, "train")
-    png = tracking.loss_curve_png(run_id) if run_id else None  # = the run's plots/loss_curve.png
-    chart = png_img(png, "training loss") if png else "<p>no loss values logged</p>"
-    write_text(loss_curve, f"<html><body><h2>Training loss</h2>{chart}"
-               f"<p>model: <code>{result.outputs['model']}</code></p></body></html>")
+    write_text(loss_curve, loss_curve_html(result))
     return result.outputs["model"], result.outputs["checkpoints"]

@@ -8,7 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def validate(
-    config: str,
+    params: str,
     dataset_uri: str,
     max_steps: int,
     target: str,
@@ -23,7 +23,7 @@ def validate(
     """Check config, data and memory for the chosen target before spending accelerator time.
 
     Args:
-        config: config name or path / s3:// URI of a Cerebras YAML.
+        params: config name or path / s3:// URI of a Cerebras YAML.
         dataset_uri: the preprocess stage's HDF5 dataset folder.
         max_steps: training steps (0 = the config's runconfig.max_steps).
         target: cpu | gpu | cerebras.
@@ -36,12 +36,12 @@ def validate(
     Returns:
         report_uri: the validation report folder.
     """
-    from components.runtime import publish, report_markdown, stage_context, stage_overrides, write_text
-    from gpt2core.stages import validate as stage
+    from components.kfp_io import report_markdown, stage_context, write_text
+    from gpt2core.launch import launch
+    from gpt2core.stages.validate import Request
 
-    result = stage.run(config, ctx=stage_context(pipeline_run_id, artifact_root, experiment),
-                       overrides=stage_overrides(dataset_uri, max_steps), target=target,
-                       num_gpus=num_nodes * num_gpus, gpu_type=gpu_type)
-    publish(result, {})
+    request = Request(params=params, dataset=dataset_uri, max_steps=max_steps or None, target=target,
+                      num_gpus=num_nodes * num_gpus, gpu_type=gpu_type)
+    result = launch("validate", stage_context(pipeline_run_id, artifact_root, experiment), request)
     write_text(report, report_markdown(result.outputs["report"], "Validation report"))
     return (result.outputs["report"],)

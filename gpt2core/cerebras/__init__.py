@@ -11,7 +11,9 @@ The SDK pins torch 2.4, so it cannot live beside the main venv's torch. Each cal
 this one when ``cerebras.pytorch`` imports here (the cerebras container image), otherwise
 ``$GPT2OPS_CEREBRAS_PYTHON`` or the repo's ``.venv-cerebras/bin/python``. A child process per call
 also gives every run the fresh SDK backend it needs (the SDK allows one backend per process).
-Metrics stream back while training; errors come back as the same ``gpt2core.errors`` class.
+The request and the result travel as files (``gpt2core.platform.child_process``, the result in the
+format of every stage's result.json); metrics stream back while training; errors come back as the
+same ``gpt2core.errors`` class.
 
 ``backend`` is ``"CSX"`` (a Wafer-Scale Cluster, settings from ``runconfig``) or ``"CPU"`` (the
 SDK's CPU backend: same flow, no appliance; for tests and laptops). Left out, it is
@@ -21,23 +23,20 @@ runs, not of the model, so the pipeline's ``target cerebras`` stays one target.
 
 from __future__ import annotations
 
-import collections
 import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gpt2core
-from gpt2core import errors
 from gpt2core.cerebras.settings import resolve_settings
 from gpt2core.config import Params
-from gpt2core.errors import ConfigError, Gpt2opsError, TrainingError
+from gpt2core.errors import ConfigError
+from gpt2core.platform.child_process import run_child_module
 from gpt2core.platform.settings import settings
 
 log = logging.getLogger(__name__)
@@ -113,39 +112,20 @@ def _run(op: str, params: Params, args: dict[str, Any], *, on_metrics: MetricsCa
         # Config mistakes fail here in a second, before the SDK's slow start in the child.
         resolve_settings(params, args["backend"], need_appliance=(op == "train"))
     python = sdk_python()
-    with tempfile.TemporaryDirectory(prefix=f"gpt2ops-cerebras-{op}-") as tmp:
-        request, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"op": op, "params": params.to_dict(), "args": args}))
-        env = dict(os.environ)
-        if (REPO_ROOT / "pyproject.toml").is_file():
-            # A checkout: the child imports this very gpt2core, whatever the SDK venv has installed.
-            # (Installed, REPO_ROOT is the main venv's site-packages, whose torch 2.13 would shadow
-            # the SDK's 2.4: the image installs the same gpt2ops into the SDK venv instead.)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        env["PYTHONUNBUFFERED"] = "1"
-        command = [python, "-m", "gpt2core.cerebras", "--request", str(request), "--result", str(result_file)]
-        log.info("cerebras %s: %s", op, " ".join(command))
-        tail: collections.deque[str] = collections.deque(maxlen=40)
-        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              bufsize=1) as child:
-            assert child.stdout is not None
-            try:
-                for line in child.stdout:
-                    if line.startswith(METRICS_PREFIX):
-                        record = json.loads(line[len(METRICS_PREFIX):])
-                        if on_metrics:
-                            on_metrics(record["metrics"], record["step"])
-                        continue
-                    tail.append(line.rstrip("\n"))
-                    sys.stderr.write(line)
-            except BaseException:  # e.g. MLflow refused a metric, or Ctrl-C: do not leave the run going
-                child.kill()
-                raise
-            returncode = child.wait()
-        outcome = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if outcome and "error" in outcome:
-        error_class = getattr(errors, outcome["error"]["type"], Gpt2opsError)
-        raise error_class(outcome["error"]["message"])
-    if returncode != 0 or outcome is None:
-        raise TrainingError(f"cerebras {op} failed in {python} (exit {returncode}); last output:\n" + "\n".join(tail))
-    return outcome["result"]
+    env = {}
+    if (REPO_ROOT / "pyproject.toml").is_file():
+        # A checkout: the child imports this very gpt2core, whatever the SDK venv has installed.
+        # (Installed, REPO_ROOT is the main venv's site-packages, whose torch 2.13 would shadow
+        # the SDK's 2.4: the image installs the same gpt2ops into the SDK venv instead.)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+
+    def metrics_line(line: str) -> bool:
+        if not line.startswith(METRICS_PREFIX):
+            return False
+        if on_metrics:
+            record = json.loads(line[len(METRICS_PREFIX):])
+            on_metrics(record["metrics"], record["step"])
+        return True
+
+    return run_child_module(python, "gpt2core.cerebras", {"op": op, "params": params.to_dict(), "args": args},
+                            what=f"cerebras {op}", env=env, on_line=metrics_line)

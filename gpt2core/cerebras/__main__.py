@@ -1,8 +1,9 @@
 """``python -m gpt2core.cerebras``: the cstorch side of ``gpt2core.cerebras`` (runs where the SDK is).
 
 Two ways in:
-- ``--request request.json --result result.json``: what ``gpt2core.cerebras`` runs; metrics are
-  printed as ``@gpt2ops-metrics {json}`` lines, the outcome (or the error) goes to result.json;
+- ``--request request.json --result result.json``: what ``gpt2core.cerebras`` runs
+  (``gpt2core.platform.child_process``); metrics are printed as ``@gpt2ops-metrics {json}`` lines,
+  the outcome (or the error) goes to result.json;
 - ``convert --checkpoint ckpt.mdl --params params.yaml --out DIR``: convert a Cerebras checkpoint
   into our saved-model folder by hand (needs the SDK);
 - ``modelzoo --params CFG --out params.yaml [--train_data_dir D --eval_data_dir D]``: write the
@@ -15,13 +16,13 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 from gpt2core.cerebras import METRICS_PREFIX
 from gpt2core.config import load_params, params_from_dict
 from gpt2core.errors import Gpt2opsError
+from gpt2core.platform.child_process import child_main
 
 
 def emit_metrics(metrics: dict[str, float], step: int) -> None:
@@ -86,19 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.request and args.result):
         parser.error("--request and --result are required")
-    request = json.loads(Path(args.request).read_text())
-    result_file = Path(args.result)
-    try:
-        params = params_from_dict(request["params"], source="cerebras request")
-        outcome: dict[str, Any] = {"result": execute(request["op"], params, request["args"])}
-        code = 0
-    except Gpt2opsError as exc:
-        outcome, code = {"error": {"type": type(exc).__name__, "message": str(exc)}}, 2
-    except Exception:  # noqa: BLE001 - the parent shows the traceback's tail
-        traceback.print_exc()
-        outcome, code = {"error": {"type": "TrainingError", "message": traceback.format_exc(limit=-3)}}, 1
-    result_file.write_text(json.dumps(outcome, default=str))
-    return code
+    return child_main(lambda request: execute(request["op"], params_from_dict(request["params"], source="cerebras request"),
+                                              request["args"]),
+                      ["--request", args.request, "--result", args.result])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ How it runs, in two phases so the result never depends on the number of workers:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,14 +28,16 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import h5py
 import numpy as np
 import tiktoken
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
 from gpt2core.errors import ConfigError, DataError
+from gpt2core.flags import Cli
 from gpt2core.tokenizer import PAD_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,49 +50,56 @@ _IGNORED_INPUTS = {"MANIFEST.json", CORPUS_INFO}
 _ROWS_PER_WRITE = 1024  # bounds memory while a file is written (rows of [3, max_seq_length])
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    """How a corpus becomes HDF5. Field names follow the reference script's flags where it has one."""
+class PreprocessParams(BaseModel):
+    """How a corpus becomes HDF5. Field names follow the reference script's flags where it has one
+    (create_hdf5_dataset.py: --max_seq_length, --pack_sequences, --min_sequence_len, --files_per_record,
+    ...). A bad value is a ConfigError ``preprocess.<field>=<value>: ...`` naming the field."""
 
-    max_seq_length: int = 1024
-    pack_sequences: bool = True
-    # carry_over (Model Zoo 2.x): windows of max_seq_length + 1 tokens at stride max_seq_length, the
-    # remainder carried into the next document, so every token is a label exactly once.
-    # overlap (1.x): consecutive windows share overlap_size tokens (default max_seq_length // 4).
-    packing_scheme: Literal["carry_over", "overlap"] = "carry_over"
-    overlap_size: int | None = None
-    min_sequence_len: int = 10  # shorter windows (the last piece of a document or corpus) are dropped
-    samples_per_file: int = 50_000  # the reference's --files_per_record
-    compression: Literal["none", "gzip", "lzf"] = "none"
-    val_fraction: float = 0.01  # documents drawn into val/ (at least one when > 0)
-    seed: int = 0
-    processes: int = 0  # 0: all cores
-    jsonl_key: str | None = None  # None: the corpus's text key (corpus.json) or "text"
-    vocab_file: str | None = None
-    encoder_file: str | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
+    max_seq_length: int = Field(1024, description="tokens per sequence (default: train_input."
+                                                  "max_sequence_length of --params, else 1024)")
+    pack_sequences: bool = Field(True, description="pack documents into full windows")
+    packing_scheme: Literal["carry_over", "overlap"] = Field(
+        "carry_over", description="carry_over: windows of max_seq_length + 1 tokens at stride "
+                                  "max_seq_length, the remainder carried into the next document (Model Zoo "
+                                  "2.x); overlap: consecutive windows share overlap_size tokens (1.x)")
+    overlap_size: int | None = Field(None, description="overlap scheme only (default max_seq_length/4)")
+    min_sequence_len: int = Field(10, ge=0, description="shorter windows (the last piece of a document or "
+                                                        "corpus) are dropped")
+    samples_per_file: Annotated[int, Cli(flags=("--files_per_record", "--samples_per_file"))] = Field(
+        50_000, ge=1, description="sequences per HDF5 file")
+    compression: Literal["none", "gzip", "lzf"] = Field("none", description="HDF5 compression of the rows")
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of documents for val/ (chosen "
+                                                                  "by --seed; at least one when > 0)")
+    seed: int = Field(0, description="seed of the document-level train/val split")
+    processes: int = Field(0, ge=0, description="worker processes (0: all cores)")
+    jsonl_key: str | None = Field(None, description="JSON/parquet text field (default: the corpus's, else text)")
+    vocab_file: str | None = Field(None, description="BPE merges (vocab.bpe); default: GPT-2's")
+    encoder_file: str | None = Field(None, description="token -> id map (encoder.json); default: GPT-2's")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line_errors(cls, data: Any, handler: Any) -> PreprocessParams:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ConfigError(f"preprocess.{'.'.join(map(str, error['loc']))}={error.get('input')!r}: "
+                              f"{error['msg']}") from None
+
+    @model_validator(mode="after")
+    def _check(self) -> PreprocessParams:
         def bad(key: str, expected: str) -> ConfigError:
             return ConfigError(f"preprocess.{key}={getattr(self, key)!r}: expected {expected}")
 
         if self.max_seq_length < 2:
             raise bad("max_seq_length", "an integer >= 2")
-        if self.packing_scheme not in ("carry_over", "overlap"):
-            raise bad("packing_scheme", "'carry_over' or 'overlap'")
         if self.overlap_size is not None and self.packing_scheme != "overlap":
             raise bad("overlap_size", "to be unset unless packing_scheme='overlap'")
         if self.packing_scheme == "overlap" and not 0 <= self.window_overlap < self.max_seq_length:
             raise bad("overlap_size", f"0 <= overlap_size < max_seq_length ({self.max_seq_length})")
-        if self.min_sequence_len < 0:
-            raise bad("min_sequence_len", "an integer >= 0")
-        if self.samples_per_file < 1:
-            raise bad("samples_per_file", "an integer >= 1")
-        if self.compression not in ("none", "gzip", "lzf"):
-            raise bad("compression", "'none', 'gzip' or 'lzf'")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise bad("val_fraction", "a number in [0, 1)")
-        if self.processes < 0:
-            raise bad("processes", "an integer >= 0 (0 = all cores)")
+        return self
 
     @property
     def window_overlap(self) -> int:
@@ -105,7 +113,7 @@ class PreprocessParams:
 
     def data_fields(self) -> dict:
         """The fields that decide the output bytes (not how many processes made it)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "processes"}
+        return self.model_dump(exclude={"processes"})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from gpt2core.platform.results import RESULT_FILE
 from gpt2core.platform.settings import settings
 
 # The variables a stage's CLI flags fall back to (read through the settings).
@@ -29,7 +30,12 @@ class RunContext:
     parent_run_id: str | None = None
 
     def artifact_uri(self, stage: str, artifact: str) -> str:
+        """``<artifact_root>/<pipeline_run_id>/<stage>/<artifact>``: where a stage publishes an artifact."""
         return "/".join([self.artifact_root.rstrip("/"), self.pipeline_run_id, stage, artifact])
+
+    def result_uri(self, stage: str) -> str:
+        """``<artifact_root>/<pipeline_run_id>/<stage>/result.json``: the stage run's result file."""
+        return "/".join([self.artifact_root.rstrip("/"), self.pipeline_run_id, stage, RESULT_FILE])
 
     @classmethod
     def from_env(cls, **overrides: str | None) -> RunContext:
@@ -44,3 +50,9 @@ class RunContext:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed job (torchrun's ``RANK``; 0 when not under torchrun).
+    Rank 0 alone tracks in MLflow, publishes artifacts and writes the stage's result file."""
+    return int(os.environ.get("RANK", "0"))

@@ -10,25 +10,28 @@ with ``runconfig.torch_compile: false`` trains eagerly, so then only a report sa
 
 from __future__ import annotations
 
-import argparse
 import json
 
+
 from gpt2core.compilation import compile_training_step, write_report, write_skipped_report
-from gpt2core.config import load_params
-from gpt2core.errors import ConfigError
-from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.platform.artifacts import local_input, local_output
+from gpt2core.platform.context import RunContext
+from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, stage_run
+from gpt2core.stages.request import TrainingRequest
 
 STAGE = "compile"
-TARGETS = ("cpu", "gpu", "cerebras")
 
 
-def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: str = "cpu") -> StageResult:
-    """Compile config ``params``'s training step for ``target``; returns the cache artifact's URI."""
-    if target not in TARGETS:
-        raise ConfigError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
-    cfg = load_params(params, overrides)
+class Request(TrainingRequest):
+    """The config to compile the training step of, and for which target (TrainingRequest's fields)."""
+
+
+def run(ctx: RunContext, request: Request) -> StageResult:
+    """Compile the training step of ``request.params`` for its target and publish the compiler
+    caches as the ``compile_cache`` artifact."""
+    cfg = request.load_params()
+    target = request.target
     cache_uri = ctx.artifact_uri(STAGE, "compile_cache")
     with stage_run(STAGE, ctx, params={**cfg.to_flat_dict(), "compile.target": target},
                    tags={TAG_CONFIG_HASH: cfg.config_hash()}) as tracked:
@@ -48,7 +51,7 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: 
                            "compile/cache_mb": report.cache_bytes / 1e6}
             tracked.log_artifact(out, "compile_cache")
         tracked.log_metrics(metrics)
-    return StageResult(outputs={"compile_cache": cache_uri}, metrics=metrics)
+    return StageResult(outputs={"compile_cache": cache_uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 
 def _compile_cerebras(cfg, out) -> dict[str, float]:  # noqa: ANN001 - Params, Path
@@ -62,19 +65,3 @@ def _compile_cerebras(cfg, out) -> dict[str, float]:  # noqa: ANN001 - Params, P
     (out / "cerebras_compile_report.json").write_text(json.dumps(report, indent=1, default=str))
     return {f"compile/{k}": float(v) for k, v in report.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
-    parser.add_argument("--target", choices=TARGETS, default="cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override any config key, e.g. --set train_input.batch_size=8")
-    add_context_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from gpt2core.stages.train import overrides_from_args
-
-    result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args), target=args.target)
-    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
-    return 0

@@ -1,54 +1,64 @@
-"""Download stage: fetch a raw text corpus into the `corpus` artifact (`gpt2ops download`)."""
+"""Download stage: fetch a raw text corpus into the ``corpus`` artifact (`gpt2ops download [SOURCE]`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from collections.abc import Sequence
+from typing import Annotated
+
+from pydantic import Field, field_validator
 
 from gpt2core.data.download import QUICKSTART_SOURCE, CorpusSource, download_source
-from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.platform.artifacts import local_output
+from gpt2core.platform.context import RunContext
+from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import stage_run
+from gpt2core.flags import Cli
+from gpt2core.stages.request import StageRequest
 
 STAGE = "download"
 
 
-def run(source: str, *, ctx: RunContext, include: Sequence[str] = (), text_key: str = "text",
-        sha256: str | None = None, output_uri: str | None = None) -> StageResult:
-    """Fetch `source` (path, file://, http(s)://, s3://, hf://datasets/...) into the corpus artifact."""
-    uri = output_uri or ctx.artifact_uri(STAGE, "corpus")
-    params = {"source": source, "include": ",".join(include), "text_key": text_key, "sha256": sha256 or ""}
+class Request(StageRequest):
+    """What to download. Without a source: the quickstart corpus, with its checksum, file selection
+    and text key unless given here."""
+
+    source: Annotated[str | None, Cli(positional=True)] = Field(
+        None, description="local path, file://, http(s)://, s3:// or hf://datasets/<org>/<name>[@rev] "
+                          f"(default: the quickstart corpus, {QUICKSTART_SOURCE.description})")
+    include: list[str] = Field(default_factory=list, description="keep only files whose path in the "
+                               "archive/folder matches this glob (repeatable or comma-separated)")
+    text_key: str | None = Field(None, description="JSON/parquet field holding the text (default: text)")
+    sha256: str | None = Field(None, description="expected sha256 of the downloaded file")
+    output_dir: str | None = Field(None, description="folder or s3:// URI for the corpus "
+                                                     "(default: <artifact_root>/<run>/download/corpus)")
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+        return value
+
+    def corpus_source(self) -> CorpusSource:
+        """The source to fetch: this request's, or the quickstart corpus with its defaults."""
+        default = QUICKSTART_SOURCE if self.source is None else CorpusSource(url=self.source)
+        return CorpusSource(url=default.url, include=tuple(self.include) or default.include,
+                            text_key=self.text_key or default.text_key, sha256=self.sha256 or default.sha256)
+
+
+def run(ctx: RunContext, request: Request) -> StageResult:
+    """Fetch the source (path, file://, http(s)://, s3://, hf://datasets/...) into the corpus artifact."""
+    source = request.corpus_source()
+    uri = request.output_dir or ctx.artifact_uri(STAGE, "corpus")
+    params = {"source": source.url, "include": ",".join(source.include), "text_key": source.text_key,
+              "sha256": source.sha256 or ""}
     with stage_run(STAGE, ctx, params=params) as tracked:
         started = time.monotonic()
         with local_output(uri) as folder:
-            info = download_source(source, folder, include=include, text_key=text_key, sha256=sha256)
+            info = download_source(source.url, folder, include=source.include, text_key=source.text_key,
+                                   sha256=source.sha256)
         metrics = {"download/files": float(info["files"]), "download/bytes": float(info["bytes"]),
                    "download/seconds": time.monotonic() - started}
         tracked.log_metrics(metrics)
-    return StageResult(outputs={"corpus": uri}, metrics=metrics)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", nargs="?", default=None,
-                        help="local path, file://, http(s)://, s3:// or hf://datasets/<org>/<name>[@rev] "
-                             f"(default: the quickstart corpus, {QUICKSTART_SOURCE.description})")
-    parser.add_argument("--include", action="append", default=None, metavar="GLOB",
-                        help="keep only files whose path in the archive/folder matches (repeatable or comma-separated)")
-    parser.add_argument("--text_key", default=None, help="JSON/parquet field holding the text (default: text)")
-    parser.add_argument("--sha256", default=None, help="expected sha256 of the downloaded file")
-    parser.add_argument("--output_dir", default=None,
-                        help="folder or s3:// URI for the corpus (default: <artifact_root>/<run>/download/corpus)")
-    add_context_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    include = tuple(p.strip() for value in args.include or () for p in value.split(",") if p.strip())
-    # No source: the quickstart corpus, with its checksum, selection and text key unless overridden.
-    default = QUICKSTART_SOURCE if args.source is None else CorpusSource(url=args.source)
-    result = run(default.url, ctx=context_from_args(args), include=include or default.include,
-                 text_key=args.text_key or default.text_key, sha256=args.sha256 or default.sha256,
-                 output_uri=args.output_dir)
-    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
-    return 0
+    return StageResult(outputs={"corpus": uri}, metrics=metrics, mlflow_run_id=tracked.run_id)

@@ -8,45 +8,55 @@ Scores a trained model on ``eval_input.data_dir`` (``eval/loss``, ``eval/lm_perp
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from gpt2core.config import Params, load_params
+from gpt2core.config import Params
 from gpt2core.errors import DataError
-from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.stages.train import data_input, local_checkpoint, overrides_from_args
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
+from gpt2core.platform.context import RunContext
+from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI, stage_run
+from gpt2core.stages.inputs import data_input, local_checkpoint
+from gpt2core.stages.request import ModelRequest
 
 STAGE = "evaluate"
 
 
-def run(params: str, *, ctx: RunContext, model_uri: str, overrides: dict | None = None,
-        checkpoint_path: str | None = None) -> StageResult:
-    """Evaluate the saved model at ``model_uri`` (or the weights of training checkpoint ``checkpoint_path``)."""
+class Request(ModelRequest):
+    """The model to score and the config whose eval_input it is scored on."""
+
+    model_dir: str = Field(description="the train stage's model artifact (local or s3://)")
+    checkpoint_path: str | None = Field(None, description="evaluate this training checkpoint's weights "
+                                                          "instead (file or folder, local or s3://)")
+
+
+def run(ctx: RunContext, request: Request) -> StageResult:
+    """Score the model at ``request.model_dir`` (or the weights of ``request.checkpoint_path``) on
+    ``eval_input.data_dir`` and publish the ``report`` artifact."""
     from gpt2core.evaluation import eval_dataloader, evaluate_pass
 
-    cfg = load_params(params, overrides)
+    cfg = request.load_params()
     report_uri = ctx.artifact_uri(STAGE, "report")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_MODEL_URI: model_uri,
+    tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_MODEL_URI: request.model_dir,
             TAG_DATASET_HASH: artifact_digest(cfg.eval_input.data_dir)}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         started = time.monotonic()
-        model = _load_model(cfg, model_uri, checkpoint_path).to(device)
+        model = _load_model(cfg, request.model_dir, request.checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:
             metrics = evaluate_pass(model, cfg, eval_dataloader(cfg, eval_dir), device=device)
         samples = _samples(model, cfg, device)
         metrics["eval/seconds"] = time.monotonic() - started
         with local_output(report_uri) as out:
-            _write_report(out, metrics, samples, model_uri)
+            _write_report(out, metrics, samples, request.model_dir)
         tracked.log_metrics(metrics)
-    return StageResult(outputs={"report": report_uri}, metrics=metrics)
+    return StageResult(outputs={"report": report_uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 
 def _load_model(cfg: Params, model_uri: str, checkpoint_path: str | None):  # noqa: ANN202 - GPT2
@@ -93,20 +103,3 @@ def _write_report(out: Path, metrics: dict[str, float], samples: list[dict[str, 
     blocks = "".join(f"<pre><b>{html.escape(s['prompt'])}</b>{html.escape(s['completion'])}</pre>" for s in samples)
     (out / "report.html").write_text(f"<html><body><h1>Evaluation</h1><p>Model: <code>{html.escape(model_uri)}"
                                      f"</code></p><table>{table}</table><h2>Samples</h2>{blocks}</body></html>\n")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", required=True, help="config: bundled name, YAML path or s3:// URI")
-    parser.add_argument("--model_dir", required=True, help="the train stage's model artifact (local or s3://)")
-    parser.add_argument("--checkpoint_path", default=None,
-                        help="evaluate this training checkpoint's weights instead (file or folder, local or s3://)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override any config key, e.g. --set eval_input.data_dir=/data/val")
-    add_context_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    result = run(args.params, ctx=context_from_args(args), model_uri=args.model_dir,
-                 overrides=overrides_from_args(args), checkpoint_path=args.checkpoint_path)
-    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
-    return 0

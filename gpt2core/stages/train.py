@@ -13,52 +13,52 @@ run (a preempted pod) continues where the lost attempt left off. On GPUs start i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
-import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from pydantic import Field
+
 from gpt2core.checkpoint_names import CEREBRAS, TORCH, checkpoint_step, list_checkpoints
-from gpt2core.config import Params, load_params, parse_override
-from gpt2core.errors import ConfigError, DataError, StorageError
+from gpt2core.config import Params
 from gpt2core.hf_checkpoint import save_pretrained
-from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
-from gpt2core.platform.artifacts import (artifact_digest, delete_file, fetch_file, is_s3, list_files, local_input,
-                              local_output, put_file, shared_local_input)
+from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
+from gpt2core.platform.context import RunContext, process_rank
+from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
+from gpt2core.stages.inputs import data_input, local_checkpoint
+from gpt2core.stages.request import TrainingRequest
 
 log = logging.getLogger(__name__)
 
 STAGE = "train"
 PROGRESS = "progress"  # <run>/train/progress/: checkpoints uploaded while training (not an artifact)
-TARGETS = ("cpu", "gpu", "cerebras")
 
 
-def _rank() -> int:
-    """This process's rank in the whole training job (torchrun's RANK; 0 without torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+class Request(TrainingRequest):
+    """What to train, where, and from which checkpoint."""
+
+    model_dir: str | None = Field(None, description="local working folder for checkpoints (default: "
+                                                    "runconfig.model_dir); a rerun with the same folder resumes")
+    checkpoint_path: str | None = Field(None, description="resume from this checkpoint file or folder "
+                                                          "(local or s3://)")
+    compile_cache: str | None = Field(None, description="the compile stage's compile_cache artifact: "
+                                                        "training starts with warm compiler caches (gpu)")
 
 
-def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_dir: str | None = None,
-        checkpoint_path: str | None = None, compile_cache_uri: str | None = None,
-        target: str = "cpu") -> StageResult:
-    """Train the model of config ``params`` and publish its weights and checkpoints."""
-    if target not in TARGETS:
-        raise ConfigError(f"target {target!r}: expected one of {TARGETS}")
-    cfg = load_params(params, overrides)
+def run(ctx: RunContext, request: Request) -> StageResult:
+    """Train the model of ``request.params`` and publish its weights (``model``) and checkpoints."""
+    cfg = request.load_params()
+    target = request.target
     outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
-    work_dir = Path(model_dir or cfg.runconfig.model_dir).resolve()
+    work_dir = Path(request.model_dir or cfg.runconfig.model_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     progress_uri = ctx.artifact_uri(STAGE, PROGRESS)
-    if _rank() != 0:  # another torchrun rank: train, leave the rest to rank 0
-        _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target, log_metrics=None,
-                     progress_uri=progress_uri)
+    if process_rank() != 0:  # another torchrun rank: train, leave the rest to rank 0
+        _train_torch(cfg, work_dir, request, log_metrics=None, progress_uri=progress_uri)
         return StageResult(outputs=outputs)
 
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
@@ -68,10 +68,10 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
         resumed_only: list[Path] = []  # a run resumed at max_steps saved no checkpoint: publish that one
         with local_output(outputs["model"]) as model_out:
             if target == "cerebras":
-                metrics = _train_cerebras(cfg, work_dir, model_out, checkpoint_path, tracked.log_metrics)
+                metrics = _train_cerebras(cfg, work_dir, model_out, request.checkpoint_path, tracked.log_metrics)
             else:
-                result = _train_torch(cfg, work_dir, checkpoint_path, compile_cache_uri, target,
-                                      log_metrics=tracked.log_metrics, progress_uri=progress_uri)
+                result = _train_torch(cfg, work_dir, request, log_metrics=tracked.log_metrics,
+                                      progress_uri=progress_uri)
                 save_pretrained(result.model, cfg, model_out)
                 resumed_only = [result.checkpoint] if result.checkpoint else []
                 metrics = {"train/loss": result.final_loss, "train/tokens_per_s": result.tokens_per_s,
@@ -87,30 +87,30 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, model_di
         tracked.log_loss_curve()
     if target != "cerebras":  # published: the checkpoints artifact holds them now
         _clear_progress(progress_uri)
-    return StageResult(outputs=outputs, metrics=metrics)
+    return StageResult(outputs=outputs, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 
-def _train_torch(cfg: Params, work_dir: Path, checkpoint_path: str | None, compile_cache_uri: str | None,
-                 target: str, log_metrics, progress_uri: str | None = None):  # noqa: ANN001, ANN202
+def _train_torch(cfg: Params, work_dir: Path, request: Request, log_metrics,  # noqa: ANN001, ANN202
+                 progress_uri: str | None = None):
     from gpt2core.training import train  # torch and the trainer only when training
 
     with contextlib.ExitStack() as stack:
         data_dir = stack.enter_context(data_input("train_input.data_dir", cfg.train_input.data_dir))
         eval_dir = (stack.enter_context(data_input("eval_input.data_dir", cfg.eval_input.data_dir))
                     if cfg.runconfig.eval_frequency else None)
-        if compile_cache_uri and cfg.runconfig.torch_compile:
+        if request.compile_cache and cfg.runconfig.torch_compile:
             from gpt2core.compilation import load_compile_cache
 
-            load_compile_cache(compile_cache_uri)  # the compile stage's caches: training starts warm
-        if checkpoint_path:
-            resume = local_checkpoint(checkpoint_path, work_dir)
+            load_compile_cache(request.compile_cache)  # the compile stage's caches: training starts warm
+        if request.checkpoint_path:
+            resume = local_checkpoint(request.checkpoint_path, work_dir)
         else:
             resume = earlier_attempt(progress_uri, work_dir) if progress_uri else None
         # Rank 0 writes the checkpoints, so only it uploads them. Closed when this block ends, also
         # on errors: before the stage publishes and clears the prefix.
         on_checkpoint = (stack.enter_context(ProgressUploader(progress_uri, cfg.runconfig.keep_last_checkpoints))
-                         if progress_uri and _rank() == 0 else None)
-        result = train(cfg, data_dir=data_dir, work_dir=work_dir, target=target, eval_data_dir=eval_dir,
+                         if progress_uri and process_rank() == 0 else None)
+        result = train(cfg, data_dir=data_dir, work_dir=work_dir, target=request.target, eval_data_dir=eval_dir,
                        resume_from=resume, log_metrics=log_metrics, on_checkpoint=on_checkpoint)
         if result.checkpoint is None and resume:  # resumed at max_steps: nothing trained, nothing saved
             result.checkpoint = Path(resume)
@@ -228,100 +228,3 @@ def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_pat
         result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out, checkpoint_dir=work_dir / "checkpoints",
                                 work_dir=work_dir, on_metrics=log_metrics)
     return {k: float(v) for k, v in result.items() if k.startswith("train/") and isinstance(v, (int, float))}
-
-
-@contextlib.contextmanager
-def data_input(key: str, uri: str) -> Iterator[Path]:
-    """The data folder at uri: an s3:// dataset is downloaded once per node, shared by its ranks."""
-    try:
-        with shared_local_input(uri) as path:
-            yield path
-    except StorageError as exc:
-        raise DataError(f"{key}: {exc}") from exc
-
-
-def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:
-    """A local copy of the checkpoint at ``uri``: a checkpoint file, or a folder of them (the newest
-    of format ``suffix``: torch ``.pt`` or, for the cerebras target, cstorch ``.mdl`` files)."""
-    if is_s3(uri) and uri.endswith((".pt", ".mdl")):
-        return fetch_file(uri, work_dir / f"resume-rank{_rank()}" / uri.rsplit("/", 1)[-1])
-    if is_s3(uri):
-        with local_input(uri) as folder:
-            newest = _newest(folder, uri, suffix)
-            return Path(shutil.copy2(newest, _fresh(work_dir / f"resume-rank{_rank()}")))
-    path = Path(uri)
-    if path.is_dir():
-        return _newest(path, uri, suffix)
-    if not path.is_file():
-        raise DataError(f"--checkpoint_path {uri}: no such checkpoint file or folder")
-    return path
-
-
-def _newest(folder: Path, uri: str, suffix: str) -> Path:
-    found = list_checkpoints(folder, suffix)
-    if not found:
-        raise DataError(f"--checkpoint_path {uri}: no checkpoints (checkpoint_<step>.pt or .mdl) in this folder")
-    return found[-1]
-
-
-def _fresh(folder: Path) -> Path:
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder
-
-
-def cli_arguments(params: str, *, ctx: RunContext, overrides: dict[str, object],
-                  compile_cache_uri: str | None, target: str) -> list[str]:
-    """The `gpt2ops train` arguments that run this stage in other processes (torchrun ranks, the
-    pods of a TrainJob); the working folder (--model_dir) is each launcher's own business."""
-    return [
-        "--params", params, "--target", target, "--pipeline_run_id", ctx.pipeline_run_id,
-        "--artifact_root", ctx.artifact_root, "--experiment", ctx.experiment,
-        *(["--parent_run_id", ctx.parent_run_id] if ctx.parent_run_id else []),
-        *(["--compile_cache", compile_cache_uri] if compile_cache_uri else []),
-        *(arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")),
-    ]
-
-
-def published_result(ctx: RunContext) -> StageResult:
-    """The result of a train stage that ran elsewhere (a TrainJob): its artifacts, which must be
-    complete (manifest written), and the metrics its rank 0 logged to MLflow."""
-    from gpt2core.platform.artifacts import artifact_exists
-    from gpt2core.platform.tracking import finished_stage_metrics
-
-    outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
-    missing = [uri for uri in outputs.values() if not artifact_exists(uri)]
-    if missing:
-        raise StorageError(f"training finished but did not publish {', '.join(missing)} (no manifest); "
-                           f"see the training pods' logs")
-    return StageResult(outputs=outputs, metrics=finished_stage_metrics(ctx, STAGE))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
-    parser.add_argument("--model_dir", default=None,
-                        help="local working folder for checkpoints (default: runconfig.model_dir); reruns resume")
-    parser.add_argument("--checkpoint_path", default=None,
-                        help="resume from this checkpoint file or folder (local or s3://)")
-    parser.add_argument("--max_steps", type=int, default=None, help="override runconfig.max_steps")
-    parser.add_argument("--target", choices=TARGETS, default="cpu")
-    parser.add_argument("--compile_cache", default=None, help="the compile stage's cache artifact (gpu)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override any config key, e.g. --set train_input.data_dir=s3://b/data/train")
-    add_context_arguments(parser)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
-    overrides = dict(parse_override(text) for text in args.set)
-    if getattr(args, "max_steps", None) is not None:
-        overrides["runconfig.max_steps"] = args.max_steps
-    return overrides
-
-
-def main(args: argparse.Namespace) -> int:
-    result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args),
-                 model_dir=args.model_dir, checkpoint_path=args.checkpoint_path,
-                 compile_cache_uri=args.compile_cache, target=args.target)
-    if _rank() == 0:
-        print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
-    return 0

@@ -8,47 +8,56 @@ it. The cerebras target runs the Cerebras SDK's validate_only (``gpt2core.cerebr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import tempfile
 from pathlib import Path
 
-from gpt2core.config import load_params
+from pydantic import Field, PositiveInt
+
 from gpt2core.errors import Gpt2opsError, ValidationError
-from gpt2core.stages.common import RunContext, StageResult, add_context_arguments, context_from_args
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
+from gpt2core.platform.context import RunContext
+from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.stages.request import TrainingRequest
 from gpt2core.validation import (GPU_MEMORY_GB, ValidationReport, check_data_volume, check_dataset,
                                  check_job)
 
 STAGE = "validate"
-TARGETS = ("cpu", "gpu", "cerebras")
 
 
-def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: str = "cpu",
-        num_gpus: int = 1, gpu_type: str = "H100") -> StageResult:
-    """Validate config ``params`` (with overrides) for ``target``; returns the report's URI."""
+class Request(TrainingRequest):
+    """The config and data to check, and the machine they must fit."""
+
+    num_gpus: PositiveInt = Field(1, description="GPUs the training job uses in all (gpu target)")
+    gpu_type: str = Field("H100", description="GPU model whose memory the estimate is checked against: "
+                                              + ", ".join(GPU_MEMORY_GB))
+
+
+def run(ctx: RunContext, request: Request) -> StageResult:
+    """Check ``request``'s config, datasets and memory for its target; every problem is listed in
+    the ``report`` artifact, then a ValidationError names them all."""
     report_uri = ctx.artifact_uri(STAGE, "report")
+    target = request.target
     report = ValidationReport(target=target)
-    if target not in TARGETS:
-        report.problems.append(f"target: {target!r} is not one of {', '.join(TARGETS)}")
     cfg = None
     try:
-        cfg = load_params(params, overrides)
+        cfg = request.load_params()
     except Gpt2opsError as exc:
-        report.problems.append(f"config {params}: {exc}")
+        report.problems.append(f"config {request.params}: {exc}")
     tags = {TAG_CONFIG_HASH: cfg.config_hash()} if cfg else {}
-    run_params = cfg.to_flat_dict() if cfg else {"params": params}
-    with stage_run(STAGE, ctx, params={**run_params, "validate.target": target, "validate.num_gpus": num_gpus,
-                                       "validate.gpu_type": gpu_type}, tags=tags) as tracked, \
+    run_params = cfg.to_flat_dict() if cfg else {"params": request.params}
+    with stage_run(STAGE, ctx, params={**run_params, "validate.target": target,
+                                       "validate.num_gpus": request.num_gpus,
+                                       "validate.gpu_type": request.gpu_type}, tags=tags) as tracked, \
             contextlib.ExitStack() as inputs:
         if cfg is not None:
-            report.config = {"params": params, "config_hash": cfg.config_hash(),
+            report.config = {"params": request.params, "config_hash": cfg.config_hash(),
                              "max_steps": cfg.runconfig.max_steps, "batch_size": cfg.train_input.batch_size,
                              "max_sequence_length": cfg.train_input.max_sequence_length}
             if target in ("cpu", "gpu"):
-                check_job(cfg, report, target=target, num_gpus=num_gpus, gpu_type=gpu_type)
+                check_job(cfg, report, target=target, num_gpus=request.num_gpus, gpu_type=request.gpu_type)
             local_dirs = {}
             for key, uri in (("train_input.data_dir", cfg.train_input.data_dir),
                              ("eval_input.data_dir", cfg.eval_input.data_dir)):
@@ -73,7 +82,7 @@ def run(params: str, *, ctx: RunContext, overrides: dict | None = None, target: 
         if report.problems:
             raise ValidationError(f"{len(report.problems)} problem(s) (report: {report_uri}):\n  - "
                                   + "\n  - ".join(report.problems))
-    return StageResult(outputs={"report": report_uri}, metrics=metrics)
+    return StageResult(outputs={"report": report_uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 
 def _validate_cerebras(cfg, train_dir: Path, report: ValidationReport) -> None:  # noqa: ANN001 - Params
@@ -99,24 +108,3 @@ def _metrics(report: ValidationReport) -> dict[str, float]:
         if key in report.datasets:
             metrics[f"validate/{name}_sequences"] = float(report.datasets[key].get("num_sequences", 0))
     return metrics
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", required=True, help="config: bundled name (gpt2_tiny), YAML path or s3:// URI")
-    parser.add_argument("--target", choices=TARGETS, default="cpu")
-    parser.add_argument("--num_gpus", type=int, default=1, help="GPUs per training run (gpu target)")
-    parser.add_argument("--gpu_type", default="H100",
-                        help=f"GPU model whose memory the estimate is checked against: {', '.join(GPU_MEMORY_GB)}")
-    parser.add_argument("--max_steps", type=int, default=None, help="override runconfig.max_steps")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override any config key, e.g. --set train_input.data_dir=s3://b/data/train")
-    add_context_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    from gpt2core.stages.train import overrides_from_args
-
-    result = run(args.params, ctx=context_from_args(args), overrides=overrides_from_args(args),
-                 target=args.target, num_gpus=args.num_gpus, gpu_type=args.gpu_type)
-    print(json.dumps({"outputs": result.outputs, "metrics": result.metrics}, indent=2))
-    return 0

@@ -23,7 +23,7 @@ stage runs, logging), ``queries`` (finding runs, reading histories), ``registry`
 from gpt2core.platform.tracking.connection import tracking_uri
 from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, curves_png, loss_curve_png
 from gpt2core.platform.tracking.queries import (PipelineRunRecord, find_parent_run, find_pipeline_run_named,
-                                                find_stage_runs, finished_stage_metrics, metric_histories,
+                                                find_stage_runs, metric_histories,
                                                 stage_run_id)
 from gpt2core.platform.tracking.registry import (champion_version, default_model_name, download_model_version,
                                                  find_model_version, promote_if_better, tagged_score)
@@ -39,7 +39,7 @@ __all__ = [
     "TAG_DATASET_HASH", "TAG_ERROR", "TAG_GIT_SHA", "TAG_KIND", "TAG_MODEL_URI", "TAG_MODEL_VERSION",
     "TAG_PIPELINE_RUN", "TAG_PROMOTED", "TAG_STAGE", "TAG_TARGET", "champion_version", "curves_png",
     "default_model_name", "download_model_version", "end_pipeline_run", "find_model_version",
-    "find_parent_run", "find_pipeline_run_named", "find_stage_runs", "finished_stage_metrics",
+    "find_parent_run", "find_pipeline_run_named", "find_stage_runs",
     "loss_curve_png", "metric_histories", "pipeline_run", "promote_if_better",
     "record_pipeline_results", "stage_run", "stage_run_id", "start_pipeline_run",
     "tagged_score", "tracking_uri",

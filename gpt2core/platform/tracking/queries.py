@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gpt2core.errors import TrackingError
-from gpt2core.platform.context import RunContext
-from gpt2core.platform.tracking.connection import (experiment_id, mlflow_client, redacted, tracking_errors,
+from gpt2core.platform.tracking.connection import (mlflow_client, redacted, tracking_errors,
                                                    tracking_uri)
 from gpt2core.platform.tracking.tags import (KIND_PIPELINE, MLFLOW_PARENT_RUN, MLFLOW_RUN_NAME,
                                              TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_KIND, TAG_MODEL_VERSION,
@@ -61,23 +60,6 @@ def metric_histories(run_id: str, metrics: Sequence[str]) -> dict[str, tuple[lis
             if history:
                 curves[key] = ([m.step for m in history], [m.value for m in history])
     return curves
-
-
-def finished_stage_metrics(ctx: RunContext, stage: str) -> dict[str, float]:
-    """The latest value of every metric of the newest FINISHED `stage` run of this pipeline run (a
-    stage that ran in other processes, e.g. the pods of a TrainJob, logged them there)."""
-    client = mlflow_client()
-    with tracking_errors(f"find the {stage} run of pipeline run {ctx.pipeline_run_id}"):
-        runs = client.search_runs(
-            [experiment_id(client, ctx)],
-            filter_string=(f"tags.`{TAG_PIPELINE_RUN}` = '{ctx.pipeline_run_id}' and "
-                           f"tags.`{TAG_STAGE}` = '{stage}' and attributes.status = 'FINISHED'"),
-            order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise TrackingError(f"no FINISHED MLflow {stage} run tagged {TAG_PIPELINE_RUN}="
-                            f"{ctx.pipeline_run_id} in experiment {ctx.experiment!r} at "
-                            f"{redacted(tracking_uri())}")
-    return dict(runs[0].data.metrics)
 
 
 def find_stage_runs(experiment: str, stage: str, *, max_runs: int) -> list:
