@@ -18,10 +18,10 @@ import json
 import types
 import typing
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticUndefined
 
 from gpt2core.config import parse_override
@@ -38,6 +38,23 @@ class Cli:
     positional: bool = False
     metavar: str | None = None
     json: bool = False  # a dict or list field given as one JSON value (not repeated KEY=VALUE flags)
+
+
+class Parameters(BaseModel):
+    """Base of the models whose fields are parameters (stage requests, ``PreprocessParams``, the run
+    form): immutable, unknown fields refused, and a bad value is one ConfigError line,
+    ``<prefix><field>=<value>: <what was expected>``, not pydantic's multi-line report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    error_prefix: ClassVar[str] = ""  # e.g. "parameter " for the run form
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line_errors(cls, data: Any, handler: Any) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise ConfigError(cls.error_prefix + validation_message(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, model: type[BaseModel]) -> None:
@@ -68,18 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, mod
 
 
 def from_args(model: type[ModelT], args: argparse.Namespace) -> ModelT:
-    """The ``model`` the parsed flags describe (see ``add_arguments``); a bad value is one
-    ConfigError line naming the flag."""
-    return create(model, **_values(model, args))
-
-
-def create(model: type[ModelT], **values: Any) -> ModelT:
-    """``model(**values)``, with pydantic's ValidationError turned into one ConfigError line that
-    names the parameter and what was expected."""
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        raise ConfigError(validation_message(exc)) from None
+    """The ``model`` the parsed flags describe (see ``add_arguments``)."""
+    return model(**_values(model, args))
 
 
 def to_args(instance: BaseModel) -> list[str]:
@@ -113,13 +120,13 @@ def to_args(instance: BaseModel) -> list[str]:
 
 
 def validation_message(exc: ValidationError) -> str:
-    """pydantic's first error as one line: ``<dotted field>: <what was expected> (got <value>)``."""
+    """pydantic's first error as one line: ``<dotted field>=<value>: <what was expected>``."""
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"]) or exc.title
     if error["type"] == "missing":
         return f"{where}: missing (a required parameter)"
     got = repr(error.get("input"))
-    return f"{where}: {error['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})"
+    return f"{where}={got if len(got) <= 80 else got[:77] + '...'}: {error['msg']}"
 
 
 def yaml_value(value: Any) -> str:

@@ -3,7 +3,7 @@ default and description, and the checks a run makes on them before any data move
 
 The KFP pipeline and the Argo WorkflowTemplate take these parameters; ``gpt2ops run`` and
 ``gpt2ops pipeline submit|schedule`` offer them as flags (``gpt2core.flags``); the pipeline's first
-step (``start_run``) checks them with ``PipelineParameters.create(...).check()``, so a bad value fails
+step (``start_run``) checks them with ``PipelineParameters(...).check()``, so a bad value fails
 there, naming the parameter, before the download starts. Orchestrators deliver integers as they
 like (the KFP UI and API clients send ``5.0``): an integral number is taken as the integer it is, a
 fractional one is refused naming the parameter.
@@ -11,10 +11,10 @@ fractional one is refused naming the parameter.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Self
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field
 
 from gpt2core import flags
 from gpt2core.config import load_params
@@ -27,10 +27,10 @@ from gpt2core.targets import Target
 SOURCE_SCHEMES = ("", "file", "http", "https", "s3", "hf")
 
 
-class PipelineParameters(BaseModel):
+class PipelineParameters(flags.Parameters):
     """The run form of a pipeline run (KFP and Argo)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    error_prefix: ClassVar[str] = "parameter "
 
     params: str = Field(
         "gpt2_tiny", description="Config name (gpt2_tiny, gpt2_small, gpt2_medium, gpt2_large, gpt2_xl) or the "
@@ -72,19 +72,6 @@ class PipelineParameters(BaseModel):
         "Where every artifact of the run is stored: s3://bucket/prefix (or an absolute local folder when "
         "every step runs on one machine)."))
     run_name: str = Field("", description="Name of the MLflow parent run (empty: MLflow picks one).")
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _one_line_errors(cls, data: Any, handler: Any) -> Any:
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            raise ConfigError(f"parameter {flags.validation_message(exc)}") from None
-
-    @classmethod
-    def create(cls, **values: Any) -> Self:
-        """The run form of ``values`` (a ConfigError naming the parameter for a wrong type)."""
-        return cls(**values)
 
     def check(self) -> Self:
         """Every check that needs no data: ranges, the source URI, the config (loaded and checked),

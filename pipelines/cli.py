@@ -34,7 +34,7 @@ def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:
     if "source" in arguments:  # the default file selection and checksum belong to the default source
         arguments.setdefault("source_include", "")
         arguments.setdefault("source_sha256", "")
-    PipelineParameters.create(**arguments)
+    PipelineParameters(**arguments)
     return arguments
 
 

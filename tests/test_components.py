@@ -78,7 +78,7 @@ LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2_tiny.
 
 
 def check_form(**values) -> PipelineParameters:
-    return PipelineParameters.create(**values).check()
+    return PipelineParameters(**values).check()
 
 
 @pytest.mark.parametrize("change, parameter", [

@@ -37,7 +37,7 @@ def start_run(
                 run_name=run_name)
     ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root, experiment=experiment)
     parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=run_name)  # tagged with the run id
-    PipelineParameters.create(**form).check()
+    PipelineParameters(**form).check()
     return parent_run_id
 
 

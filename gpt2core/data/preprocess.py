@@ -28,16 +28,16 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, ClassVar, Literal
 
 import h5py
 import numpy as np
 import tiktoken
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
 from gpt2core.errors import ConfigError, DataError
-from gpt2core.flags import Cli
+from gpt2core.flags import Cli, Parameters
 from gpt2core.tokenizer import PAD_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,12 @@ _IGNORED_INPUTS = {"MANIFEST.json", CORPUS_INFO}
 _ROWS_PER_WRITE = 1024  # bounds memory while a file is written (rows of [3, max_seq_length])
 
 
-class PreprocessParams(BaseModel):
+class PreprocessParams(Parameters):
     """How a corpus becomes HDF5. Field names follow the reference script's flags where it has one
     (create_hdf5_dataset.py: --max_seq_length, --pack_sequences, --min_sequence_len, --files_per_record,
     ...). A bad value is a ConfigError ``preprocess.<field>=<value>: ...`` naming the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    error_prefix: ClassVar[str] = "preprocess."
 
     max_seq_length: int = Field(1024, description="tokens per sequence (default: train_input."
                                                   "max_sequence_length of --params, else 1024)")
@@ -77,16 +77,6 @@ class PreprocessParams(BaseModel):
     jsonl_key: str | None = Field(None, description="JSON/parquet text field (default: the corpus's, else text)")
     vocab_file: str | None = Field(None, description="BPE merges (vocab.bpe); default: GPT-2's")
     encoder_file: str | None = Field(None, description="token -> id map (encoder.json); default: GPT-2's")
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _one_line_errors(cls, data: Any, handler: Any) -> PreprocessParams:
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            raise ConfigError(f"preprocess.{'.'.join(map(str, error['loc']))}={error.get('input')!r}: "
-                              f"{error['msg']}") from None
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessParams:

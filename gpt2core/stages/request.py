@@ -13,29 +13,18 @@ from __future__ import annotations
 import argparse
 from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt
 
 from gpt2core import flags
 from gpt2core.config import Params, load_params
-from gpt2core.errors import ConfigError
 from gpt2core.flags import Cli
 from gpt2core.platform.context import ENV_ARTIFACT_ROOT, ENV_EXPERIMENT, ENV_PARENT_RUN, ENV_RUN_ID, RunContext
 from gpt2core.targets import Target
 
 
-class StageRequest(BaseModel):
-    """Base of every stage's request: immutable, unknown fields refused, values type-checked."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _one_line_errors(cls, data: Any, handler: Any) -> Any:
-        """A bad value is one ConfigError line naming the parameter, not pydantic's report."""
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            raise ConfigError(flags.validation_message(exc)) from None
+class StageRequest(flags.Parameters):
+    """Base of every stage's request: immutable, unknown fields refused, values type-checked, a bad
+    value one ConfigError line naming the parameter."""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
