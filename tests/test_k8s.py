@@ -191,8 +191,8 @@ def test_secret_templates_have_the_keys_the_pipeline_reads():
 def test_trainer_runtime_lands_on_the_gpu_pool(rendered):
     """One GPU pool everywhere: the Trainer runtime's placement, the pipeline's gpu defaults and the
     node setup in docs/kubernetes.md all come from gpt2core.launch.trainjob's label and taint."""
-    from gpt2core import trainjob
-    from pipelines.cli import pipeline_defaults
+    from gpt2core.launch import trainjob
+    from pipelines.gpt2_pipeline import gpt2_pipeline
 
     runtime = next(o for o in rendered["dev"] if o["kind"] == "TrainingRuntime")
     assert runtime["metadata"]["name"] == trainjob.RUNTIME_NAME
@@ -200,7 +200,7 @@ def test_trainer_runtime_lands_on_the_gpu_pool(rendered):
     (_, pod, _), = [p for p in pod_specs([runtime])]
     assert pod["nodeSelector"] == trainjob.GPU_NODE_SELECTOR
     assert all(t in pod["tolerations"] for t in trainjob.GPU_TOLERATIONS)
-    defaults = pipeline_defaults()
+    defaults = {name: spec.default for name, spec in gpt2_pipeline.component_spec.inputs.items()}
     assert defaults["gpu_node_selector"] == trainjob.GPU_NODE_SELECTOR
     assert defaults["gpu_tolerations"] == trainjob.GPU_TOLERATIONS
     docs = (REPO / "docs" / "kubernetes.md").read_text()
