@@ -26,19 +26,8 @@ from components.train.component import train
 from components.validate.component import validate
 from gpt2core.pipeline_parameters import PipelineParameters
 from pipelines import kubernetes as k8s
-from pipelines.definition import (
-    BOOKKEEPING,
-    BRANCH_STAGES,
-    DESCRIPTION,
-    PIPELINE_NAME,
-    START,
-    STEPS,
-    TARGETS,
-    Form,
-    Output,
-    Step,
-    step,
-)
+from pipelines.definition import (BOOKKEEPING, BRANCH_STAGES, DESCRIPTION, PIPELINE_NAME, START, STEPS,
+                                  TARGETS, Form, Output, Step, step)
 from pipelines.signature import kfp_signature
 
 COMPONENTS = {"download": download, "preprocess": preprocess, "validate": validate, "compile": compile_model,

@@ -14,14 +14,8 @@ from collections.abc import Mapping
 from kfp import kubernetes
 
 from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE, GPU_RESOURCE
-from pipelines.definition import (
-    MLFLOW_AUTH_KEYS,
-    MLFLOW_SECRET,
-    MLFLOW_SECRET_KEYS,
-    S3_SECRET,
-    S3_SECRET_KEYS,
-    Settings,
-)
+from pipelines.definition import (MLFLOW_AUTH_KEYS, MLFLOW_SECRET, MLFLOW_SECRET_KEYS, S3_SECRET,
+                                  S3_SECRET_KEYS, Settings)
 
 __all__ = ["MLFLOW_AUTH_KEYS", "MLFLOW_SECRET", "MLFLOW_SECRET_KEYS", "S3_SECRET", "S3_SECRET_KEYS", "configure"]
 
