@@ -2,9 +2,10 @@
 
 A stage's flags are its request's fields (``gpt2core.stages.<stage>.Request``) plus the run context
 (``--pipeline_run_id``, ``--artifact_root``, ...); the stage runs through the launcher
-(``gpt2core.launch``), writes its ``result.json`` and prints the result. Modules are imported lazily,
-so `gpt2ops preprocess` does not pay for importing torch or MLflow, and so the library itself never
-imports kfp: only `run` and `pipeline` (in the `pipelines` package) do.
+(``gpt2core.launch``), writes its ``result.json`` (and with ``--result_file PATH`` a local copy, for
+an orchestrator that reads a task's outputs from a file) and prints the result. Modules are imported
+lazily, so `gpt2ops preprocess` does not pay for importing torch or MLflow, and so the library itself
+never imports kfp or hera: only `run`, `pipeline` and `argo` (in the `pipelines` package) do.
 """
 
 from __future__ import annotations
