@@ -112,7 +112,8 @@ def main_argo(args: argparse.Namespace) -> int:
                                         generate_name=args.generate_name or f"{args.template}-"))
         made = _call(lambda: service.submit_workflow(request, namespace=args.namespace), where,
                      f"submit a workflow from WorkflowTemplate {args.template!r}", args.namespace)
-        print(f"submitted workflow {made.metadata.name} (namespace {args.namespace}, {where})")
+        print(f"submitted workflow {made.metadata.name} (namespace {args.namespace}): "
+              f"{where}workflows/{args.namespace}/{made.metadata.name}")
         return 0
     cron = argo_workflow.cron_workflow(schedule=args.cron, timezone=args.timezone, arguments=arguments,
                                        name=args.name)
@@ -121,8 +122,8 @@ def main_argo(args: argparse.Namespace) -> int:
     request = m.CreateCronWorkflowRequest(cron_workflow=cron.build())
     made = _call(lambda: service.create_cron_workflow(request, namespace=args.namespace), where,
                  f"create CronWorkflow {args.name!r}", args.namespace)
-    print(f"created CronWorkflow {made.metadata.name} ({args.cron}, {args.timezone}; namespace "
-          f"{args.namespace}, {where})")
+    print(f"created CronWorkflow {made.metadata.name} ({args.cron}, {args.timezone}; namespace {args.namespace}): "
+          f"{where}cron-workflows/{args.namespace}/{made.metadata.name}")
     return 0
 
 

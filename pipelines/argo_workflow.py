@@ -55,7 +55,7 @@ from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE, GPU_RESOURCE
 from gpt2core.pipeline_parameters import PipelineParameters
 from pipelines.definition import (BOOKKEEPING, BRANCH_STAGES, DESCRIPTION, MLFLOW_AUTH_KEYS, MLFLOW_SECRET,
                                   MLFLOW_SECRET_KEYS, PIPELINE_NAME, S3_SECRET, S3_SECRET_KEYS, START, STEPS,
-                                  STAGES, TARGETS, Arg, Form, Input, JsonField, Output, Product, Scratch, Settings,
+                                  STAGES, TARGETS, Arg, Form, Input, JsonField, Output, Product, Scratch, StepSettings,
                                   Step, Value, step)
 
 TEMPLATE_NAME = PIPELINE_NAME
@@ -111,7 +111,7 @@ def _workflow_parameter(name: str) -> str:
 
 # ---------------------------------------------------------------- templates
 
-def _env(settings: Settings) -> list[m.EnvVar]:
+def _env(settings: StepSettings) -> list[m.EnvVar]:
     def from_secret(secret: str, key: str, optional: bool = False) -> m.EnvVar:
         return m.EnvVar(name=key, value_from=m.EnvVarSource(secret_key_ref=m.SecretKeySelector(
             name=secret, key=key, optional=optional or None)))
@@ -124,7 +124,7 @@ def _env(settings: Settings) -> list[m.EnvVar]:
     return env
 
 
-def _retry(settings: Settings) -> RetryStrategy | None:
+def _retry(settings: StepSettings) -> RetryStrategy | None:
     retry = settings.retry
     if retry is None:
         return None
@@ -135,7 +135,7 @@ def _retry(settings: Settings) -> RetryStrategy | None:
         backoff=m.Backoff(duration=f"{retry.backoff_s}s", factor=factor, cap=f"{retry.max_backoff_s}s"))
 
 
-def _pod_spec_patch(settings: Settings) -> str | None:
+def _pod_spec_patch(settings: StepSettings) -> str | None:
     """Node selector, tolerations and GPUs from the run form (JSON values), patched onto the pod."""
     placement = settings.placement
     if placement is None:
@@ -152,7 +152,7 @@ def _pod_spec_patch(settings: Settings) -> str | None:
     return "{" + ", ".join(patch) + "}"
 
 
-def _container(name: str, settings: Settings, args: list[str], *, inputs: list[str] = (),
+def _container(name: str, settings: StepSettings, args: list[str], *, inputs: list[str] = (),
                outputs: Mapping[str, str] = {}, memoize_on: list[str] | None = None) -> Container:
     """A container template running ``gpt2ops ARGS`` with ``settings``; ``outputs``: output
     parameter -> file; ``memoize_on``: the inputs its memoization key is made of (None: not memoized)."""

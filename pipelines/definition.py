@@ -156,7 +156,7 @@ class Placement:
 
 
 @dataclass(frozen=True)
-class Settings:
+class StepSettings:
     """How a step runs: its image (a ``gpt2core.images`` target), resources, retries, time limit
     (``timeout_s``, None: none), placement (None: any node, no /dev/shm volume), whether its
     outputs are cached on its inputs, the pod labels, and (``trainer_image``) the image a TrainJob
@@ -184,27 +184,27 @@ IO_TIMEOUT_S = 6 * 3600
 
 # The run's bookkeeping (open, record, close the MLflow parent run): small, never cached. START
 # is not retried: it fails on bad run-form values, and should fail at once.
-BOOKKEEPING = Settings(resources=Resources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}),
+BOOKKEEPING = StepSettings(resources=Resources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}),
                        retry=Retry(limit=3, backoff_s=10, factor=2.0, max_backoff_s=300), cached=False,
                        pod_labels={})
-START = Settings(resources=BOOKKEEPING.resources, retry=None, cached=False, pod_labels={})
+START = StepSettings(resources=BOOKKEEPING.resources, retry=None, cached=False, pod_labels={})
 
 
-def _io(cpu: str, memory: str) -> Settings:
-    return Settings(resources=Resources(requests={"cpu": cpu, "memory": memory}, limits={"memory": memory}),
+def _io(cpu: str, memory: str) -> StepSettings:
+    return StepSettings(resources=Resources(requests={"cpu": cpu, "memory": memory}, limits={"memory": memory}),
                     retry=IO_RETRY, timeout_s=IO_TIMEOUT_S)
 
 
-def _heavy(cpu: str, memory: str, timeout_s: int, placement: Placement = Placement(), **more: object) -> Settings:
+def _heavy(cpu: str, memory: str, timeout_s: int, placement: Placement = Placement(), **more: object) -> StepSettings:
     both = {"cpu": cpu, "memory": memory}
-    return Settings(resources=Resources(requests=both, limits=both), retry=HEAVY_RETRY, timeout_s=timeout_s,
+    return StepSettings(resources=Resources(requests=both, limits=both), retry=HEAVY_RETRY, timeout_s=timeout_s,
                     placement=placement, **more)
 
 
 # The training targets' steps (compile and train alike).
 GPU_PLACEMENT = Placement(node_selector="gpu_node_selector", tolerations=("tolerations", "gpu_tolerations"),
                           gpus="num_gpus")
-TARGET_SETTINGS: Mapping[str, Settings] = MappingProxyType({
+TARGET_SETTINGS: Mapping[str, StepSettings] = MappingProxyType({
     # kfp-kubernetes allows one node selector per task: the GPU pool's takes node_selector's place.
     "gpu": _heavy("8", "64Gi", 72 * 3600, GPU_PLACEMENT, image="cuda"),
     # The appliance does the compute; the pod is a client that streams data to it.
@@ -225,7 +225,7 @@ class Step:
     inputs: Mapping[str, Value]
     command: tuple[Arg, ...]
     outputs: Mapping[str, str]
-    settings: Settings
+    settings: StepSettings
     target: str | None = None  # the branch (compile, train) or None
     after: tuple[str, ...] = ()
 

@@ -1,4 +1,4 @@
-"""A step's settings (``pipelines.definition.Settings``) as Kubernetes settings of its KFP task
+"""A step's settings (``pipelines.definition.StepSettings``) as Kubernetes settings of its KFP task
 (kfp-kubernetes). kfp.local ignores all of them.
 
 Credentials come from two Secrets (templates in k8s/), never from pipeline parameters:
@@ -15,12 +15,12 @@ from kfp import kubernetes
 
 from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE, GPU_RESOURCE
 from pipelines.definition import (MLFLOW_AUTH_KEYS, MLFLOW_SECRET, MLFLOW_SECRET_KEYS, S3_SECRET,
-                                  S3_SECRET_KEYS, Settings)
+                                  S3_SECRET_KEYS, StepSettings)
 
 __all__ = ["MLFLOW_AUTH_KEYS", "MLFLOW_SECRET", "MLFLOW_SECRET_KEYS", "S3_SECRET", "S3_SECRET_KEYS", "configure"]
 
 
-def configure(task, settings: Settings, form: Mapping[str, object]) -> None:
+def configure(task, settings: StepSettings, form: Mapping[str, object]) -> None:
     """Give a KFP task its step's settings; ``form``: the pipeline's parameters (placement reads
     its node selector, tolerations and GPU count from them)."""
     from gpt2core.images import image_for

@@ -130,7 +130,8 @@ def test_submit_runs_the_template_with_only_the_given_parameters(argo_api, argo_
     assert request.resource_kind == "WorkflowTemplate" and request.resource_name == argo_workflow.TEMPLATE_NAME
     assert request.submit_options.parameters == [
         "params=gpt2_small", "target=gpu", "num_gpus=8", 'node_selector={"pool": "h100"}', "max_steps=1000"]
-    assert f"submitted workflow {argo_workflow.TEMPLATE_NAME}-x7k2p (namespace {NAMESPACE}" in capsys.readouterr().out
+    assert (f"submitted workflow {argo_workflow.TEMPLATE_NAME}-x7k2p (namespace {NAMESPACE}): "
+            f"http://{argo_env}/workflows/{NAMESPACE}/{argo_workflow.TEMPLATE_NAME}-x7k2p") in capsys.readouterr().out
 
 
 def test_submit_from_flags_and_without_the_cache(argo_api, argo_env, monkeypatch):
