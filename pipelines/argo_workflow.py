@@ -239,11 +239,12 @@ def _task_ref(stage: str, target: str | None) -> str:
         return f"tasks['{stage}']"
     if target:
         return f"tasks['{step(stage, target).name}']"
-    return f"tasks['{stage}-' + workflow.parameters.target]"
+    return f"tasks['{stage}-' + workflow.parameters.target]"  # the chosen branch's step (Step.name)
 
 
-def _result_of(stage: str, target: str | None) -> str:
-    return f"{{{{={_task_ref(stage, target)}.outputs.parameters.result}}}}"
+def _result_of(stage: str) -> str:
+    """The result of ``stage`` as a task after the branches reads it."""
+    return f"{{{{={_task_ref(stage, None)}.outputs.parameters.result}}}}"
 
 
 def _argument(value: Value, target: str | None) -> str:
@@ -292,7 +293,7 @@ def workflow_template() -> WorkflowTemplate:
                      arguments=[Parameter(name=n, value=_argument(v, s.target)) for n, v in s.inputs.items()]
                      + [Parameter(name=n, value=v) for n, v in context.items()])
             Task(name=RECORD_TASK, template=record, depends=STEPS[-1].name,
-                 arguments=[Parameter(name=stage, value=_result_of(stage, None)) for stage in STAGES])
+                 arguments=[Parameter(name=stage, value=_result_of(stage)) for stage in STAGES])
     return template
 
 
