@@ -2,9 +2,10 @@
 
 A stage's flags are its request's fields (``gpt2core.stages.<stage>.Request``) plus the run context
 (``--pipeline_run_id``, ``--artifact_root``, ...); the stage runs through the launcher
-(``gpt2core.launch``), writes its ``result.json`` and prints the result. Modules are imported lazily,
-so `gpt2ops preprocess` does not pay for importing torch or MLflow, and so the library itself never
-imports kfp: only `run` and `pipeline` (in the `pipelines` package) do.
+(``gpt2core.launch``), writes its ``result.json`` (and with ``--result_file PATH`` a local copy, for
+an orchestrator that reads a task's outputs from a file) and prints the result. Modules are imported
+lazily, so `gpt2ops preprocess` does not pay for importing torch or MLflow, and so the library itself
+never imports kfp or hera: only `run`, `pipeline` and `argo` (in the `pipelines` package) do.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("gpt2core.compare", "compare MLflow runs side by side"),
     "run": ("pipelines.cli", "run the whole pipeline locally (kfp.local)"),
     "pipeline": ("pipelines.cli", "compile | upload | submit | schedule against a KFP endpoint"),
+    "argo": ("pipelines.argo_cli", "render | submit | schedule the Argo WorkflowTemplate"),
+    "pipeline-run": ("gpt2core.pipeline_run", "start | record | end the MLflow parent run of a pipeline run"),
 }
 # Stages that the launcher can run on several processes or nodes (the others run in this process).
 DISTRIBUTED_STAGES = ("train",)
@@ -58,19 +61,33 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
         g.add_argument("--num_nodes", type=int, default=1,
                        help="nodes: past 1 a Kubeflow Trainer TrainJob runs the stage (default 1)")
     add_context_arguments(parser)
+    parser.add_argument("--result_file", metavar="PATH",
+                        help="also write the stage's result (what <artifact_root>/<run>/<stage>/result.json "
+                             "holds, a failure included) to this local file: an orchestrator that reads a "
+                             "task's outputs from a file in its container (Argo) reads them there")
     parser.set_defaults(_main=lambda args: _run_stage_command(stage, args))
 
 
 def _run_stage_command(stage: str, args: argparse.Namespace) -> int:
     from gpt2core.launch import launch
     from gpt2core.platform.context import process_rank
+    from gpt2core.platform.results import StageResult, write_result
     from gpt2core.stages import stage_module
     from gpt2core.stages.request import context_from_args
 
-    request = stage_module(stage).Request.from_args(args)
-    result = launch(stage, context_from_args(args), request, nproc_per_node=getattr(args, "nproc_per_node", 1),
-                    num_nodes=getattr(args, "num_nodes", 1))
+    # Only this process writes --result_file: the flag is not among those a launcher passes to the
+    # processes it starts (request.to_args() and the run context).
+    try:
+        request = stage_module(stage).Request.from_args(args)
+        result = launch(stage, context_from_args(args), request,
+                        nproc_per_node=getattr(args, "nproc_per_node", 1), num_nodes=getattr(args, "num_nodes", 1))
+    except Exception as exc:
+        if args.result_file:
+            write_result(args.result_file, StageResult.failure(stage, exc))
+        raise
     if process_rank() == 0:
+        if args.result_file:
+            write_result(args.result_file, result)
         print(result.model_dump_json(indent=2))
     return 0
 

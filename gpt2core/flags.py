@@ -103,7 +103,7 @@ def to_args(instance: BaseModel) -> list[str]:
         if value is None:
             continue
         cli = _cli(field)
-        flag = (cli.flags or (f"--{name}",))[0]
+        flag = _flag(name, field)
         if cli.json:
             args += [flag, json.dumps(value)]
         elif isinstance(value, dict):
@@ -117,6 +117,12 @@ def to_args(instance: BaseModel) -> list[str]:
         else:
             args += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
     return args
+
+
+def flag_for(model: type[BaseModel], name: str) -> str:
+    """The flag that sets field ``name`` of ``model`` (its first one, e.g. ``--include`` for the run
+    form's ``source_include``)."""
+    return _flag(name, model.model_fields[name])
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -147,6 +153,10 @@ def _values(model: type[BaseModel], args: argparse.Namespace) -> dict[str, Any]:
             repeated_pairs = _base_type(field.annotation)[0] is dict and not _cli(field).json
             values[name] = dict(value) if repeated_pairs else value
     return values
+
+
+def _flag(name: str, field) -> str:  # noqa: ANN001 - pydantic FieldInfo
+    return (_cli(field).flags or (f"--{name}",))[0]
 
 
 def _cli(field) -> Cli:  # noqa: ANN001 - pydantic FieldInfo

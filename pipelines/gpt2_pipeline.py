@@ -1,7 +1,11 @@
-"""The GPT-2 pre-training pipeline (KFP v2):
+"""The GPT-2 pre-training pipeline (``pipelines.definition``) rendered to Kubeflow Pipelines (KFP v2):
 
     start_run -> download -> preprocess -> validate -> [gpu | cerebras | cpu: compile -> train]
               -> evaluate -> promote -> record_results            (exit handler: end_run)
+
+Each step of the definition is its stage's component (``COMPONENTS``) called with the step's inputs,
+its settings applied by ``pipelines.kubernetes.configure``; the branches are dsl.If / Elif / Else on
+the run form's target, and a branch output read after them is their dsl.OneOf.
 
 Every stage writes its artifacts to `<artifact_root>/<kfp-run-id>/<stage>/<artifact>/` and logs an
 MLflow child run under the parent run that start_run opens; end_run closes the parent FINISHED or
@@ -20,22 +24,14 @@ from components.preprocess.component import preprocess
 from components.promote.component import promote
 from components.train.component import train
 from components.validate.component import validate
-from gpt2core.images import image_for
-from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE
 from gpt2core.pipeline_parameters import PipelineParameters
 from pipelines import kubernetes as k8s
+from pipelines.definition import (BOOKKEEPING, BRANCH_STAGES, DESCRIPTION, PIPELINE_NAME, START, STEPS,
+                                  TARGETS, Form, Output, Step, step)
 from pipelines.signature import kfp_signature
 
-PIPELINE_NAME = "gpt2ops-pretrain"
-
-
-def _compile_and_train(*, params, dataset_uri, max_steps, target, num_gpus, num_nodes, run_ids):
-    compiled = compile_model(params=params, dataset_uri=dataset_uri, max_steps=max_steps,
-                             target=target, **run_ids)
-    trained = train(params=params, dataset_uri=dataset_uri, max_steps=max_steps, target=target,
-                    num_gpus=num_gpus, num_nodes=num_nodes,
-                    compile_cache_uri=compiled.outputs["compile_cache_uri"], **run_ids)
-    return compiled, trained
+COMPONENTS = {"download": download, "preprocess": preprocess, "validate": validate, "compile": compile_model,
+              "train": train, "evaluate": evaluate, "promote": promote}
 
 
 def _pipeline(*values):
@@ -44,89 +40,83 @@ def _pipeline(*values):
     Its parameters are gpt2core.pipeline_parameters.PipelineParameters (see kfp_signature).
     """
     form = dict(zip(PipelineParameters.model_fields, values))
-    params, source, target, max_steps = form["params"], form["source"], form["target"], form["max_steps"]
-    num_gpus, num_nodes, experiment = form["num_gpus"], form["num_nodes"], form["experiment"]
-    tolerations = form["tolerations"]
+    experiment = form["experiment"]
     run_ids = dict(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, artifact_root=form["artifact_root"],
                    experiment=experiment)
-    heavy = dict(node_selector=form["node_selector"], tolerations=tolerations)
 
     closing = end_run(pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment)
-    k8s.bookkeeping(closing)
+    k8s.configure(closing, BOOKKEEPING, form)
     with dsl.ExitHandler(closing, name="gpt2-pretrain"):
-        opened = start_run(params=params, source=source, target=target, num_gpus=num_gpus,
-                           num_nodes=num_nodes, gpu_type=form["gpu_type"], max_steps=max_steps,
-                           run_name=form["run_name"], **run_ids)
-        k8s.bookkeeping(opened, retry=False)  # it fails on bad run-form values: fail at once
-
-        fetched = download(source=source, include=form["source_include"], sha256=form["source_sha256"],
-                           **run_ids).after(opened)
-        k8s.io_step(fetched, cpu="1", memory="2Gi")
-        tokenized = preprocess(corpus_uri=fetched.outputs["corpus_uri"], params=params, **run_ids)
-        k8s.io_step(tokenized, cpu="4", memory="8Gi")
-        dataset_uri = tokenized.outputs["dataset_uri"]
-
-        checked = validate(params=params, dataset_uri=dataset_uri, max_steps=max_steps,
-                           target=target, num_gpus=num_gpus, num_nodes=num_nodes,
-                           gpu_type=form["gpu_type"], **run_ids)
-        k8s.heavy_step(checked, cpu="2", memory="8Gi", timeout_s=30 * 60, **heavy)
-
-        branch = dict(params=params, dataset_uri=dataset_uri, max_steps=max_steps,
-                      num_gpus=num_gpus, num_nodes=num_nodes, run_ids=run_ids)
-        with dsl.If(target == "gpu", name="target-gpu"):
-            gpu_compiled, gpu_trained = _compile_and_train(target="gpu", **branch)
-            for task in (gpu_compiled, gpu_trained):
-                task.after(checked).set_container_image(image_for("cuda"))
-                # kfp-kubernetes allows one node selector per task, and any number of tolerations.
-                k8s.heavy_step(task, cpu="8", memory="64Gi", timeout_s=72 * 3600,
-                               node_selector=form["gpu_node_selector"], tolerations=tolerations)
-                k8s.tolerate(task, form["gpu_tolerations"])
-                k8s.gpus(task, num_gpus)
-            gpu_trained.set_env_variable(ENV_TRAINER_IMAGE, image_for("cuda"))  # TrainJob nodes
-        with dsl.Elif(target == "cerebras", name="target-cerebras"):
-            cs_compiled, cs_trained = _compile_and_train(target="cerebras", **branch)
-            for task in (cs_compiled, cs_trained):
-                # The appliance does the compute; the pod is a client that streams data to it.
-                task.after(checked).set_container_image(image_for("cerebras"))
-                k8s.heavy_step(task, cpu="16", memory="64Gi", timeout_s=72 * 3600, **heavy)
-        with dsl.Else(name="target-cpu"):
-            cpu_compiled, cpu_trained = _compile_and_train(target="cpu", **branch)
-            for task in (cpu_compiled, cpu_trained):
-                task.after(checked)
-                k8s.heavy_step(task, cpu="8", memory="16Gi", timeout_s=24 * 3600, **heavy)
-
-        model_uri = dsl.OneOf(gpu_trained.outputs["model_uri"], cs_trained.outputs["model_uri"],
-                              cpu_trained.outputs["model_uri"])
-        checkpoints_uri = dsl.OneOf(gpu_trained.outputs["checkpoints_uri"],
-                                    cs_trained.outputs["checkpoints_uri"],
-                                    cpu_trained.outputs["checkpoints_uri"])
-        compile_cache_uri = dsl.OneOf(gpu_compiled.outputs["compile_cache_uri"],
-                                      cs_compiled.outputs["compile_cache_uri"],
-                                      cpu_compiled.outputs["compile_cache_uri"])
-
-        evaluated = evaluate(params=params, dataset_uri=dataset_uri, model_uri=model_uri, **run_ids)
-        k8s.heavy_step(evaluated, cpu="4", memory="16Gi", timeout_s=6 * 3600, **heavy)
-
-        registered = promote(params=params, dataset_uri=dataset_uri, model_uri=model_uri,
-                             eval_metrics_json=evaluated.outputs["metrics_json"], **run_ids)
-        k8s.heavy_step(registered, cpu="4", memory="16Gi", timeout_s=6 * 3600, **heavy)
-        registered.set_caching_options(False)  # the champion may have changed since last time
-
+        opened = start_run(params=form["params"], source=form["source"], target=form["target"],
+                           num_gpus=form["num_gpus"], num_nodes=form["num_nodes"], gpu_type=form["gpu_type"],
+                           max_steps=form["max_steps"], run_name=form["run_name"], **run_ids)
+        k8s.configure(opened, START, form)
+        outputs = _stages(form, run_ids, opened)
         recorded = record_results(
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment,
-            corpus_uri=fetched.outputs["corpus_uri"], dataset_uri=dataset_uri,
-            validation_report_uri=checked.outputs["report_uri"],
-            compile_cache_uri=compile_cache_uri, model_uri=model_uri,
-            checkpoints_uri=checkpoints_uri,
-            eval_report_uri=evaluated.outputs["report_uri"],
-            eval_metrics_json=evaluated.outputs["metrics_json"],
-            model_version=registered.outputs["model_version"],
-            promoted=registered.outputs["promoted"],
+            corpus_uri=outputs["download", "corpus_uri"], dataset_uri=outputs["preprocess", "dataset_uri"],
+            validation_report_uri=outputs["validate", "report_uri"],
+            compile_cache_uri=outputs["compile", "compile_cache_uri"], model_uri=outputs["train", "model_uri"],
+            checkpoints_uri=outputs["train", "checkpoints_uri"],
+            eval_report_uri=outputs["evaluate", "report_uri"],
+            eval_metrics_json=outputs["evaluate", "metrics_json"],
+            model_version=outputs["promote", "model_version"],
+            promoted=outputs["promote", "promoted"],
         )
-        k8s.bookkeeping(recorded)
+        k8s.configure(recorded, BOOKKEEPING, form)
 
 
-gpt2_pipeline = dsl.pipeline(name=PIPELINE_NAME, description=_pipeline.__doc__.splitlines()[0])(
+def _stages(form: dict, run_ids: dict, opened) -> dict[tuple[str, str], object]:
+    """Every step as a task, in the definition's order; returns (stage, output) -> its value as
+    read outside the branches."""
+    tasks: dict[str, dsl.PipelineTask] = {}
+    outputs: dict[tuple[str, str], object] = {}
+
+    def value(v: object, target: str | None) -> object:
+        if isinstance(v, Form):
+            return form[v.name]
+        if isinstance(v, Output):
+            if v.stage in BRANCH_STAGES and target:  # the same branch's step
+                return tasks[step(v.stage, target).name].outputs[v.name]
+            return outputs[v.stage, v.name]
+        return v
+
+    def add(s: Step) -> None:
+        task = COMPONENTS[s.stage](**{name: value(v, s.target) for name, v in s.inputs.items()}, **run_ids)
+        for stage in s.after:
+            task.after(tasks[stage])
+        if not s.upstream():
+            task.after(opened)
+        k8s.configure(task, s.settings, form)
+        tasks[s.name] = task
+        outputs.update({(s.stage, name): task.outputs[name] for name in s.outputs if not s.target})
+
+    for s in (s for s in STEPS if not s.target and not _after_branches(s)):
+        add(s)
+    for i, target in enumerate(TARGETS):
+        name = f"target-{target}"
+        condition = (dsl.If(form["target"] == target, name=name) if i == 0 else
+                     dsl.Else(name=name) if i == len(TARGETS) - 1 else
+                     dsl.Elif(form["target"] == target, name=name))
+        with condition:
+            for s in STEPS:
+                if s.target == target:
+                    add(s)
+    for stage in BRANCH_STAGES:
+        for name in step(stage, TARGETS[0]).outputs:
+            outputs[stage, name] = dsl.OneOf(*(tasks[step(stage, t).name].outputs[name] for t in TARGETS))
+    for s in (s for s in STEPS if not s.target and _after_branches(s)):
+        add(s)
+    return outputs
+
+
+def _after_branches(s: Step) -> bool:
+    """Whether a step outside the branches comes after them in the definition's order."""
+    first_branch = next(i for i, candidate in enumerate(STEPS) if candidate.target)
+    return STEPS.index(s) > first_branch
+
+
+gpt2_pipeline = dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(
     kfp_signature(_pipeline, PipelineParameters))
 
 

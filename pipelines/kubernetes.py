@@ -1,4 +1,5 @@
-"""Kubernetes settings of the pipeline steps (kfp-kubernetes). kfp.local ignores all of them.
+"""A step's settings (``pipelines.definition.StepSettings``) as Kubernetes settings of its KFP task
+(kfp-kubernetes). kfp.local ignores all of them.
 
 Credentials come from two Secrets (templates in k8s/), never from pipeline parameters:
 - `gpt2ops-s3`: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL (S3 / MinIO / SeaweedFS);
@@ -8,64 +9,51 @@ Credentials come from two Secrets (templates in k8s/), never from pipeline param
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from kfp import kubernetes
 
-from gpt2core.launch.trainjob import GPU_RESOURCE
+from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE, GPU_RESOURCE
+from pipelines.definition import (MLFLOW_AUTH_KEYS, MLFLOW_SECRET, MLFLOW_SECRET_KEYS, S3_SECRET,
+                                  S3_SECRET_KEYS, StepSettings)
 
-S3_SECRET = "gpt2ops-s3"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
-MLFLOW_SECRET = "gpt2ops-mlflow"
-MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
-MLFLOW_AUTH_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-SHM_SIZE = "16Gi"  # DataLoader workers and NCCL exchange tensors through /dev/shm
+__all__ = ["MLFLOW_AUTH_KEYS", "MLFLOW_SECRET", "MLFLOW_SECRET_KEYS", "S3_SECRET", "S3_SECRET_KEYS", "configure"]
 
 
-def bookkeeping(task, *, retry: bool = True) -> None:
-    """Small uncached steps that talk to MLflow (open, record, close the parent run)."""
-    task.set_caching_options(False)
+def configure(task, settings: StepSettings, form: Mapping[str, object]) -> None:
+    """Give a KFP task its step's settings; ``form``: the pipeline's parameters (placement reads
+    its node selector, tolerations and GPU count from them)."""
+    from gpt2core.images import image_for
+
+    task.set_container_image(image_for(settings.image))
+    if not settings.cached:
+        task.set_caching_options(False)
     _credentials(task)
-    task.set_cpu_request("100m").set_memory_request("256Mi").set_memory_limit("1Gi")
-    if retry:
-        task.set_retry(num_retries=3, backoff_duration="10s", backoff_factor=2.0,
-                       backoff_max_duration="300s")
-
-
-def io_step(task, *, cpu: str, memory: str) -> None:
-    """Data steps: network and S3 bound, retried on transient failures."""
-    _credentials(task)
-    task.set_cpu_request(cpu).set_memory_request(memory).set_memory_limit(memory)
-    task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0,
-                   backoff_max_duration="1800s")
-    kubernetes.set_timeout(task, 6 * 3600)
-    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "gpt2ops")
-
-
-def heavy_step(task, *, cpu: str, memory: str, timeout_s: int, node_selector, tolerations) -> None:
-    """Model steps: placed on the chosen node pool, memory-backed /dev/shm, bounded run time."""
-    _credentials(task)
-    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-    # Few retries with a long backoff: a preempted node is worth retrying, a bad config is not (it
-    # fails the same way in seconds). A retry is the same pipeline run: the train step (torch targets,
-    # one node or a TrainJob) resumes from the newest checkpoint the lost attempt uploaded to
-    # <run>/train/progress/ (only the steps after it run again); the cerebras
-    # target and the other heavy steps start over.
-    task.set_retry(num_retries=2, backoff_duration="120s", backoff_factor=2.0,
-                   backoff_max_duration="3600s")
-    kubernetes.set_timeout(task, timeout_s)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=SHM_SIZE)
-    kubernetes.add_node_selector_json(task, node_selector)
-    tolerate(task, tolerations)
-    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "gpt2ops")
-
-
-def tolerate(task, tolerations) -> None:
-    """Add tolerations (a JSON list parameter) to those the task already has."""
-    kubernetes.add_toleration_json(task, tolerations)
-
-
-def gpus(task, count) -> None:
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(count)
+    setters = {("requests", "cpu"): task.set_cpu_request, ("limits", "cpu"): task.set_cpu_limit,
+               ("requests", "memory"): task.set_memory_request, ("limits", "memory"): task.set_memory_limit}
+    for (kind, resource), setter in setters.items():
+        value = getattr(settings.resources, kind).get(resource)
+        if value:
+            setter(value)
+    if settings.retry:
+        retry = settings.retry
+        task.set_retry(num_retries=retry.limit, backoff_duration=f"{retry.backoff_s}s",
+                       backoff_factor=retry.factor, backoff_max_duration=f"{retry.max_backoff_s}s")
+    if settings.timeout_s:
+        kubernetes.set_timeout(task, settings.timeout_s)
+    placement = settings.placement
+    if placement:
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=placement.shm_size)
+        kubernetes.add_node_selector_json(task, form[placement.node_selector])
+        for tolerations in placement.tolerations:  # kfp-kubernetes adds to those the task has
+            kubernetes.add_toleration_json(task, form[tolerations])
+    for key, value in settings.pod_labels.items():
+        kubernetes.add_pod_label(task, key, value)
+    if placement and placement.gpus:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(form[placement.gpus])
+    if settings.trainer_image:  # what the TrainJob nodes the step may launch run
+        task.set_env_variable(ENV_TRAINER_IMAGE, image_for(settings.trainer_image))
 
 
 def _credentials(task) -> None:

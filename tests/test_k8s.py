@@ -2,8 +2,9 @@
 and the objects agree with each other and with the pipeline (names of secrets, keys, ports, labels).
 
 Schemas come offline from PyPI packages: `kubernetes-validate` (the Kubernetes OpenAPI schemas, strict:
-unknown fields are errors) and `kubeflow-trainer-api` (the Trainer/JobSet API models; an object that
-does not survive a round trip through them unchanged has a misspelt or unknown field).
+unknown fields are errors), `kubeflow-trainer-api` (the Trainer/JobSet API models) and `hera` (Argo's
+API models, for the argo overlay's WorkflowTemplate and CronWorkflow); an object that does not
+survive a round trip through its models unchanged has a misspelt or unknown field.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def validate(obj: dict) -> None:
     if obj["apiVersion"].startswith("trainer.kubeflow.org/"):
         validate_trainer_object(obj)
         return
+    if obj["apiVersion"].startswith("argoproj.io/"):
+        from argo_schema import validate_argo_object
+
+        validate_argo_object(obj)
+        return
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -92,7 +98,7 @@ def validate(obj: dict) -> None:
 
 
 def test_there_are_overlays_to_check():
-    assert {o.name for o in OVERLAYS} >= {"dev", "external-s3"}
+    assert {o.name for o in OVERLAYS} >= {"dev", "external-s3", "argo"}
     assert {p.stem for p in SECRET_TEMPLATES} >= {"gpt2ops-s3", "gpt2ops-mlflow", "gpt2ops-mlflow-db"}
 
 
@@ -243,3 +249,46 @@ def test_gpt2ops_images_are_this_release(rendered, overlay):
     images = {c["image"] for _, pod, _ in pod_specs(rendered[overlay]) for c in containers(pod)}
     ours = {image for image in images if image.split("/")[-1].startswith("gpt2ops-")}
     assert ours and all(image.endswith(f":{package_version()}") for image in ours), ours
+
+
+def test_argo_overlay_has_what_the_workflow_template_references(rendered):
+    """The argo overlay: the WorkflowTemplate's service account may do what Argo's executor does
+    (report outputs, archive logs with the S3 keys), its artifact repository, memoization cache and
+    secret keys exist, the CronWorkflow runs it, and the controller may update the cache."""
+    from pipelines import argo_workflow
+
+    objects = rendered["argo"]
+    by_kind: dict[str, dict[str, dict]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
+    template = by_kind["WorkflowTemplate"][argo_workflow.TEMPLATE_NAME]
+    spec = template["spec"]
+    assert by_kind["CronWorkflow"][argo_workflow.CRON_NAME]["spec"]["workflowSpec"]["workflowTemplateRef"] == {
+        "name": argo_workflow.TEMPLATE_NAME}
+    account = spec["serviceAccountName"]
+    assert account in by_kind["ServiceAccount"]
+    role = by_kind["Role"][next(b["roleRef"]["name"] for b in by_kind["RoleBinding"].values()
+                                if {"kind": "ServiceAccount", "name": account, "namespace": "gpt2ops"}
+                                in b["subjects"])]
+
+    def allowed(group: str, resource: str, name: str | None = None) -> set[str]:
+        return {verb for rule in role["rules"] if group in rule["apiGroups"] and resource in rule["resources"]
+                and (name is None or name in rule.get("resourceNames", [name])) for verb in rule["verbs"]}
+
+    assert {"create", "patch"} <= allowed("argoproj.io", "workflowtaskresults")
+    repository = by_kind["ConfigMap"][spec["artifactRepositoryRef"]["configMap"]]
+    s3 = yaml.safe_load(repository["data"][spec["artifactRepositoryRef"]["key"]])["s3"]
+    assert "get" in allowed("", "secrets", s3["accessKeySecret"]["name"])
+    keys = secret_templates()[s3["accessKeySecret"]["name"]]["stringData"]
+    assert s3["accessKeySecret"]["key"] in keys and s3["secretKeySecret"]["key"] in keys
+    cache = by_kind["ConfigMap"][argo_workflow.MEMO_CACHE]
+    assert cache["metadata"]["labels"]["workflows.argoproj.io/configmap-type"] == "Cache"
+    cache_role = next(r for r in by_kind["Role"].values()
+                      if any(argo_workflow.MEMO_CACHE in rule.get("resourceNames", []) for rule in r["rules"]))
+    assert {"get", "update"} <= {v for rule in cache_role["rules"] for v in rule["verbs"]}
+    templates = secret_templates()
+    for t in spec["templates"]:
+        for env in t.get("container", {}).get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["key"] in templates[ref["name"]]["stringData"] or ref.get("optional"), (t["name"], ref)

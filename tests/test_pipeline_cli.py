@@ -7,8 +7,7 @@ answering the few v2beta1 REST endpoints the real `kfp.Client` calls, recording 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -76,14 +75,10 @@ class FakeKfpApi(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def kfp_api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKfpApi)
+def kfp_api(http_server):
+    server = http_server(FakeKfpApi)
     server.requests = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    return server
 
 
 @pytest.fixture

@@ -149,3 +149,20 @@ def test_gpu_branch_lands_on_the_gpu_pool_by_default(compiled):
     for name in ("exec-train-2", "exec-train-3", "exec-validate", "exec-evaluate"):
         assert k8s[name]["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith(
             "--node_selector"), name
+
+
+def test_each_step_of_the_definition_is_its_components_call():
+    """One definition: a step's inputs are its KFP component's parameters (besides the run ids), and
+    its outputs are among the component's."""
+    import inspect
+
+    from pipelines.definition import STEPS
+    from pipelines.gpt2_pipeline import COMPONENTS
+
+    run_ids = {"pipeline_run_id", "artifact_root", "experiment"}
+    for step in STEPS:
+        component = COMPONENTS[step.stage]
+        parameters = set(inspect.signature(component.python_func).parameters)
+        outputs = set(component.component_spec.outputs or {})
+        assert set(step.inputs) | run_ids == {p for p in parameters if p not in outputs}, step.name
+        assert set(step.outputs) <= outputs, step.name

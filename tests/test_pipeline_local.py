@@ -7,7 +7,6 @@ Small on purpose: three plays as the corpus, gpt2_tiny, a few training steps (ab
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -21,17 +20,6 @@ from gpt2core.platform.artifacts.uris import split_s3_uri
 pytestmark = pytest.mark.slow
 
 STAGES = ("download", "preprocess", "validate", "compile", "train", "evaluate", "promote")
-PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt")
-
-
-@pytest.fixture(scope="module")
-def plays(english_text_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("plays")
-    for name in PLAYS:
-        shutil.copy(english_text_dir / name, folder / name)
-    return folder
-
-
 def run_pipeline(work_dir, plays, s3_root, run_name, max_steps=6, experiment="pipeline-e2e"):
     started = time.monotonic()
     code = main(["run", "--work_dir", str(work_dir), "--params", "gpt2_tiny", "--source", str(plays),

@@ -1,6 +1,7 @@
 """The pipeline run's own bookkeeping: check the run form and open the MLflow parent run, record
 the results on it, and close it FINISHED or FAILED from the exit handler. Never cached: each
-pipeline run gets its own parent run even when every stage is served from the cache."""
+pipeline run gets its own parent run even when every stage is served from the cache. The work is
+gpt2core.pipeline_run's, which an Argo workflow runs as `gpt2ops pipeline-run start|record|end`."""
 
 from kfp import dsl
 from kfp.dsl import Markdown, Output
@@ -28,17 +29,14 @@ def start_run(
     Returns:
         The MLflow parent run id.
     """
-    from gpt2core.pipeline_parameters import PipelineParameters
-    from gpt2core.platform import tracking
+    from gpt2core import pipeline_run
     from gpt2core.platform.context import RunContext
 
     form = dict(params=params, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
                 gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root, experiment=experiment,
                 run_name=run_name)
     ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root, experiment=experiment)
-    parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=run_name)  # tagged with the run id
-    PipelineParameters(**form).check()
-    return parent_run_id
+    return pipeline_run.start(ctx, form)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -62,16 +60,16 @@ def record_results(
     import json
 
     from components.kfp_io import markdown_table, write_text
-    from gpt2core.platform import tracking
+    from gpt2core import pipeline_run
 
-    parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
     artifacts = {"download/corpus": corpus_uri, "preprocess/dataset": dataset_uri,
                  "validate/report": validation_report_uri, "compile/compile_cache": compile_cache_uri,
                  "train/model": model_uri, "train/checkpoints": checkpoints_uri,
                  "evaluate/report": eval_report_uri}
     eval_metrics = json.loads(eval_metrics_json)
-    tracking.record_pipeline_results(parent_run_id, artifacts=artifacts, metrics=eval_metrics,
-                                     model_version=model_version, promoted=promoted)
+    parent_run_id = pipeline_run.record(pipeline_run_id, experiment, artifacts=artifacts,
+                                        eval_metrics=eval_metrics, model_version=model_version,
+                                        promoted=promoted)
     write_text(summary, "# gpt2ops pipeline run\n\n"
                f"MLflow parent run `{parent_run_id}` (experiment `{experiment}`)\n\n"
                f"Model version {model_version}: "
@@ -83,14 +81,8 @@ def record_results(
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> None:
     """Exit handler: mark the MLflow parent run FINISHED, or FAILED with the failing task."""
-    from gpt2core.errors import TrackingError
-    from gpt2core.platform import tracking
+    from gpt2core import pipeline_run
 
-    try:
-        parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
-    except TrackingError as exc:  # start_run itself failed before opening the parent run
-        print(f"no parent run to close: {exc}")
-        return
     succeeded = status.state == "SUCCEEDED"
-    tracking.end_pipeline_run(parent_run_id, "FINISHED" if succeeded else "FAILED",
-                              error=None if succeeded else (status.error_message or status.state))
+    pipeline_run.end(pipeline_run_id, experiment, succeeded=succeeded,
+                     error=None if succeeded else (status.error_message or status.state))

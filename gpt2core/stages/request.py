@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Annotated, Any, Self
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt
 
 from gpt2core import flags
 from gpt2core.config import Params, load_params
@@ -70,12 +70,15 @@ class TrainingRequest(ModelRequest):
 
     target: Target = Field("cpu", description="where training runs: cpu, gpu (CUDA; several GPUs under "
                                               "torchrun) or cerebras (the Cerebras SDK)")
-    max_steps: PositiveInt | None = Field(None, description="override runconfig.max_steps")
+    # 0 means what it means in the run form (gpt2core.pipeline_parameters): an orchestrator passes the
+    # form's value through as this flag, and cannot leave a flag out.
+    max_steps: NonNegativeInt | None = Field(None, description="override runconfig.max_steps (0: keep the "
+                                                               "config's)")
 
     def config_overrides(self) -> dict[str, Any]:
-        """ModelRequest's overrides, then max_steps."""
+        """ModelRequest's overrides, then max_steps (unless 0)."""
         overrides = super().config_overrides()
-        if self.max_steps is not None:
+        if self.max_steps:
             overrides["runconfig.max_steps"] = self.max_steps
         return overrides
 
