@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gpt2core.images import (
-    TARGETS,
+    IMAGE_KINDS,
     ImageError,
     docker_client,
     images_file,
@@ -403,7 +403,7 @@ def build_target(client, target: str, args: argparse.Namespace, base_image: str 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m containers.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", default=["cpu"], metavar="TARGET",
-                        help=f"images to build: {', '.join(TARGETS)} (default: cpu)")
+                        help=f"images to build: {', '.join(IMAGE_KINDS)} (default: cpu)")
     parser.add_argument("--base-image", default="auto",
                         help=f"auto (default: {REGISTRY_BASE_IMAGE} if present or pullable, else "
                              "local), local (debootstrap), or an image reference")
@@ -421,9 +421,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--registry", help="registry prefix for the tags, e.g. ghcr.io/acme")
     parser.add_argument("--push", action="store_true", help="push the images (needs --registry)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.targets) - set(TARGETS))
+    unknown = sorted(set(args.targets) - set(IMAGE_KINDS))
     if unknown:
-        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        parser.error(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(IMAGE_KINDS)}")
     if args.push and not args.registry:
         parser.error("--push needs --registry (where to push)")
     return args

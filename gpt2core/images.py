@@ -23,7 +23,7 @@ from typing import Any
 from gpt2core.errors import Gpt2opsError
 from gpt2core.platform.settings import settings
 
-TARGETS = ("cpu", "cuda", "cerebras")
+IMAGE_KINDS = ("cpu", "cuda", "cerebras")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES_FILE = REPO_ROOT / "containers" / "images.json"
 BUILD_COMMAND = "python -m containers.build {target}"
@@ -65,8 +65,8 @@ def read_records(path: Path | None = None) -> dict[str, dict[str, Any]]:
 
 def image_for(target: str = "cpu") -> str:
     """The image reference that runs ``target`` (not checked against any daemon or registry)."""
-    if target not in TARGETS:
-        raise ImageError(f"unknown image target {target!r}; expected one of {', '.join(TARGETS)}")
+    if target not in IMAGE_KINDS:
+        raise ImageError(f"unknown image target {target!r}; expected one of {', '.join(IMAGE_KINDS)}")
     from_env = settings().image(target)
     if from_env:
         return from_env

@@ -55,7 +55,7 @@ from gpt2core.launch.trainjob import ENV_TRAINER_IMAGE, GPU_RESOURCE
 from gpt2core.pipeline_parameters import PipelineParameters
 from pipelines.definition import (BOOKKEEPING, BRANCH_STAGES, DESCRIPTION, MLFLOW_AUTH_KEYS, MLFLOW_SECRET,
                                   MLFLOW_SECRET_KEYS, PIPELINE_NAME, S3_SECRET, S3_SECRET_KEYS, START, STEPS,
-                                  STAGES, TARGETS, Arg, Form, Input, JsonField, Output, Product, Scratch, StepSettings,
+                                  STAGES, TARGET_BRANCHES, Arg, Form, Input, JsonField, Output, Product, Scratch, StepSettings,
                                   Step, Value, step)
 
 TEMPLATE_NAME = PIPELINE_NAME
@@ -252,7 +252,7 @@ def _argument(value: Value, target: str | None) -> str:
         return _workflow_parameter(value.name)
     if isinstance(value, Output):
         # every branch's step of a stage has the same outputs
-        producer = step(value.stage, (target or TARGETS[0]) if value.stage in BRANCH_STAGES else None)
+        producer = step(value.stage, (target or TARGET_BRANCHES[0]) if value.stage in BRANCH_STAGES else None)
         path = producer.outputs[value.name]
         return f"{{{{=jsonpath({_task_ref(value.stage, target)}.outputs.parameters.result, \"{path}\")}}}}"
     return value
@@ -262,7 +262,7 @@ def _depends(s: Step) -> str:
     names = [START_TASK]
     for stage in s.upstream():
         if stage in BRANCH_STAGES:
-            names += [step(stage, s.target).name] if s.target else [step(stage, t).name for t in TARGETS]
+            names += [step(stage, s.target).name] if s.target else [step(stage, t).name for t in TARGET_BRANCHES]
         else:
             names.append(stage)
     return " && ".join(dict.fromkeys(names))

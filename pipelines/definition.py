@@ -11,7 +11,7 @@ What is defined here, and nowhere else:
   outputs of earlier steps, constants), the stage's command line made from them (what an Argo task
   runs; the KFP components build the same request in Python from the same inputs), its outputs
   (where in the stage's ``StageResult`` each one is) and the steps it waits for beyond its inputs;
-- the branches: ``compile`` and ``train`` run once per training target (``TARGETS``), and only the
+- the branches: ``compile`` and ``train`` run once per training target (``TARGET_BRANCHES``), and only the
   run form's ``target`` branch runs; a step outside the branches that takes a branch output gets
   the chosen branch's;
 - per step: image, resources, node placement (node selector, tolerations, GPUs, memory-backed
@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpt2core.pipeline_parameters import PipelineParameters
+from gpt2core.targets import TARGETS
 
 PIPELINE_NAME = "gpt2ops-pretrain"
 DESCRIPTION = "Pre-train a GPT-2 model: download, preprocess, validate, compile, train, evaluate, promote."
 # The branches, in the order the KFP pipeline tests them (if gpu / elif cerebras / else cpu).
-TARGETS = ("gpu", "cerebras", "cpu")
+TARGET_BRANCHES = tuple(sorted(TARGETS, key=("gpu", "cerebras", "cpu").index))
 BRANCH_STAGES = ("compile", "train")
 
 # Credentials come from two Secrets (templates in k8s/secrets/), never from pipeline parameters.
@@ -285,7 +286,7 @@ STEPS: tuple[Step, ...] = (
                       ("--target", "target"), ("--num_gpus", Product("num_nodes", "num_gpus")),
                       ("--gpu_type", "gpu_type")),
          outputs={"report_uri": "$.outputs.report"}),
-    *(step for target in TARGETS for step in _branch(target)),
+    *(step for target in TARGET_BRANCHES for step in _branch(target)),
     Step("evaluate", settings=_heavy("4", "16Gi", 6 * 3600),
          inputs={**MODEL_INPUTS, "model_uri": Output("train", "model_uri")},
          command=args(("--params", "params"), ("--dataset", "dataset_uri"), ("--model_dir", "model_uri")),

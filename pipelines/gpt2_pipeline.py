@@ -27,7 +27,7 @@ from components.validate.component import validate
 from gpt2core.pipeline_parameters import PipelineParameters
 from pipelines import kubernetes as k8s
 from pipelines.definition import (BOOKKEEPING, BRANCH_STAGES, DESCRIPTION, PIPELINE_NAME, START, STEPS,
-                                  TARGETS, Form, Output, Step, step)
+                                  TARGET_BRANCHES, Form, Output, Step, step)
 from pipelines.signature import kfp_signature
 
 COMPONENTS = {"download": download, "preprocess": preprocess, "validate": validate, "compile": compile_model,
@@ -93,18 +93,18 @@ def _stages(form: dict, run_ids: dict, opened) -> dict[tuple[str, str], object]:
 
     for s in (s for s in STEPS if not s.target and not _after_branches(s)):
         add(s)
-    for i, target in enumerate(TARGETS):
+    for i, target in enumerate(TARGET_BRANCHES):
         name = f"target-{target}"
         condition = (dsl.If(form["target"] == target, name=name) if i == 0 else
-                     dsl.Else(name=name) if i == len(TARGETS) - 1 else
+                     dsl.Else(name=name) if i == len(TARGET_BRANCHES) - 1 else
                      dsl.Elif(form["target"] == target, name=name))
         with condition:
             for s in STEPS:
                 if s.target == target:
                     add(s)
     for stage in BRANCH_STAGES:
-        for name in step(stage, TARGETS[0]).outputs:
-            outputs[stage, name] = dsl.OneOf(*(tasks[step(stage, t).name].outputs[name] for t in TARGETS))
+        for name in step(stage, TARGET_BRANCHES[0]).outputs:
+            outputs[stage, name] = dsl.OneOf(*(tasks[step(stage, t).name].outputs[name] for t in TARGET_BRANCHES))
     for s in (s for s in STEPS if not s.target and _after_branches(s)):
         add(s)
     return outputs

@@ -25,7 +25,7 @@ from hera.workflows import models as m
 from gpt2core.pipeline_parameters import PipelineParameters
 from pipelines import argo_workflow
 from pipelines.argo_cli import MANIFEST_DIR
-from pipelines.definition import (MLFLOW_SECRET, S3_SECRET, STEPS, TARGET_SETTINGS, TARGETS, Form, Output,
+from pipelines.definition import (MLFLOW_SECRET, S3_SECRET, STEPS, TARGET_SETTINGS, TARGET_BRANCHES, Form, Output,
                                   step)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_every_step_of_the_definition_is_a_task_running_its_stage(template):
                 assert f"tasks['{value.stage}" in argument and "outputs.parameters.result" in argument
             else:
                 assert argument == value
-    for target in TARGETS:
+    for target in TARGET_BRANCHES:
         for stage in ("compile", "train"):
             name = step(stage, target).name
             assert tasks[name]["when"] == f"'{{{{workflow.parameters.target}}}}' == '{target}'"
@@ -129,7 +129,7 @@ def test_every_step_of_the_definition_is_a_task_running_its_stage(template):
     # After the branches a task reads the chosen branch's result.
     evaluate_args = {a["name"]: a["value"] for a in tasks["evaluate"]["arguments"]["parameters"]}
     assert "tasks['train-' + workflow.parameters.target]" in evaluate_args["model_uri"]
-    assert set(tasks["evaluate"]["depends"].split(" && ")) >= {f"train-{t}" for t in TARGETS}
+    assert set(tasks["evaluate"]["depends"].split(" && ")) >= {f"train-{t}" for t in TARGET_BRANCHES}
 
 
 def test_credentials_come_only_from_the_two_secrets(template):

@@ -20,13 +20,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt2core.errors import TrainingError
+from gpt2core.targets import TORCH_TARGETS
 
 try:  # torch >= 2.6
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 except ImportError:  # torch 2.4 / 2.5 (the Cerebras SDK pins 2.4)
     from torch.distributed._composable.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-TARGETS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class DistInfo:
 
 def init_distributed(target: str) -> DistInfo:
     """This process's rank and device; joins the process group when started by torchrun."""
-    if target not in TARGETS:
-        raise TrainingError(f"target {target!r}: expected one of {TARGETS} (cerebras runs in its own image)")
+    if target not in TORCH_TARGETS:
+        raise TrainingError(f"target {target!r}: expected one of {TORCH_TARGETS} (cerebras runs in its own image)")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
