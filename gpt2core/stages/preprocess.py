@@ -19,7 +19,7 @@ from pydantic import Field
 
 from gpt2core.config import load_params
 from gpt2core.data.download import cache_root
-from gpt2core.data.preprocess import PreprocessParams, preprocess_corpus
+from gpt2core.data.preprocess import NORMALIZATION_COUNTS, PreprocessParams, preprocess_corpus
 from gpt2core.data.verify import verify_dataset
 from gpt2core.errors import ConfigError
 from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, local_output
@@ -82,6 +82,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             "preprocess/val_sequences": float(val["num_sequences"]),
             "preprocess/documents": float(corpus_stats["documents"]),
             "preprocess/replaced_chars": float(corpus_stats["replaced_chars"]),
+            **{f"preprocess/{key}": float(corpus_stats[key]) for key in NORMALIZATION_COUNTS},
             "preprocess/seconds": seconds,
             "preprocess/tokens_per_s": corpus_stats["tokens"] / max(seconds, 1e-9),
         }
