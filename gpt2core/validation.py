@@ -199,6 +199,9 @@ def check_dataset(key: str, data_dir: str, local_dir, params: Params, report: Va
         report.problems.append(f"{key} ({data_dir}): {exc}")
         return None
     report.datasets[key] = {"uri": data_dir, **{k: v for k, v in stats.items() if not isinstance(v, dict)}}
+    if stats.get("inverted_mask") or any(s.get("inverted_mask") for s in stats.get("splits", {}).values()):
+        report.notes.append(f"{key} ({data_dir}): written with inverted_mask: true (data_params.json); the "
+                            f"loader reads the mask flipped back (1 = real token)")
     if not stats.get("num_sequences"):
         report.problems.append(f"{key} ({data_dir}): the split holds no sequences")
     return stats

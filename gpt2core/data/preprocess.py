@@ -35,7 +35,7 @@ import numpy as np
 import tiktoken
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gpt2core.data import FEATURES, normalize
+from gpt2core.data import DATA_PARAMS, FEATURES, normalize
 from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.flags import Cli
@@ -55,7 +55,6 @@ NORMALIZATION_COUNTS = ("newline_fixed_documents", "bom_removed_documents", "ftf
 DOCUMENT_SIZES = ("lengths", "raw_chars", "raw_bytes", "normalized_chars", "normalized_bytes")
 MIN_SEQUENCE_LEN = {"carry_over": 6, "disjoint": 10, "overlap": 2}
 OVERLAP_BUFFER_TOKENS = 1_000_000  # 1.6-1.7 training_data_generator(buffer_size=1e6)
-DATA_PARAMS = "data_params.json"
 CORPUS_INFO = "corpus.json"  # written by the download stage: names the text key of the corpus
 CACHE_FOLDER = ".tokens"
 _IGNORED_INPUTS = {"MANIFEST.json", CORPUS_INFO}
