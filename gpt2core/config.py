@@ -87,9 +87,10 @@ class NoEffect:
     unless: Callable[[Any, str], bool] | None = None
 
 
-def _legacy() -> Any:
-    """The default of a key only older releases read: None when not given, and then left out of
-    ``to_dict`` (and so of ``config_hash``)."""
+def _unless_given() -> Any:
+    """The default of a key added after config_hash was pinned (a key only older releases read, or a
+    new torch option): None when not given, and then left out of ``to_dict`` (and so of
+    ``config_hash``)."""
     return Field(None, exclude_if=lambda value: value is None)
 
 
@@ -155,7 +156,10 @@ class ModelParams(_Section):
     num_hidden_layers: PositiveInt
     num_heads: PositiveInt
     filter_size: PositiveInt
-    vocab_size: PositiveInt = 50257
+    vocab_size: PositiveInt = 50257  # the tokenizer's ids
+    # torch: rows of the embedding and output head, past vocab_size for faster matmuls (50304 = 64 x 786,
+    # as nanoGPT and llm.c train); the logits of the extra ids are masked out of the loss and sampling.
+    padded_vocab_size: PositiveInt | None = _unless_given()
     max_position_embeddings: PositiveInt = 1024
     position_embedding_type: str = "learned"
     use_position_embedding: bool = True
@@ -188,11 +192,16 @@ class ModelParams(_Section):
     boundary_casting: Annotated[bool, NoEffect(ALL_TARGETS, "a TensorFlow GPT-2 option (1.6-1.8)")] = False
     tf_summary: Annotated[bool, NoEffect(ALL_TARGETS, "a TensorFlow GPT-2 option (1.6-1.8)")] = False
     allow_multireplica: Annotated[bool | None, NoEffect(
-        ALL_TARGETS, "pipeline-mode replicas of the 1.x appliance (gone in 2.0)")] = _legacy()
+        ALL_TARGETS, "pipeline-mode replicas of the 1.x appliance (gone in 2.0)")] = _unless_given()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding and output head: padded_vocab_size, else vocab_size."""
+        return self.padded_vocab_size or self.vocab_size
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +219,9 @@ class ModelParams(_Section):
         if self.hidden_size % self.num_heads:
             raise _problem(f"model.hidden_size {self.hidden_size} must be divisible by num_heads "
                            f"{self.num_heads}", "num_heads")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise _problem(f"expected at least model.vocab_size ({self.vocab_size}), got {self.padded_vocab_size}",
+                           "padded_vocab_size")
         if self.position_embedding_type != "learned" or not self.use_position_embedding:
             raise _problem(f"GPT-2 uses learned position embeddings, got {self.position_embedding_type!r}",
                            "position_embedding_type")
@@ -238,7 +250,7 @@ class SchedulerParams(_Section):
     # read it (a floor of alpha * initial); every PyTorch release ignored it (2.2+ refuses it), so the
     # entry decays to end_learning_rate.
     alpha: Annotated[NonNegative | None, NoEffect(
-        ALL_TARGETS, "the PyTorch reference ignores it: the entry ends at end_learning_rate")] = _legacy()
+        ALL_TARGETS, "the PyTorch reference ignores it: the entry ends at end_learning_rate")] = _unless_given()
 
     @property
     def start_lr(self) -> float:
@@ -302,7 +314,7 @@ class OptimizerParams(_Section):
     max_loss_scale: Annotated[Positive | None, NoEffect(TORCH, "a bound of the appliance's dynamic loss "
                                                                "scaling")] = None
     disable_lr_steps_reset: Annotated[bool | None, NoEffect(
-        ALL_TARGETS, "read by the 1.x appliance's scheduler only")] = _legacy()
+        ALL_TARGETS, "read by the 1.x appliance's scheduler only")] = _unless_given()
 
     @model_validator(mode="before")
     @classmethod

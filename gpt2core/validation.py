@@ -138,7 +138,7 @@ def estimate_memory(params: Params, num_params: int, *, target: str, num_devices
         activations = layers * 2 * seq * micro * hidden * scale + per_layer
     else:
         activations = layers * per_layer
-    activations += 2 * micro * seq * m.vocab_size * 4
+    activations += 2 * micro * seq * m.embedding_rows * 4
     overhead = RUNTIME_OVERHEAD_GB["gpu" if target == "gpu" else "cpu"] * GB
     total = weights + grads + optimizer + ddp_buckets + activations + overhead
     return MemoryEstimate(weights_gb=weights / GB, grads_gb=grads / GB, optimizer_gb=optimizer / GB,
