@@ -456,3 +456,27 @@ def test_documents_too_short_for_any_row_are_counted_as_discarded(tmp_path: Path
     preprocess_corpus(corpus, tmp_path / "out", _params(pack_sequences=False, min_sequence_len=10))
     post = json.loads((tmp_path / "out" / "train" / "data_params.json").read_text())["post-process"]
     assert (post["processed_files"], post["discarded_files"], post["successful_files"]) == (3, 2, 1)
+
+
+def test_the_stage_works_beside_mlflow_start_up_and_never_leaves_it_running(small_corpus: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    """The work starts before the MLflow run opens; a tracking failure is raised only once it has ended."""
+    import socket
+    import threading
+
+    from gpt2core.errors import TrackingError
+    from gpt2core.platform.context import RunContext
+    from gpt2core.platform.settings import reload_settings
+    from gpt2core.stages import preprocess as preprocess_stage, run_stage
+
+    with socket.socket() as s:  # a port with nothing listening: MLflow is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    reload_settings()
+    request = preprocess_stage.Request(input_dir=str(small_corpus), output_dir=str(tmp_path / "out"),
+                                       preprocessing=_params(max_seq_length=32))
+    with pytest.raises(TrackingError, match="unreachable"):
+        run_stage("preprocess", RunContext(pipeline_run_id="bg", artifact_root=str(tmp_path / "a")), request)
+    assert not [t for t in threading.enumerate() if t.name == "preprocess-work"]
+    assert (tmp_path / "out" / "train" / "data_params.json").is_file()  # the work ran to its end

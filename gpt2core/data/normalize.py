@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+import ftfy
+
 # What may change a line under ftfy: any character but printable ASCII, tab, LF and FF, or an HTML
 # entity (ftfy.chardata.HTML_ENTITY_RE).
 _UNSAFE = re.compile(r"[^\t\n\x0c\x20-\x7e]|&#?[0-9A-Za-z]{1,24};")
@@ -42,8 +44,6 @@ def fix_text(text: str, normalization: str = "NFC") -> str:
     match = _UNSAFE.search(text)
     if match is None:
         return text
-    import ftfy  # only for text that needs it
-
     out: list[str] = []
     done = 0  # text[:done] is in out
     html = "auto"  # ftfy's unescape_html: off for good after the first line holding "<"

@@ -36,7 +36,7 @@ import tiktoken
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gpt2core.data import DATA_PARAMS, FEATURES, normalize
-from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
+from gpt2core.data.readers import ReadStats, corpus_format, import_readers, iter_documents
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.flags import Cli
 from gpt2core.tokenizer import PAD_ID, get_tokenizer
@@ -491,6 +491,7 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
     cache.mkdir(parents=True, exist_ok=True)
     processes = params.processes or os.cpu_count() or 1
     dtype = _token_dtype(enc.n_vocab)
+    import_readers([f.path for f in files])
 
     with _worker_pool(processes) as pool:
         metas, done_bytes, last_log = [], 0, time.monotonic()
