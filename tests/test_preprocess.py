@@ -480,3 +480,14 @@ def test_the_stage_works_beside_mlflow_start_up_and_never_leaves_it_running(smal
         run_stage("preprocess", RunContext(pipeline_run_id="bg", artifact_root=str(tmp_path / "a")), request)
     assert not [t for t in threading.enumerate() if t.name == "preprocess-work"]
     assert (tmp_path / "out" / "train" / "data_params.json").is_file()  # the work ran to its end
+
+
+def test_detokenized_sizes_are_those_of_each_row_decoded():
+    from gpt2core.data.preprocess import _detokenized_sizes
+
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary("caf\u00e9 \u201cquoted\u201d \U0001F600 plain ascii words here and more " * 3)
+    rows = np.array([ids[i:i + 7] for i in range(0, 7 * (len(ids) // 7), 7)])  # rows cut inside characters too
+    decoded = [enc.decode_bytes(list(r)).decode("utf-8", errors="replace") for r in rows]
+    assert any("\ufffd" in t for t in decoded) and any(t.isascii() for t in decoded)
+    assert _detokenized_sizes(rows, enc) == (sum(len(t.encode()) for t in decoded), sum(len(t) for t in decoded))

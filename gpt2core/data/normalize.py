@@ -25,6 +25,8 @@ import ftfy
 # What may change a line under ftfy: any character but printable ASCII, tab, LF and FF, or an HTML
 # entity (ftfy.chardata.HTML_ENTITY_RE).
 _UNSAFE = re.compile(r"[^\t\n\x0c\x20-\x7e]|&#?[0-9A-Za-z]{1,24};")
+_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+_SAFE_ASCII = bytes([9, 10, 12, *range(0x20, 0x7f)])
 NORMALIZATIONS = ("NFC", "NFKC", "NFD", "NFKD")
 
 
@@ -41,6 +43,8 @@ def strip_bom(text: str) -> str:
 def fix_text(text: str, normalization: str = "NFC") -> str:
     """``ftfy.fix_text(text, normalization=normalization)``, the same string, computed on the runs
     of lines that can change only (see the module docstring)."""
+    if text.isascii() and not text.encode("ascii").translate(None, _SAFE_ASCII) and not _ENTITY.search(text):
+        return text  # the common case, at C speed: printable ASCII and no entity
     match = _UNSAFE.search(text)
     if match is None:
         return text

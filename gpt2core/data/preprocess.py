@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -395,16 +395,36 @@ def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.nda
                 rows = _sequences(stream, starts[lo:hi], lengths[lo:hi], msl)
                 data[lo:hi] = rows
                 counts["non_pad_tokens"] += int((rows[:, 0] != PAD_ID).sum())
-                for ids in rows[:, 0].tolist():
-                    raw = enc.decode_bytes(ids)
-                    text = raw.decode("utf-8", errors="replace")
-                    counts["detokenized_chars"] += len(text)
-                    counts["detokenized_bytes"] += len(text.encode()) if "\ufffd" in text else len(raw)
+                detokenized_bytes, detokenized_chars = _detokenized_sizes(rows[:, 0], enc)
+                counts["detokenized_bytes"] += detokenized_bytes
+                counts["detokenized_chars"] += detokenized_chars
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, out_path)
     return counts
+
+
+@lru_cache(maxsize=4)
+def _token_sizes(enc: tiktoken.Encoding) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: the length of its bytes, and whether they are all ASCII."""
+    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    return (np.array([len(b) for b in pieces], dtype=np.int64), np.array([b.isascii() for b in pieces]))
+
+
+def _detokenized_sizes(ids: np.ndarray, enc: tiktoken.Encoding) -> tuple[int, int]:
+    """(bytes, characters) of each row of ``ids`` decoded on its own (UTF-8, undecodable bytes as
+    U+FFFD), summed: the reference's detokenized_bytes / detokenized_chars. Rows of ASCII tokens are
+    counted from the token lengths; the others are decoded."""
+    length, ascii_token = _token_sizes(enc)
+    ascii_rows = ascii_token[ids].all(axis=1)
+    total = int(length[ids[ascii_rows]].sum())
+    sizes = [total, total]
+    for row in ids[~ascii_rows].tolist():
+        text = enc.decode_bytes(row).decode("utf-8", errors="replace")
+        sizes[0] += len(text.encode("utf-8"))
+        sizes[1] += len(text)
+    return sizes[0], sizes[1]
 
 
 class _InProcess(Executor):
