@@ -20,7 +20,8 @@ from gpt2core import flags
 from gpt2core.config import Params, load_params, no_effect_keys
 from gpt2core.errors import ConfigError
 from gpt2core.flags import Cli
-from gpt2core.platform.context import ENV_ARTIFACT_ROOT, ENV_EXPERIMENT, ENV_PARENT_RUN, ENV_RUN_ID, RunContext
+from gpt2core.platform.context import (ENV_ARTIFACT_ROOT, ENV_EXPERIMENT, ENV_PARENT_RUN, ENV_RUN_ID, RunContext,
+                                       process_rank)
 from gpt2core.targets import Target
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,10 @@ class TrainingRequest(ModelRequest):
         return overrides
 
     def load_params(self) -> Params:
-        """ModelRequest's config; the keys it sets that change nothing on ``target`` are logged, once."""
+        """ModelRequest's config; the keys it sets that change nothing on ``target`` are logged, once
+        (by rank 0 of a torchrun job)."""
         params = super().load_params()
-        for note in no_effect_keys(params, self.target):
+        for note in no_effect_keys(params, self.target) if process_rank() == 0 else ():
             log.info("%s: %s", self.params, note)
         return params
 
