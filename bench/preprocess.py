@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -123,11 +124,12 @@ def bench_command(corpus: Path, scratch: Path, args: argparse.Namespace) -> dict
         argv = [sys.executable, "-m", "gpt2core.cli", "preprocess", "--input_dir", str(input_dir), "--output_dir",
                 str(scratch / f"command-out-{n}"), "--max_seq_length", str(args.max_seq_length),
                 "--processes", str(args.processes or os.cpu_count() or 1), "--val_fraction", "0"]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run(argv, env=run_env, capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
         work = json.loads(done.stdout)["metrics"]["preprocess/seconds"]
-        return {"wall_s": wall, "work_s": work, "startup_s": wall - work}
+        return {"wall_s": wall, "work_s": work, "startup_s": wall - work,
+                "cpu_s": cpu.ru_utime + cpu.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
 
     first = command(tiny)  # builds the caches a machine keeps (tokenizer ranks, the empty MLflow store)
     one_doc = [command(tiny) for _ in range(args.rounds)]
@@ -136,6 +138,9 @@ def bench_command(corpus: Path, scratch: Path, args: argparse.Namespace) -> dict
     return {"command_corpus_mb": size / 1e6,
             "command_first_ever_one_document_wall_s": first["wall_s"],
             "command_one_document_wall_s": statistics.median(r["wall_s"] for r in one_doc),
+            # CPU seconds (user + sys) of the whole one-document command: what its start-up costs on
+            # an idle machine, where a busy one stretches the wall time
+            "command_one_document_cpu_s": statistics.median(r["cpu_s"] for r in one_doc),
             **{f"command_{key}": value for key, value in med.items()}}
 
 

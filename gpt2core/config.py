@@ -364,7 +364,8 @@ class RunConfigParams(_Section):
     num_csx: Annotated[PositiveInt, _APPLIANCE] = 1
     num_workers_per_csx: Annotated[NonNegativeInt, _APPLIANCE] = 0
     # Cerebras Wafer-Scale Cluster (target cerebras), as the reference 2.x runconfig names them.
-    mgmt_address: Annotated[str | None, _APPLIANCE] = None  # "<host>:<port>" of the cluster's management
+    # "<host>:<port>" of the cluster management server
+    mgmt_address: Annotated[str | None, _APPLIANCE] = None
     mgmt_namespace: Annotated[str | None, _APPLIANCE] = None
     credentials_path: Annotated[str | None, _APPLIANCE] = None  # TLS certificate of the cluster
     mount_dirs: Annotated[list[str], _APPLIANCE] = []  # folders the appliance workers mount

@@ -39,20 +39,20 @@ from gpt2core.data import DATA_PARAMS, FEATURES, normalize
 from gpt2core.data.readers import ReadStats, corpus_format, import_readers, iter_documents
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.flags import Cli
-from gpt2core.tokenizer import PAD_ID, get_tokenizer
+from gpt2core.tokenizer import EOS_ID, PAD_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-# min_sequence_len of each generation's script: create_hdf5_dataset.py 1.9.1-2.1 (--min_sequence_len,
-# default 6), preprocess_data.py 2.4+ (processing.min_sequence_len, 10); 1.6-1.7 keep every window of
-# 2 tokens or more.
 # Per file in the cache, per corpus in data_params.json and MLflow: documents each normalisation changed.
 NORMALIZATION_COUNTS = ("newline_fixed_documents", "bom_removed_documents", "ftfy_fixed_documents",
                         "normalized_documents")
 # Per document in the cache: tokens (with the EOS), and the size of the text as the reference reads it
 # (raw) and as tokenized (normalized): the reference's raw_/normalized_ chars_count / bytes_count.
 DOCUMENT_SIZES = ("lengths", "raw_chars", "raw_bytes", "normalized_chars", "normalized_bytes")
+# min_sequence_len of each generation's script: create_hdf5_dataset.py 1.9.1-2.1 (--min_sequence_len,
+# default 6), preprocess_data.py 2.4+ (processing.min_sequence_len, 10); 1.6-1.7 keep every window of
+# 2 tokens or more.
 MIN_SEQUENCE_LEN = {"carry_over": 6, "disjoint": 10, "overlap": 2}
 OVERLAP_BUFFER_TOKENS = 1_000_000  # 1.6-1.7 training_data_generator(buffer_size=1e6)
 CORPUS_INFO = "corpus.json"  # written by the download stage: names the text key of the corpus
@@ -407,8 +407,14 @@ def _write_h5(stream_path: Path, dtype: str, starts: np.ndarray, lengths: np.nda
 
 @lru_cache(maxsize=4)
 def _token_sizes(enc: tiktoken.Encoding) -> tuple[np.ndarray, np.ndarray]:
-    """Per token id: the length of its bytes, and whether they are all ASCII."""
-    pieces = [enc.decode_single_token_bytes(i) for i in range(enc.n_vocab)]
+    """Per token id: the length of its bytes, and whether they are all ASCII (a user's BPE may leave
+    ids unused: none, and decoded if ever met)."""
+    pieces = []
+    for i in range(enc.n_vocab):
+        try:
+            pieces.append(enc.decode_single_token_bytes(i))
+        except KeyError:
+            pieces.append(b"\xff")
     return (np.array([len(b) for b in pieces], dtype=np.int64), np.array([b.isascii() for b in pieces]))
 
 
@@ -576,7 +582,7 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     want_val = split == "val"
     stream_path = cache / f"{split}.{uuid.uuid4().hex[:8]}.stream"
     without_eos = params.pack_sequences and params.packing_scheme == "disjoint"
-    eos = np.array([PAD_ID], dtype=dtype)
+    eos = np.array([EOS_ID], dtype=dtype)
     chosen_docs: dict[str, list[np.ndarray]] = {key: [] for key in DOCUMENT_SIZES}
     with stream_path.open("wb") as out:
         if params.pack_sequences and params.packing_scheme == "overlap":
@@ -608,7 +614,7 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
                         f"({int(docs['lengths'].sum())} tokens in {n_docs} documents); lower --min_sequence_len")
     if len(packing.eos_at):
         stream = np.memmap(stream_path, dtype=dtype, mode="r+")
-        stream[packing.eos_at] = PAD_ID
+        stream[packing.eos_at] = EOS_ID
         stream.flush()
         del stream
 
