@@ -15,6 +15,7 @@ from pathlib import Path
 
 TORCH = ".pt"
 CEREBRAS = ".mdl"
+FOLDER = "checkpoints"  # where training writes them, under its --model_dir (the reference writes them in it)
 _NAMES = {TORCH: re.compile(r"^checkpoint_(\d+)\.pt$"), CEREBRAS: re.compile(r"^checkpoint_(\d+)\.mdl$")}
 
 

@@ -12,6 +12,12 @@ the key path (``optimizer.learning_rate.1.end_learning_rate``) and what was expe
 get a "did you mean".
 
 Keys the Cerebras reference does not have are torch-side extensions, marked "torch" below.
+
+Every key of the GPT-2 configs the Model Zoo published (releases 1.6 to 2.3; 2.4 and later ship
+none) loads. Keys that only matter on the Cerebras appliance, or that a release read and ignored,
+carry a ``NoEffect`` mark: ``no_effect_keys(params, target)`` lists those a config sets, for the
+log and the validate report. New keys of that kind default to None and are left out of
+``to_dict`` until given, so ``config_hash`` of a config without them never changes.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from annotated_types import Ge, Gt, Lt, MinLen
-from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Strict, Tag,
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag,
                       ValidationError, model_validator)
 from pydantic_core import PydanticCustomError
 
@@ -65,6 +73,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
 
 
+ALL_TARGETS = ("cpu", "gpu", "cerebras")  # gpt2core.targets.TARGETS (not imported: config stays a leaf)
+TORCH = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """Annotation metadata of a key that is accepted, as the reference accepts it, but changes nothing
+    on ``targets`` (``why`` says so); ``unless(params, target)`` names the settings where it does."""
+
+    targets: tuple[str, ...]
+    why: str
+    unless: Callable[[Any, str], bool] | None = None
+
+
+def _unless_given() -> Any:
+    """The default of a key added after config_hash was pinned (a key only older releases read, or a
+    new torch option): None when not given, and then left out of ``to_dict`` (and so of
+    ``config_hash``)."""
+    return Field(None, exclude_if=lambda value: value is None)
+
+
 def _problem(message: str, key: str | None = None) -> PydanticCustomError:
     """A problem found by a validator of a section. ``key`` is relative to the section; ``{at}`` in
     the message stands for the section's own key path (``optimizer.learning_rate.0.``)."""
@@ -90,7 +119,8 @@ class InputParams(_Section):
 
     data_dir: str
     batch_size: PositiveInt  # the global batch, split evenly across data-parallel ranks
-    data_processor: str = "GptHDF5MapDataProcessor"
+    data_processor: Annotated[str, NoEffect(TORCH, "one HDF5 reader serves both Model Zoo data processors")] = \
+        "GptHDF5MapDataProcessor"
     vocab_size: PositiveInt = 50257
     max_sequence_length: PositiveInt = 1024
     shuffle: bool = False
@@ -99,7 +129,8 @@ class InputParams(_Section):
     prefetch_factor: PositiveInt | None = None  # batches each worker loads ahead (with num_workers > 0)
     persistent_workers: bool = False  # keep the workers between epochs (with num_workers > 0)
     drop_last: bool = True
-    repeat: bool = True
+    repeat: Annotated[bool, NoEffect(ALL_TARGETS, "training data always repeats until max_steps (no "
+                                                  "PyTorch GPT-2 processor of the reference reads it)")] = True
 
 
 class InitializerParams(_Section):
@@ -125,7 +156,10 @@ class ModelParams(_Section):
     num_hidden_layers: PositiveInt
     num_heads: PositiveInt
     filter_size: PositiveInt
-    vocab_size: PositiveInt = 50257
+    vocab_size: PositiveInt = 50257  # the tokenizer's ids
+    # torch: rows of the embedding and output head, past vocab_size for faster matmuls (50304 = 64 x 786,
+    # as nanoGPT and llm.c train); the logits of the extra ids are masked out of the loss and sampling.
+    padded_vocab_size: PositiveInt | None = _unless_given()
     max_position_embeddings: PositiveInt = 1024
     position_embedding_type: str = "learned"
     use_position_embedding: bool = True
@@ -146,22 +180,48 @@ class ModelParams(_Section):
     initializer: InitializerParams | None = None
     output_layer_initializer: InitializerParams | None = None  # None: std / sqrt(2 * layers)
     loss_scaling: Literal["num_tokens", "batch_size"] = "num_tokens"
-    loss_weight: Positive = 1.0
-    mixed_precision: bool = False
-    fp16_type: Literal["bfloat16", "float16", "cbfloat16"] = "bfloat16"
-    precision_opt_level: NonNegativeInt | None = None
-    boundary_casting: bool = False
-    tf_summary: bool = False
+    loss_weight: Annotated[Positive, NoEffect(
+        ALL_TARGETS, "loss_scaling num_tokens divides by the real tokens; loss_weight scales batch_size "
+                     "scaling only (Model Zoo 1.9+ resets it to 1.0)",
+        unless=lambda p, _: p.model.loss_scaling == "batch_size" or p.model.loss_weight == 1.0)] = 1.0
+    mixed_precision: Annotated[bool, NoEffect(("cpu",), "CPU runs are fp32")] = False
+    fp16_type: Annotated[Literal["bfloat16", "float16", "cbfloat16"], NoEffect(
+        TORCH, "CPU runs are fp32, and so are GPU runs without model.mixed_precision",
+        unless=lambda p, target: target == "gpu" and p.model.mixed_precision)] = "bfloat16"
+    precision_opt_level: Annotated[NonNegativeInt | None, NoEffect(TORCH, "numerics level of the wafer")] = None
+    boundary_casting: Annotated[bool, NoEffect(ALL_TARGETS, "a TensorFlow GPT-2 option (1.6-1.8)")] = False
+    tf_summary: Annotated[bool, NoEffect(ALL_TARGETS, "a TensorFlow GPT-2 option (1.6-1.8)")] = False
+    allow_multireplica: Annotated[bool | None, NoEffect(
+        ALL_TARGETS, "pipeline-mode replicas of the 1.x appliance (gone in 2.0)")] = _unless_given()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding and output head: padded_vocab_size, else vocab_size."""
+        return self.padded_vocab_size or self.vocab_size
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_1x_loss(cls, data: Any) -> Any:
+        # Model Zoo 1.6-1.7 had no loss_scaling: the loss was sum / batch * loss_weight. From 1.8 a
+        # loss_weight other than 1 needs loss_scaling batch_size (1.8 asserts, 1.9+ resets it to 1),
+        # so a config that sets one without loss_scaling is a 1.x config and means batch scaling.
+        if (isinstance(data, dict) and "loss_scaling" not in data
+                and isinstance(data.get("loss_weight"), (int, float)) and data["loss_weight"] != 1):
+            data = {**data, "loss_scaling": "batch_size"}
+        return data
 
     @model_validator(mode="after")
     def _check_architecture(self) -> ModelParams:
         if self.hidden_size % self.num_heads:
             raise _problem(f"model.hidden_size {self.hidden_size} must be divisible by num_heads "
                            f"{self.num_heads}", "num_heads")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise _problem(f"expected at least model.vocab_size ({self.vocab_size}), got {self.padded_vocab_size}",
+                           "padded_vocab_size")
         if self.position_embedding_type != "learned" or not self.use_position_embedding:
             raise _problem(f"GPT-2 uses learned position embeddings, got {self.position_embedding_type!r}",
                            "position_embedding_type")
@@ -186,6 +246,11 @@ class SchedulerParams(_Section):
     total_iters: PositiveInt | None = None  # may be left out on a last Constant entry only
     decay_rate: NonNegative | None = None  # Exponential: lr = initial * decay_rate ** (step / total_iters)
     staircase: bool = False
+    # 1.7-2.0 small configs: `alpha: 0.1  # Decay by 10x` on a Linear entry. Only TensorFlow's cosine
+    # read it (a floor of alpha * initial); every PyTorch release ignored it (2.2+ refuses it), so the
+    # entry decays to end_learning_rate.
+    alpha: Annotated[NonNegative | None, NoEffect(
+        ALL_TARGETS, "the PyTorch reference ignores it: the entry ends at end_learning_rate")] = _unless_given()
 
     @property
     def start_lr(self) -> float:
@@ -194,6 +259,12 @@ class SchedulerParams(_Section):
     @model_validator(mode="before")
     @classmethod
     def _read_1x_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "steps" in data and "decay_steps" in data:
+            # 1.7-1.9 read them as one setting (steps wins); 1.7 small_ws gives both, equal.
+            if data["steps"] != data["decay_steps"]:
+                raise _problem(f"{{at}}steps {data['steps']} and {{at}}decay_steps {data['decay_steps']} "
+                               f"differ; they are one setting (total_iters): give one")
+            data = {k: v for k, v in data.items() if k != "decay_steps"}
         data = _renamed(data, {"steps": "total_iters", "decay_steps": "total_iters"})
         if isinstance(data, dict) and data.get("scheduler") == "ExponentialDecay":
             data["scheduler"] = "Exponential"
@@ -221,6 +292,12 @@ def schedule_milestones(learning_rate: list[SchedulerParams]) -> list[int]:
     return list(itertools.accumulate(s.total_iters for s in learning_rate[:-1]))
 
 
+_FP16_ONLY = NoEffect(TORCH, "loss scaling serves fp16 only: model.mixed_precision with fp16_type float16 "
+                              "on a GPU",
+                      unless=lambda p, target: target == "gpu" and p.model.mixed_precision
+                      and p.model.fp16_type == "float16")
+
+
 class OptimizerParams(_Section):
     """``optimizer``: AdamW, its learning-rate schedule, clipping and fp16 loss scaling."""
 
@@ -232,14 +309,20 @@ class OptimizerParams(_Section):
     correct_bias: bool = True
     max_gradient_norm: Positive | None = None
     grad_accum_steps: PositiveInt = 1  # torch: micro-batches per optimizer step
-    loss_scaling_factor: LossScale = "dynamic"  # fp16 only
-    initial_loss_scale: Positive | None = None
-    max_loss_scale: Positive | None = None
+    loss_scaling_factor: Annotated[LossScale, _FP16_ONLY] = "dynamic"  # fp16 only
+    initial_loss_scale: Annotated[Positive | None, _FP16_ONLY] = None
+    max_loss_scale: Annotated[Positive | None, NoEffect(TORCH, "a bound of the appliance's dynamic loss "
+                                                               "scaling")] = None
+    disable_lr_steps_reset: Annotated[bool | None, NoEffect(
+        ALL_TARGETS, "read by the 1.x appliance's scheduler only")] = _unless_given()
 
     @model_validator(mode="before")
     @classmethod
     def _read_1x_keys(cls, data: Any) -> Any:
-        data = _renamed(data, {"weight_decay_rate": "weight_decay"})
+        # 1.x spellings; `epsilon` and `use_bias_correction` are TensorFlow's, which the 1.7-1.9
+        # small configs carry (the 1.x PyTorch path ignored them: eps 1e-6, correct_bias False).
+        data = _renamed(data, {"weight_decay_rate": "weight_decay", "epsilon": "eps",
+                               "use_bias_correction": "correct_bias"})
         if isinstance(data, dict) and ("beta1" in data or "beta2" in data):
             if "betas" in data:
                 raise _problem("{at}beta1/beta2 and {at}betas are the same setting; give only betas")
@@ -258,6 +341,10 @@ class OptimizerParams(_Section):
         return self
 
 
+_APPLIANCE = NoEffect(TORCH, "Cerebras appliance")
+_TORCH_ONLY = NoEffect(("cerebras",), "torch trainer option; the Cerebras SDK compiles for the wafer")
+
+
 class RunConfigParams(_Section):
     """``runconfig``: how long to run, logging, checkpoints, seeds and (torch) execution options."""
 
@@ -271,27 +358,29 @@ class RunConfigParams(_Section):
     eval_frequency: NonNegativeInt | None = None  # torch: evaluate every N training steps (0, None: at the end)
     model_dir: str = "./model_dir"
     checkpoint_path: str | None = None
-    mode: str = "train"
-    validate_only: bool = False
-    compile_only: bool = False
-    num_csx: PositiveInt = 1
-    num_workers_per_csx: NonNegativeInt = 0
+    mode: Annotated[str, NoEffect(ALL_TARGETS, "the gpt2ops command chooses (train, evaluate, ...)")] = "train"
+    validate_only: Annotated[bool, NoEffect(ALL_TARGETS, "gpt2ops validate is the validate_only run")] = False
+    compile_only: Annotated[bool, NoEffect(ALL_TARGETS, "gpt2ops compile is the compile_only run")] = False
+    num_csx: Annotated[PositiveInt, _APPLIANCE] = 1
+    num_workers_per_csx: Annotated[NonNegativeInt, _APPLIANCE] = 0
     # Cerebras Wafer-Scale Cluster (target cerebras), as the reference 2.x runconfig names them.
-    mgmt_address: str | None = None  # "<host>:<port>" of the cluster management server
-    mgmt_namespace: str | None = None
-    credentials_path: str | None = None  # TLS certificate of the cluster
-    mount_dirs: list[str] = []  # folders the appliance workers mount
-    python_paths: list[str] = []  # added to the workers' PYTHONPATH
-    compile_dir: str | None = None  # compile cache folder on the appliance (None: the SDK's)
-    job_labels: list[str] = []  # "key=value" labels of appliance jobs
-    job_priority: str | None = None  # p1, p2 or p3 (None: the cluster's default)
-    job_time_sec: PositiveInt | None = None
-    disable_version_check: bool = False
-    show_debug_metrics: bool = False
+    # "<host>:<port>" of the cluster management server
+    mgmt_address: Annotated[str | None, _APPLIANCE] = None
+    mgmt_namespace: Annotated[str | None, _APPLIANCE] = None
+    credentials_path: Annotated[str | None, _APPLIANCE] = None  # TLS certificate of the cluster
+    mount_dirs: Annotated[list[str], _APPLIANCE] = []  # folders the appliance workers mount
+    python_paths: Annotated[list[str], _APPLIANCE] = []  # added to the workers' PYTHONPATH
+    compile_dir: Annotated[str | None, _APPLIANCE] = None  # appliance compile cache folder (None: the SDK's)
+    job_labels: Annotated[list[str], _APPLIANCE] = []  # "key=value" labels of appliance jobs
+    job_priority: Annotated[str | None, _APPLIANCE] = None  # p1, p2 or p3 (None: the cluster's default)
+    job_time_sec: Annotated[PositiveInt | None, _APPLIANCE] = None
+    disable_version_check: Annotated[bool, _APPLIANCE] = False
+    show_debug_metrics: Annotated[bool, NoEffect(ALL_TARGETS, "debug metrics of the 1.x runner")] = False
     save_losses: bool = False
-    torch_compile: bool = False  # torch: torch.compile the model (gpu target)
-    parallelism: Literal["ddp", "fsdp"] = "ddp"  # torch: across torchrun ranks (fsdp: FSDP2 fully_shard)
-    activation_checkpointing: bool = False  # torch: recompute each block in backward
+    torch_compile: Annotated[bool, _TORCH_ONLY] = False  # torch: torch.compile the model (gpu target)
+    # torch: how torchrun ranks share the model (fsdp: FSDP2 fully_shard)
+    parallelism: Annotated[Literal["ddp", "fsdp"], _TORCH_ONLY] = "ddp"
+    activation_checkpointing: Annotated[bool, _TORCH_ONLY] = False  # torch: recompute each block in backward
     sample_prompts: list[str] = ["The meaning of life is"]
     sample_max_new_tokens: NonNegativeInt = 64  # evaluate: length of each text sample
     sample_temperature: Positive = 0.8
@@ -349,6 +438,27 @@ class Params(_Section):
         Tagged on MLflow runs and model versions: the canonical form must not change."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def no_effect_keys(params: Params, target: str) -> list[str]:
+    """The keys ``params`` sets (explicitly, not by default) that change nothing on ``target`` (cpu,
+    gpu, cerebras), one line each: ``"model.allow_multireplica: accepted, no effect on target gpu
+    (why)"``. The stages that train log them once, and validate lists them in its report."""
+    return [f"{key}: accepted, no effect on target {target} ({mark.why})"
+            for key, mark in _marked_keys(params, "")
+            if target in mark.targets and not (mark.unless and mark.unless(params, target))]
+
+
+def _marked_keys(section: BaseModel, prefix: str) -> Iterator[tuple[str, NoEffect]]:
+    for name in sorted(section.model_fields_set, key=list(type(section).model_fields).index):
+        value, key = getattr(section, name), f"{prefix}{name}"
+        mark = next((m for m in type(section).model_fields[name].metadata if isinstance(m, NoEffect)), None)
+        if mark is not None:
+            yield key, mark
+        entries = value if isinstance(value, list) else [value]
+        for i, entry in enumerate(entries):
+            if isinstance(entry, BaseModel):
+                yield from _marked_keys(entry, f"{key}.{i}." if isinstance(value, list) else f"{key}.")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -533,6 +643,8 @@ def _expected(tp: Any, *, bounds: bool = False) -> str:
         text = _TYPE_NAMES[base][0]
         if bounds:
             text = text.replace("a number", "a finite number") + _range(metadata)
+    while typing.get_origin(tp) is Annotated:
+        tp = tp.__origin__
     if tp is not base and type(None) in typing.get_args(tp):  # Optional
         text += " or null"
     return text

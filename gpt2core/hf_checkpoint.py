@@ -10,6 +10,13 @@ and our resolved ``params.yaml``, so either side loads it:
 Parameter names already match (see ``gpt2core.model``); the only difference is that HF stores the
 attention and MLP projections as ``Conv1D`` with ``[in, out]`` weights, where ``nn.Linear`` keeps
 ``[out, in]``.
+
+A padded vocabulary (an embedding with more rows than the GPT-2 tokenizer's 50257 ids, as nanoGPT
+and llm.c train with 50304) is ``config.json`` ``vocab_size`` 50304 on HF's side and
+``model.vocab_size`` 50257 with ``model.padded_vocab_size`` 50304 on ours: the extra ids' logits are
+masked. Every ``GPT2Config`` key of ``config.json`` that changes what the model computes is either
+read or refused naming the key and the file; weights whose shapes do not fit the config are refused
+before any of them is loaded.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ import re
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError as PydanticValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt2core.config import ModelParams, Params, load_params
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.model import GPT2
+from gpt2core.tokenizer import VOCAB_SIZE
 
 WEIGHTS_FILE = "model.safetensors"
 HF_CONFIG_FILE = "config.json"
@@ -75,7 +85,7 @@ def hf_config(params: ModelParams) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": params.vocab_size,
+        "vocab_size": params.embedding_rows,  # HF's embedding rows: padded ids included
         "n_positions": params.max_position_embeddings,
         "n_embd": params.hidden_size,
         "n_layer": params.num_hidden_layers,
@@ -93,29 +103,68 @@ def hf_config(params: ModelParams) -> dict:
     }
 
 
-def model_params_from_hf_config(config: dict) -> ModelParams:
-    """ModelParams of an HF GPT-2 ``config.json`` (e.g. to import OpenAI's weights)."""
+# GPT2Config keys that change what the model computes, besides the ones read below, and the only value
+# this model implements (transformers' GPT2Attention / GPT2Model).
+_HF_FIXED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+# activation_function values: exact erf GELU, or its tanh approximation (three names in transformers)
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu_fast": "gelu_new"}
+
+
+def model_params_from_hf_config(config: dict, source: str = HF_CONFIG_FILE) -> ModelParams:
+    """ModelParams of an HF GPT-2 ``config.json`` (e.g. to import OpenAI's weights), read from
+    ``source`` (named in errors). A ``vocab_size`` above the GPT-2 tokenizer's 50257 ids is that
+    tokenizer with a padded vocabulary; a ``GPT2Config`` key set to something this model does not
+    compute raises ConfigError naming it."""
     if config.get("model_type", "gpt2") != "gpt2":
-        raise ConfigError(f"config.json: expected model_type 'gpt2', got {config.get('model_type')!r}")
+        raise ConfigError(f"{source}: model_type: expected 'gpt2', got {config.get('model_type')!r}")
+    for key, value in _HF_FIXED.items():
+        if config.get(key, value) != value:
+            raise ConfigError(f"{source}: {key}: {config[key]!r} is not implemented (GPT-2 has {value!r})")
     activation = config.get("activation_function", "gelu_new")
-    if activation not in ("gelu", "gelu_new"):
-        raise ConfigError(f"config.json activation_function: expected 'gelu' or 'gelu_new', got {activation!r}")
+    if activation not in _HF_ACTIVATIONS:
+        raise ConfigError(f"{source}: activation_function: expected one of {', '.join(_HF_ACTIVATIONS)}, "
+                          f"got {activation!r}")
+    missing = [key for key in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size") if key not in config]
+    if missing:
+        raise ConfigError(f"{source}: {missing[0]}: missing required key")
+    rows = config["vocab_size"]
+    if not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"{source}: vocab_size: expected a positive integer, got {rows!r}")
     hidden = config["n_embd"]
-    return ModelParams(
-        hidden_size=hidden,
-        num_hidden_layers=config["n_layer"],
-        num_heads=config["n_head"],
-        filter_size=config.get("n_inner") or 4 * hidden,
-        vocab_size=config["vocab_size"],
-        max_position_embeddings=config["n_positions"],
-        nonlinearity=activation,
-        dropout_rate=config.get("resid_pdrop", 0.1),
-        embedding_dropout_rate=config.get("embd_pdrop", 0.1),
-        attention_dropout_rate=config.get("attn_pdrop", 0.1),
-        layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
-        initializer_range=config.get("initializer_range", 0.02),
-        share_embedding_weights=config.get("tie_word_embeddings", True),
-    )
+    try:
+        return ModelParams(
+            hidden_size=hidden,
+            num_hidden_layers=config["n_layer"],
+            num_heads=config["n_head"],
+            filter_size=config.get("n_inner") or 4 * hidden,
+            vocab_size=min(rows, VOCAB_SIZE),
+            padded_vocab_size=rows if rows > VOCAB_SIZE else None,
+            max_position_embeddings=config["n_positions"],
+            nonlinearity=_HF_ACTIVATIONS[activation],
+            dropout_rate=config.get("resid_pdrop", 0.1),
+            embedding_dropout_rate=config.get("embd_pdrop", 0.1),
+            attention_dropout_rate=config.get("attn_pdrop", 0.1),
+            layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
+            initializer_range=config.get("initializer_range", 0.02),
+            share_embedding_weights=config.get("tie_word_embeddings", True),
+        )
+    except PydanticValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"{source}: {'.'.join(map(str, error['loc'])) or 'config'}: {error['msg']}") from None
+
+
+def _check_weight_shapes(weights: Path, model: GPT2, source: str) -> None:
+    """Refuse ``weights`` (safetensors, HF layout) before loading them when a tensor's shape differs
+    from ``model``'s, naming the key and the config it was built from (read from the file header)."""
+    expected = {name: tuple(t.shape) for name, t in to_hf_state_dict(model.state_dict(), model.params).items()}
+    with safe_open(weights, framework="pt") as f:
+        for name in f.keys():
+            ours = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+            shape = tuple(f.get_slice(name).get_shape())
+            if ours in expected and shape != expected[ours]:
+                vocab = " (its vocab_size)" if ours.endswith(("wte.weight", "lm_head.weight")) else ""
+                raise DataError(f"{weights}: {name} has shape {list(shape)}, but {source}{vocab} makes "
+                                f"{list(expected[ours])}")
 
 
 def save_pretrained(model: GPT2, params: Params, folder: str | Path) -> Path:
@@ -132,18 +181,24 @@ def save_pretrained(model: GPT2, params: Params, folder: str | Path) -> Path:
 
 
 def load_pretrained(folder: str | Path, *, map_location: str | torch.device = "cpu") -> GPT2:
-    """A GPT2 from a saved-model folder: ours (``params.yaml``) or an HF one (``config.json``)."""
+    """A GPT2 from a saved-model folder: ours (``params.yaml``) or an HF one (``config.json``).
+    Raises ConfigError for a config key this model does not implement, DataError for weights that do
+    not fit the config (naming the tensor, before loading any)."""
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise DataError(f"{folder}: no {WEIGHTS_FILE} (expected a folder written by save_pretrained "
                         f"or transformers' save_pretrained)")
     if (folder / PARAMS_FILE).is_file():
-        model_params = load_params(folder / PARAMS_FILE).model
+        source = folder / PARAMS_FILE
+        model_params = load_params(source).model
     elif (folder / HF_CONFIG_FILE).is_file():
-        model_params = model_params_from_hf_config(json.loads((folder / HF_CONFIG_FILE).read_text()))
+        source = folder / HF_CONFIG_FILE
+        model_params = model_params_from_hf_config(json.loads(source.read_text()), str(source))
     else:
         raise DataError(f"{folder}: neither {PARAMS_FILE} nor {HF_CONFIG_FILE} describes the model")
+    with torch.device("meta"):  # shapes only: nothing allocated before the weights are known to fit
+        _check_weight_shapes(weights, GPT2(model_params), str(source))
     model = GPT2(model_params)
     state = from_hf_state_dict(load_file(weights, device=str(map_location)), model_params)
     missing, unexpected = model.load_state_dict(state, strict=False)

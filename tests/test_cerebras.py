@@ -345,3 +345,9 @@ def test_csx_training_needs_a_reachable_appliance(tiny_dataset: Path, tmp_path: 
     unreachable = csx_tiny(**{"runconfig.mgmt_address": f"127.0.0.1:{closed_port()}"})
     with pytest.raises(ConfigError, match=r"runconfig\.mgmt_address: cannot reach"):
         cerebras.train(unreachable, **train)
+
+
+def test_modelzoo_export_refuses_a_padded_vocabulary():
+    params = load_params("gpt2_tiny", {"model.padded_vocab_size": 50304})
+    with pytest.raises(ConfigError, match=r"model.padded_vocab_size: 50304: the Model Zoo's GPT-2 has no padded"):
+        modelzoo_params(params)

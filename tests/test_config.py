@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
-from gpt2core.config import Params, configs_dir, load_params, params_from_dict, parse_override
+from gpt2core.config import Params, configs_dir, load_params, no_effect_keys, params_from_dict, parse_override
 from gpt2core.errors import ConfigError
 
 REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
@@ -308,3 +308,126 @@ def test_model_stays_mutable_and_checked():
     assert params.runconfig.checkpoint_path == "/tmp/checkpoint_5.mdl"
     with pytest.raises(PydanticValidationError):
         params.runconfig.max_steps = -1
+
+
+# Keys of the GPT-2 configs the Model Zoo published (1.6 to 2.3), in configs written here with those
+# keys and values: each loads, means what its release meant, and the ones that change nothing on a
+# target are listed for that target.
+def _model_zoo_1x_raw() -> dict:
+    raw = tiny_raw()
+    raw["model"].pop("loss_scaling", None)
+    raw["model"].update(allow_multireplica=False, precision_opt_level=1, mixed_precision=True,
+                        loss_weight=1 / 2048)  # no loss_scaling: the 1.6-1.7 loss, sum / batch * loss_weight
+    raw["train_input"].update(repeat=True, data_processor="GptHDF5DataProcessor")
+    opt = raw["optimizer"]
+    for key in ("betas", "eps", "correct_bias"):
+        opt.pop(key, None)
+    opt.update(beta1=0.9, beta2=0.95, epsilon=1.0e-8, use_bias_correction=True, disable_lr_steps_reset=False,
+               weight_decay_rate=opt.pop("weight_decay"), initial_loss_scale=2147483648.0,
+               max_loss_scale=2147483648.0)
+    opt["learning_rate"] = [
+        {"scheduler": "Linear", "initial_learning_rate": 0.0, "end_learning_rate": 6e-4, "steps": 16},
+        {"scheduler": "Linear", "initial_learning_rate": 6e-4, "end_learning_rate": 0.0, "alpha": 0.1,
+         "decay_steps": 150, "steps": 150}]  # both step keys, equal (1.7 small_ws)
+    raw["runconfig"].update(show_debug_metrics=False, save_losses=True, validate_only=False, compile_only=False,
+                            mode="train")
+    return raw
+
+
+def test_model_zoo_1x_keys_load_with_their_meaning():
+    p = params_from_dict(_model_zoo_1x_raw())
+    assert p.model.loss_scaling == "batch_size" and p.model.loss_weight == 1 / 2048
+    assert (p.optimizer.betas, p.optimizer.eps, p.optimizer.correct_bias) == ((0.9, 0.95), 1e-8, True)
+    second = p.optimizer.learning_rate[1]
+    assert (second.total_iters, second.alpha, second.end_learning_rate) == (150, 0.1, 0.0)
+    assert p.model.allow_multireplica is False and p.optimizer.disable_lr_steps_reset is False
+    # loss_scaling given: loss_weight keeps its 2.x meaning (num_tokens ignores it)
+    raw = _model_zoo_1x_raw()
+    raw["model"]["loss_scaling"] = "num_tokens"
+    assert params_from_dict(raw).model.loss_scaling == "num_tokens"
+
+
+def test_alpha_leaves_the_schedule_as_the_pytorch_reference_runs_it():
+    import torch
+
+    from gpt2core.training.schedule import build_lr_scheduler
+
+    def lrs(schedule: list[dict]) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        learning_rate = params_from_dict({**tiny_raw(), "optimizer": {"learning_rate": schedule}}
+                                         ).optimizer.learning_rate
+        scheduler = build_lr_scheduler(optimizer, learning_rate)
+        out = []
+        for _ in range(200):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    with_alpha = _model_zoo_1x_raw()["optimizer"]["learning_rate"]
+    without = [{k: v for k, v in e.items() if k not in ("alpha", "decay_steps")} for e in with_alpha]
+    assert lrs(with_alpha) == lrs(without)
+    assert lrs(with_alpha)[-1] == 0.0  # decays to end_learning_rate, not to alpha * initial
+
+
+def test_no_effect_keys_are_listed_per_target():
+    p = params_from_dict(_model_zoo_1x_raw())
+    listed = {target: [line.split(":")[0] for line in no_effect_keys(p, target)] for target in ("cpu", "gpu",
+                                                                                                "cerebras")}
+    assert listed["gpu"] == ["train_input.data_processor", "train_input.repeat", "eval_input.data_processor",
+                             "model.precision_opt_level", "model.allow_multireplica",
+                             "optimizer.learning_rate.1.alpha", "optimizer.initial_loss_scale",
+                             "optimizer.max_loss_scale", "optimizer.disable_lr_steps_reset", "runconfig.mode",
+                             "runconfig.validate_only", "runconfig.compile_only", "runconfig.show_debug_metrics"]
+    assert listed["cpu"] == listed["gpu"][:3] + ["model.mixed_precision"] + listed["gpu"][3:]
+    assert "model.allow_multireplica" in listed["cerebras"] and "optimizer.max_loss_scale" not in listed["cerebras"]
+    line = no_effect_keys(p, "gpu")[4]
+    assert line.startswith("model.allow_multireplica: accepted, no effect on target gpu (")
+    # a key that does act on the target is not listed: fp16 loss scaling on a float16 GPU run
+    fp16 = params_from_dict({**_model_zoo_1x_raw(),
+                             "model": {**_model_zoo_1x_raw()["model"], "fp16_type": "float16"}})
+    assert "optimizer.initial_loss_scale" not in " ".join(no_effect_keys(fp16, "gpu"))
+    assert "optimizer.initial_loss_scale" in " ".join(no_effect_keys(fp16, "cpu"))
+    # keys left at their defaults are not listed
+    section = {"data_dir": "d", "batch_size": 4, "max_sequence_length": 128}
+    assert no_effect_keys(params_from_dict({**tiny_raw(), "train_input": section, "eval_input": section}),
+                          "cpu") == ["model.mixed_precision: accepted, no effect on target cpu (CPU runs are fp32)"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["model"].update(allow_multireplca=False),
+     r"model\.allow_multireplca: unknown key; did you mean model\.allow_multireplica\?"),
+    (lambda r: r["optimizer"]["learning_rate"][1].update(alpah=0.1),
+     r"optimizer\.learning_rate\.1\.alpah: unknown key; did you mean optimizer\.learning_rate\.1\.alpha\?"),
+    (lambda r: r["optimizer"].update(disable_lr_step_reset=True), r"did you mean optimizer\.disable_lr_steps_reset"),
+    (lambda r: r["optimizer"]["learning_rate"][1].update(steps=140),
+     r"optimizer\.learning_rate\.1\.steps 140 and optimizer\.learning_rate\.1\.decay_steps 150 differ"),
+    (lambda r: r["optimizer"].update(eps=1e-6), r"optimizer\.epsilon and optimizer\.eps are the same setting"),
+    (lambda r: r["optimizer"]["learning_rate"][1].update(alpha=-1),
+     r"optimizer\.learning_rate\.1\.alpha: expected a finite number >= 0 or null"),
+])
+def test_model_zoo_keys_still_refuse_typos_and_contradictions(edit, message):
+    raw = _model_zoo_1x_raw()
+    edit(raw)
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(raw)
+
+
+def test_keys_of_older_releases_stay_out_of_the_hash_until_given():
+    tiny = load_params("gpt2_tiny")
+    assert "allow_multireplica" not in tiny.to_dict()["model"]
+    assert "alpha" not in tiny.to_dict()["optimizer"]["learning_rate"][0]
+    given = params_from_dict({**tiny_raw(), "model": {**tiny_raw()["model"], "allow_multireplica": False}})
+    assert given.to_dict()["model"]["allow_multireplica"] is False
+    assert params_from_dict(given.to_dict()) == given
+
+
+def test_every_gpt2_config_of_every_model_zoo_release_loads():
+    """The published files themselves, read from a Model Zoo mirror when one is present."""
+    from modelzoo_mirror import gpt2_configs
+
+    configs = gpt2_configs()
+    assert len(configs) >= 30  # 1.6 to 2.3 (2.4 and later ship no GPT-2 config)
+    for name, text in configs.items():
+        params = params_from_dict(yaml.safe_load(text), source=name)
+        assert params.model.vocab_size == 50257, name

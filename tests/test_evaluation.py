@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2core.config import load_params
+from gpt2core.errors import DataError
 from gpt2core.evaluation import eval_dataloader, evaluate, evaluate_pass, sample
 from gpt2core.model import GPT2
 from gpt2core.precision import autocast_dtype
@@ -140,3 +141,49 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
         params="gpt2_tiny", model_dir=trained.outputs["model"], overrides=overrides,
         checkpoint_path=trained.outputs["checkpoints"]))
     assert from_checkpoint.metrics["eval/loss"] == pytest.approx(metrics["eval/loss"])
+    # the reference's habit: --model_dir is the folder training ran in (its newest checkpoint), or a file
+    for model_dir in (tmp_path / "work", tmp_path / "work" / "checkpoints" / "checkpoint_00000003.pt"):
+        scored = run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(model_dir),
+                                                                   overrides=overrides))
+        assert scored.metrics["eval/loss"] == pytest.approx(metrics["eval/loss"]), model_dir
+    older = run_stage("evaluate", ctx, evaluate_stage.Request(
+        params="gpt2_tiny", model_dir=str(tmp_path / "work" / "checkpoints" / "checkpoint_00000002.pt"),
+        overrides=overrides))
+    assert older.metrics["eval/loss"] != pytest.approx(metrics["eval/loss"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"--model_dir .*empty: no model.safetensors \(a model artifact\) and no "
+                                        r"checkpoint_<step>.pt in it or in its checkpoints/"):
+        run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(tmp_path / "empty"),
+                                                          overrides=overrides))
+
+
+def _hf_folder(folder, vocab_size: int):
+    """A tiny Hugging Face GPT-2 saved as transformers saves it; its top logit is id 50300 when padded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=vocab_size))
+    if vocab_size > 50300:
+        with torch.no_grad():  # ../shared/cases/vocab50304-eval-crash: a padded id wins every argmax
+            hf.transformer.ln_f.weight.zero_()
+            hf.transformer.ln_f.bias.fill_(1.0)
+            hf.transformer.wte.weight[50300] = 1.0
+    hf.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_a_padded_vocabulary_model_and_refuse_another_vocabulary(tiny_dataset_64, tmp_path):
+    ctx = RunContext(pipeline_run_id="run-padded", artifact_root=str(tmp_path / "artifacts"))
+    overrides = {**MICRO, "eval_input.data_dir": str(tiny_dataset_64 / "val"), "runconfig.eval_steps": 2,
+                 "runconfig.sample_max_new_tokens": 8}
+    padded = _hf_folder(tmp_path / "hf50304", 50304)
+    result = run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(padded),
+                                                               overrides=overrides))
+    assert math.isfinite(result.metrics["eval/loss"]) and result.metrics["eval/tokens"] > 0
+    samples = json.loads((tmp_path / "artifacts" / "run-padded" / "evaluate" / "report" / "samples.json").read_text())
+    assert samples[0]["completion"]  # decoded: no sampled id past the tokenizer's 50257
+    other = _hf_folder(tmp_path / "hf1000", 1000)
+    missing = {**overrides, "eval_input.data_dir": str(tmp_path / "not-read")}  # refused before the data is read
+    with pytest.raises(DataError, match=r"--model_dir .*hf1000: the model has vocab_size 1000, the config has "
+                                        r"model.vocab_size 50257"):
+        run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(other), overrides=missing))

@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gpt2core.config import load_params
-from gpt2core.errors import DataError
+from gpt2core.errors import ConfigError, DataError
 from gpt2core.hf_checkpoint import (
     from_hf_state_dict, hf_config, load_pretrained, model_params_from_hf_config, save_pretrained,
     to_hf_state_dict,
@@ -89,3 +89,55 @@ def test_architectures_hf_cannot_hold_skip_config_json(tmp_path):
 def test_missing_weights_are_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="no model.safetensors"):
         load_pretrained(tmp_path)
+
+
+def _padded_hf(tmp_path, **config) -> tuple[GPT2LMHeadModel, object]:
+    """A tiny HF GPT-2 with nanoGPT's padded vocabulary (50304 rows), saved to tmp_path / "hf"."""
+    torch.manual_seed(3)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=50304,
+                                    **config)).eval()
+    with torch.no_grad():  # every position's hidden state all ones: the extra id 50300 wins unmasked
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.fill_(1.0)
+        hf.transformer.wte.weight[50300] = 1.0
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+def test_a_padded_hf_vocabulary_loads_masked_and_exports_back(tmp_path):
+    hf, folder = _padded_hf(tmp_path)
+    ours = load_pretrained(folder).eval()
+    assert (ours.params.vocab_size, ours.params.padded_vocab_size) == (50257, 50304)
+    ids = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        logits, _ = ours(ids)
+    expected = hf_logits(hf, ids)
+    torch.testing.assert_close(logits[..., :50257], expected[..., :50257], rtol=1e-5, atol=1e-5)
+    assert torch.isinf(logits[..., 50257:]).all() and (expected.argmax(-1) == 50300).all()
+    seq = {"train_input.max_sequence_length": 64, "eval_input.max_sequence_length": 64}
+    save_pretrained(ours, load_params("gpt2_tiny", seq).model_copy(update={"model": ours.params}), tmp_path / "ours")
+    assert load_params(tmp_path / "ours" / "params.yaml").model.padded_vocab_size == 50304
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 50304
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    torch.testing.assert_close(hf_logits(again, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"scale_attn_weights": False}, r"config.json: scale_attn_weights: False is not implemented"),
+    ({"scale_attn_by_inverse_layer_idx": True}, r"config.json: scale_attn_by_inverse_layer_idx: True is not"),
+    ({"add_cross_attention": True}, r"config.json: add_cross_attention: True is not implemented"),
+    ({"activation_function": "relu"}, r"config.json: activation_function: expected one of gelu, gelu_new, "),
+])
+def test_hf_config_keys_that_change_the_computation_are_refused_naming_key_and_file(tmp_path, config, message):
+    _, folder = _padded_hf(tmp_path, **config)
+    with pytest.raises(ConfigError, match=rf"{folder}/{message}"):
+        load_pretrained(folder)
+
+
+def test_weights_that_do_not_fit_their_config_are_refused_before_loading(tmp_path):
+    _, folder = _padded_hf(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 50257}))  # the rows say 50304
+    with pytest.raises(DataError, match=r"model.safetensors: transformer.wte.weight has shape \[50304, 32\], but "
+                                        r".*config.json \(its vocab_size\) makes \[50257, 32\]"):
+        load_pretrained(folder)

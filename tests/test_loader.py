@@ -4,6 +4,8 @@ reference-written files, verify_dataset, and bad files."""
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -222,3 +224,64 @@ def test_bad_arguments(small_split: Path, tmp_path: Path):
         build_dataloader(small_split, 200)
     with pytest.raises(DataError, match="rank=2, world_size=2"):
         build_dataloader(small_split, 2, rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- inverted masks (reference option)
+
+
+def _inverted_copy(src: Path, dst: Path, *, declared: bool, section: str = "dataset") -> Path:
+    """``src``'s rows written as the reference does with inverted_mask: true (0 = real token), with or
+    without the data_params.json that says so."""
+    dst.mkdir(parents=True)
+    for path in sorted(src.glob("*.h5")):
+        rows = h5py.File(path, "r")["data"][:]
+        rows[:, 1] = 1 - rows[:, 1]
+        with h5py.File(dst / f"examples_0_{path.stem[-1]}.h5", "w") as f:
+            f.attrs["n_examples"] = len(rows)
+            f.create_dataset("data", data=rows, chunks=(1, 3, rows.shape[2]), compression="gzip")
+    if declared:
+        (dst / "data_params.json").write_text(json.dumps({section: {"inverted_mask": True}}))
+    return dst
+
+
+@pytest.mark.parametrize("section", ["dataset", "processing"])  # 1.9-2.3 write it in dataset, 2.4+ in processing
+def test_declared_inverted_masks_are_read_flipped_back(tiny_dataset: Path, tmp_path: Path, section: str):
+    src = tiny_dataset / "val"
+    inverted = _inverted_copy(src, tmp_path / "ref", declared=True, section=section)
+    plain, flipped = HDF5Dataset(src), HDF5Dataset(inverted)
+    assert flipped.inverted_mask and not plain.inverted_mask
+    every = np.arange(len(plain))
+    np.testing.assert_array_equal(flipped.read_rows(every), plain.read_rows(every))
+    batch = next(iter(build_dataloader(inverted, 4, shuffle=False)))
+    assert batch["attention_mask"][:, 0].all()  # the loss sees the real tokens, not the padding
+    stats = verify_dataset(inverted)
+    assert stats["inverted_mask"] and stats["loss_valid_tokens"] == verify_dataset(src)["loss_valid_tokens"]
+
+
+def test_inverted_masks_without_the_declaration_are_refused_naming_the_file(tiny_dataset: Path, tmp_path: Path):
+    inverted = _inverted_copy(tiny_dataset / "val", tmp_path / "ref", declared=False)
+    first = sorted(inverted.glob("*.h5"))[0]
+    with pytest.raises(DataError, match=rf"{first}: attention_mask is 0 at the first position of every row "
+                                        r"checked.*inverted_mask: true"):
+        HDF5Dataset(inverted)
+    with pytest.raises(DataError, match=rf"{first}: attention_mask is 0 at the first position"):
+        verify_dataset(inverted)
+
+
+def test_a_declaration_the_rows_contradict_is_refused(tiny_dataset: Path, tmp_path: Path):
+    folder = tmp_path / "plain"
+    shutil.copytree(tiny_dataset / "val", folder)
+    (folder / "data_params.json").write_text(json.dumps({"dataset": {"inverted_mask": True}}))
+    with pytest.raises(DataError, match=r"data_params.json declares inverted_mask: true, but .*data-00000.h5 has "
+                                        r"attention_mask 1"):
+        HDF5Dataset(folder)
+
+
+def test_validate_reports_inverted_masks_it_honours(tiny_dataset: Path, tmp_path: Path):
+    from gpt2core.validation import ValidationReport, check_dataset
+
+    inverted = _inverted_copy(tiny_dataset / "val", tmp_path / "ref", declared=True)
+    report = ValidationReport(target="cpu")
+    params = load_params("gpt2_tiny", {"train_input.max_sequence_length": 128})
+    assert check_dataset("train_input.data_dir", str(inverted), inverted, params, report)["inverted_mask"]
+    assert report.ok and any("inverted_mask: true" in note for note in report.notes)

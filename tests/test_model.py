@@ -108,3 +108,36 @@ def test_fused_training_loss_matches_plain_autograd(monkeypatch, loss_scaling, t
     torch.testing.assert_close(fused, plain)
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=2e-6, msg=name)  # fp32 sum order
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_padded_vocabulary_masks_the_extra_ids(monkeypatch, fused):
+    """model.padded_vocab_size (50304, nanoGPT's): the same loss and gradients as the tokenizer's 50257
+    rows alone, and the extra ids' logits are -inf, however large their weights."""
+    padded = tiny_model(padded_vocab_size=50304)
+    with torch.no_grad():
+        padded.transformer.wte.weight[50257:] = 3.0  # extra rows that would win the argmax unmasked
+    plain = tiny_model()
+    state = {k: (v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v)
+             for k, v in padded.state_dict().items()}
+    plain.load_state_dict(state)
+    monkeypatch.setattr(ChunkedHeadLoss, "CHUNK_ELEMENTS", 50304 * 5)
+    x = torch.randint(0, 50257, (2, 16))
+    labels = torch.roll(x, -1, dims=1)
+    losses = []
+    for model in (padded, plain):
+        model.fused_head_loss = fused
+        _, loss = model(x, attention_mask=torch.ones_like(x), labels=labels)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1])
+    grad = padded.transformer.wte.weight.grad
+    torch.testing.assert_close(grad[:50257], plain.transformer.wte.weight.grad, rtol=1e-4, atol=2e-6)
+    assert not grad[50257:].any()  # the extra rows get no gradient from the loss
+    with torch.no_grad():
+        logits, _ = padded(x)
+    assert logits.shape[-1] == 50304 and torch.isinf(logits[..., 50257:]).all()
+    assert int(logits.argmax(-1).max()) < 50257
+    from gpt2core.evaluation import sample
+
+    assert max(sample(padded, [1, 2, 3], max_new_tokens=20, temperature=5.0, top_k=None)) < 50257

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import h5py
+import ftfy
 import numpy as np
 import pytest
 
@@ -93,15 +94,20 @@ def test_packing_carry_over_reconstructs_the_token_stream(small_corpus: Path, tm
 
 
 def test_packing_overlap_scheme(small_corpus: Path, tmp_path: Path):
+    """Model Zoo 1.6-1.7: windows at stride max_seq_length - overlap_size over a buffer that starts with
+    EOS, and a final window of the buffer's last max_seq_length + 1 tokens."""
     preprocess_corpus(small_corpus, tmp_path, _params(packing_scheme="overlap", overlap_size=16, min_sequence_len=2))
     rows = _rows(tmp_path / "train")
-    stream = _expected_stream(small_corpus)
+    stream = np.concatenate([[EOS_ID], _expected_stream(small_corpus)])  # one buffer: < 1e6 tokens
     stride = 64 - 16
-    for i in range(len(rows) - 1):  # full windows at stride 48: window i = stream[48 i : 48 i + 65]
+    full = (len(stream) - 65) // stride + 1
+    assert len(rows) == full + 1 and rows[:, 1].all()  # every window full, the last one overlapping more
+    for i in range(full):  # full windows at stride 48: window i = stream[48 i : 48 i + 65]
         window = stream[i * stride:i * stride + 65]
         np.testing.assert_array_equal(rows[i, 0], window[:-1])
         np.testing.assert_array_equal(rows[i, 2], window[1:])
-    assert len(rows) == -(-(len(stream) - 65) // stride) + 1
+    np.testing.assert_array_equal(rows[-1, 0], stream[-65:-1])
+    np.testing.assert_array_equal(rows[-1, 2], stream[-64:])
 
 
 def test_unpacked_documents_start_their_own_rows(small_corpus: Path, tmp_path: Path):
@@ -275,6 +281,17 @@ def test_cli(small_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     assert (out / "MANIFEST.json").exists() and (out / "train" / "data-00000.h5").exists()
     params = json.loads((out / "train" / "data_params.json").read_text())["processing"]
     assert params["pack_sequences"] is False and params["samples_per_file"] == 300
+    assert params["use_ftfy"] is True and params["min_sequence_len"] == 6
+    corpus = json.loads((out / "train" / "data_params.json").read_text())["dataset"]["corpus"]
+    for key in ("newline_fixed_documents", "bom_removed_documents", "ftfy_fixed_documents", "normalized_documents"):
+        assert result["metrics"][f"preprocess/{key}"] == corpus[key]
+    code = cli_main(["preprocess", "--input_dir", str(small_corpus), "--output_dir", str(tmp_path / "raw"),
+                     "--max_seq_length", "32", "--use_ftfy", "false", "--universal_newlines", "false",
+                     "--strip_bom", "false", "--packing_scheme", "disjoint", "--processes", "1",
+                     "--artifact_root", str(tmp_path)])
+    assert code == 0 and json.loads(capsys.readouterr().out)["metrics"]["preprocess/normalized_documents"] == 0
+    params = json.loads((tmp_path / "raw" / "train" / "data_params.json").read_text())["processing"]
+    assert (params["use_ftfy"], params["packing_scheme"], params["min_sequence_len"]) == (False, "disjoint", 10)
     code = cli_main(["preprocess", "--input_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")])
     assert code == 2
     assert "missing" in capsys.readouterr().err
@@ -348,3 +365,129 @@ def test_killed_run_resumes_to_the_same_bytes(english_text_dir: Path, tmp_path: 
     for path in sorted((tmp_path / "clean").rglob("*")):
         if path.is_file():
             assert (out / path.relative_to(tmp_path / "clean")).read_bytes() == path.read_bytes()
+
+
+# ----------------------------------------------------------------------------- text normalisation
+
+MESSY_TXT = "\ufeffA line with \u201ccurly\u201d quotes and caf\u00e9 mojibake: \u00c3\u00a9t\u00c3\u00a9.\r\nFish &amp; chips\rend\r\n"
+
+
+def _stream_ids(split_dir: Path) -> list[int]:
+    rows = _rows(split_dir)
+    return [int(rows[0, 0, 0])] + [int(t) for r in rows for t in r[2][r[1] == 1]]
+
+
+def test_txt_is_read_and_normalised_as_the_reference_does(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(MESSY_TXT.encode("utf-8"))
+    stats = preprocess_corpus(corpus, tmp_path / "out", _params(min_sequence_len=2))
+    with open(corpus / "a.txt", encoding="utf-8") as f:  # the reference's read_txt: text mode
+        text = ftfy.fix_text(f.read(), normalization="NFC")
+    assert _stream_ids(tmp_path / "out" / "train") == get_tokenizer().encode_ordinary(text) + [EOS_ID]
+    assert "\r" not in text and "\ufeff" not in text and "&amp;" not in text
+    corpus_stats = stats["corpus"]
+    assert [corpus_stats[k] for k in ("newline_fixed_documents", "bom_removed_documents", "ftfy_fixed_documents",
+                                      "normalized_documents")] == [1, 1, 1, 1]
+    recorded = json.loads((tmp_path / "out" / "train" / "data_params.json").read_text())
+    assert recorded["dataset"]["corpus"]["normalized_documents"] == 1
+    assert recorded["dataset"]["use_ftfy"] is True and recorded["dataset"]["ftfy_normalizer"] == "NFC"
+
+
+@pytest.mark.parametrize("off, expected", [
+    ({"use_ftfy": False, "universal_newlines": False, "strip_bom": False}, lambda raw: raw),
+    ({"use_ftfy": False}, lambda raw: raw.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")),
+    ({"use_ftfy": False, "strip_bom": False}, lambda raw: raw.replace("\r\n", "\n").replace("\r", "\n")),
+    ({"universal_newlines": False, "strip_bom": False}, lambda raw: ftfy.fix_text(raw, normalization="NFC")),
+    ({"ftfy_normalizer": "NFKC"}, lambda raw: ftfy.fix_text(raw.replace("\r\n", "\n"), normalization="NFKC")),
+])
+def test_each_normalisation_turns_off(tmp_path: Path, off: dict, expected):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(MESSY_TXT.encode("utf-8"))
+    preprocess_corpus(corpus, tmp_path / "out", _params(min_sequence_len=2, **off))
+    ids = get_tokenizer().encode_ordinary(expected(MESSY_TXT)) + [EOS_ID]
+    assert _stream_ids(tmp_path / "out" / "train") == ids
+
+
+def test_plain_ascii_gives_the_same_bytes_with_normalisation_on_and_off(small_corpus: Path, tmp_path: Path):
+    ascii_corpus = tmp_path / "ascii"
+    ascii_corpus.mkdir()
+    for path in small_corpus.iterdir():  # plain ASCII, LF line ends: nothing for any normalisation to do
+        text = path.read_text(encoding="utf-8")
+        (ascii_corpus / path.name).write_text(text.encode("ascii", "ignore").decode().replace("&", "and"))
+    on = preprocess_corpus(ascii_corpus, tmp_path / "on", _params(val_fraction=0.25))
+    off = preprocess_corpus(ascii_corpus, tmp_path / "off", _params(val_fraction=0.25, use_ftfy=False,
+                                                                    universal_newlines=False, strip_bom=False))
+    assert on["corpus"]["normalized_documents"] == 0
+    for split in ("train", "val"):
+        for path in sorted((tmp_path / "on" / split).glob("*.h5")):
+            assert path.read_bytes() == (tmp_path / "off" / split / path.name).read_bytes()
+        assert on[split] == off[split]
+
+
+def test_data_params_carry_the_reference_keys(small_corpus: Path, tmp_path: Path):
+    preprocess_corpus(small_corpus, tmp_path, _params(val_fraction=0.3))
+    enc = get_tokenizer()
+    for split in ("train", "val"):
+        recorded = json.loads((tmp_path / split / "data_params.json").read_text())
+        rows = _rows(tmp_path / split)
+        assert recorded["features"] == ["input_ids", "attention_mask", "labels"]
+        post = recorded["post-process"]
+        assert post["n_examples"] == len(rows) == recorded["h5_dataset_stats"]["num_sequences"]
+        assert (post["eos_id"], post["pad_id"], post["vocab_size"]) == (EOS_ID, EOS_ID, 50257)
+        assert post["processed_files"] == post["successful_files"] + post["discarded_files"] == \
+            recorded["h5_dataset_stats"]["num_documents"]
+        assert post["loss_valid_tokens"] == int(rows[:, 1].sum())
+        assert post["num_masked_tokens"] == post["num_tokens"] - post["loss_valid_tokens"]
+        assert post["raw_bytes_count"] >= post["normalized_bytes_count"] > 0
+        assert post["raw_chars_count"] >= post["normalized_chars_count"] > 0
+        decoded = [enc.decode(list(r)) for r in rows[:, 0]]  # the reference's collect_stats
+        stats = recorded["h5_dataset_stats"]
+        assert stats["detokenized_chars"] == sum(len(t) for t in decoded)
+        assert stats["detokenized_bytes"] == sum(len(t.encode()) for t in decoded)
+        assert recorded["dataset"]["min_sequence_len"] == 6 and recorded["dataset"]["pack_sequences"] is True
+
+
+def test_documents_too_short_for_any_row_are_counted_as_discarded(tmp_path: Path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one", "x " * 200, "two"]))
+    preprocess_corpus(corpus, tmp_path / "out", _params(pack_sequences=False, min_sequence_len=10))
+    post = json.loads((tmp_path / "out" / "train" / "data_params.json").read_text())["post-process"]
+    assert (post["processed_files"], post["discarded_files"], post["successful_files"]) == (3, 2, 1)
+
+
+def test_the_stage_works_beside_mlflow_start_up_and_never_leaves_it_running(small_corpus: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch):
+    """The work starts before the MLflow run opens; a tracking failure is raised only once it has ended."""
+    import socket
+    import threading
+
+    from gpt2core.errors import TrackingError
+    from gpt2core.platform.context import RunContext
+    from gpt2core.platform.settings import reload_settings
+    from gpt2core.stages import preprocess as preprocess_stage, run_stage
+
+    with socket.socket() as s:  # a port with nothing listening: MLflow is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    reload_settings()
+    request = preprocess_stage.Request(input_dir=str(small_corpus), output_dir=str(tmp_path / "out"),
+                                       preprocessing=_params(max_seq_length=32))
+    with pytest.raises(TrackingError, match="unreachable"):
+        run_stage("preprocess", RunContext(pipeline_run_id="bg", artifact_root=str(tmp_path / "a")), request)
+    assert not [t for t in threading.enumerate() if t.name == "preprocess-work"]
+    assert (tmp_path / "out" / "train" / "data_params.json").is_file()  # the work ran to its end
+
+
+def test_detokenized_sizes_are_those_of_each_row_decoded():
+    from gpt2core.data.preprocess import _detokenized_sizes
+
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary("caf\u00e9 \u201cquoted\u201d \U0001F600 plain ascii words here and more " * 3)
+    rows = np.array([ids[i:i + 7] for i in range(0, 7 * (len(ids) // 7), 7)])  # rows cut inside characters too
+    decoded = [enc.decode_bytes(list(r)).decode("utf-8", errors="replace") for r in rows]
+    assert any("\ufffd" in t for t in decoded) and any(t.isascii() for t in decoded)
+    assert _detokenized_sizes(rows, enc) == (sum(len(t.encode()) for t in decoded), sum(len(t) for t in decoded))

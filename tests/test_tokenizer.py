@@ -62,3 +62,22 @@ def test_bad_arguments(tmp_path: Path):
         get_tokenizer(vocab_file=str(GPT2_FILES / "vocab.bpe"))
     with pytest.raises(DataError, match="missing.bpe"):
         get_tokenizer(tmp_path / "missing.bpe", tmp_path / "missing.json")
+
+
+def test_ranks_are_kept_in_the_cache_folder_and_rebuilt_when_torn(tmp_path, monkeypatch):
+    from gpt2core.platform.settings import reload_settings
+    from gpt2core.tokenizer import _load
+
+    monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path))
+    reload_settings()
+    _load.cache_clear()
+    text = "Cached ranks tokenize the same: caf\u00e9, \u201cquotes\u201d, <|endoftext|>."
+    fresh = get_tokenizer().encode_ordinary(text)
+    (cached,) = (tmp_path / "tokenizer").glob("*.tiktoken")
+    _load.cache_clear()
+    assert get_tokenizer().encode_ordinary(text) == fresh  # read back from the cache file
+    cached.write_text("not base64 at all\n")
+    _load.cache_clear()
+    assert get_tokenizer().encode_ordinary(text) == fresh  # torn: rebuilt from vocab.bpe / encoder.json
+    assert len(cached.read_text().splitlines()) == 50256
+    _load.cache_clear()

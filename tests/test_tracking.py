@@ -196,3 +196,24 @@ def test_a_real_tracking_server_over_http_with_artifacts_in_s3(ctx, tmp_path, mo
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # the server and the workers it started
         server.wait(30)
+
+
+def test_a_new_sqlite_store_is_a_copy_of_the_one_mlflow_builds(ctx, monkeypatch, tmp_path):
+    import sqlite3
+
+    import mlflow
+
+    def schema(path) -> list:
+        with sqlite3.connect(path) as db:
+            return sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()) + \
+                db.execute("SELECT version_num FROM alembic_version").fetchall()
+
+    monkeypatch.setenv("GPT2OPS_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("first", "second"):  # the first builds the template, the second is a copy of it
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/{name}/mlflow.db")
+        reload_settings()
+        run_id = tracking.start_pipeline_run(ctx)
+        assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    assert (tmp_path / "cache" / "mlflow" / f"empty-store-{mlflow.__version__}.db").is_file()
+    MlflowClient(f"sqlite:///{tmp_path}/by_mlflow.db").search_experiments()  # MLflow's own, migrations run
+    assert schema(tmp_path / "second" / "mlflow.db") == schema(tmp_path / "by_mlflow.db")

@@ -119,3 +119,19 @@ def test_cli_prints_every_problem_on_one_error_and_exits_2(tmp_path, capsys):
     assert code == 2 and "gpt2ops validate: error: 3 problem(s)" in err
     assert "not divisible by 3 device(s)" in err and f"{tmp_path}/missing/val" in err
     assert (tmp_path / "art" / "cli1" / "validate" / "report" / "report.md").is_file()
+
+
+def test_keys_with_no_effect_on_the_target_are_listed_once_in_log_and_report(ctx, s3_dataset, caplog):
+    overrides = {**_data(s3_dataset), "model.allow_multireplica": False, "model.precision_opt_level": 1}
+    with caplog.at_level("INFO", logger="gpt2core.stages.request"):
+        result = run_stage("validate", ctx, validate.Request(params="gpt2_tiny", overrides=overrides, target="gpu",
+                                                             gpu_type="H100"))
+    report = json.loads(storage.read_text(f"{result.outputs['report']}/report.json"))
+    expected = ["model.precision_opt_level: accepted, no effect on target gpu (numerics level of the wafer)",
+                "model.allow_multireplica: accepted, no effect on target gpu (pipeline-mode replicas of the 1.x "
+                "appliance (gone in 2.0))"]
+    # (gpt2_tiny also names a data_processor, which the torch targets do not need either)
+    assert report["ok"] and [n for n in report["notes"] if n.startswith("model.") and "accepted" in n] == expected
+    assert all(f"- {line}" in storage.read_text(f"{result.outputs['report']}/report.md") for line in expected)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gpt2_tiny: model.")]
+    assert logged == [f"gpt2_tiny: {line}" for line in expected]

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from gpt2core.config import InitializerParams, Params, SchedulerParams
+from gpt2core.errors import ConfigError
 
 MODELZOO_PARAMS_FILE = "modelzoo_params.yaml"
 
@@ -75,8 +76,12 @@ def _dataloader(section: Any, data_dir: str) -> dict[str, Any]:
 
 def modelzoo_params(params: Params, *, train_data_dir: str | None = None, eval_data_dir: str | None = None,
                     backend: str = "CSX") -> dict[str, Any]:
-    """The Model Zoo ``trainer:`` config of ``params`` (data folders default to the config's)."""
+    """The Model Zoo ``trainer:`` config of ``params`` (data folders default to the config's). Raises
+    ConfigError for a torch-side key the Model Zoo's GPT-2 cannot express."""
     m, o, r = params.model, params.optimizer, params.runconfig
+    if m.padded_vocab_size is not None:
+        raise ConfigError(f"model.padded_vocab_size: {m.padded_vocab_size}: the Model Zoo's GPT-2 has no padded "
+                          f"vocabulary (its embedding has model.vocab_size rows); leave it unset to export")
     model: dict[str, Any] = {"name": "gpt2"}
     model.update({k: getattr(m, k) for k in _MODEL_KEYS if getattr(m, k) is not None})
     for key in ("embedding_initializer", "initializer", "output_layer_initializer"):

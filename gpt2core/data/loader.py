@@ -6,6 +6,11 @@ world_size-th of them. So the samples of each step do not depend on the world si
 global batch) nor on the number of DataLoader workers, and a run resumes at the exact next batch
 from `state_dict()`, even on a different world size with the same global batch.
 
+Masks: ``attention_mask`` is the loss mask, 1 on real tokens. A folder whose data_params.json says
+``inverted_mask: true`` (the reference scripts' option: 0 on real tokens, 1 on padding) is read with
+the mask flipped back; rows that look inverted without saying so (0 at the first position of every
+row, which always holds a real token) are refused, as are rows that say so but do not look it.
+
 Reads: a batch's rows are read sorted, per file, in one call. Uncompressed contiguous files (what
 preprocessing writes by default) are memory-mapped; compressed or chunked ones go through h5py.
 Files are opened lazily in each process (workers never share an HDF5 handle). With workers, one
@@ -18,6 +23,7 @@ torch DataLoader serves all epochs of an iteration (workers live across epoch bo
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +34,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gpt2core.data import DATA_PARAMS, FEATURES as FIELDS
 from gpt2core.errors import DataError
 
 if TYPE_CHECKING:  # the loader itself needs no config (and no pydantic) to import
     from gpt2core.config import InputParams
-
-FIELDS = ("input_ids", "attention_mask", "labels")
 
 
 def _h5_files(data_dir: Path) -> list[Path]:
@@ -65,11 +70,47 @@ def describe_h5(path: Path) -> tuple[int, int, int | None]:
         raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
 
 
+_MASK_ROWS_CHECKED = 8  # rows per file whose first mask value tells the convention (a gzip file: 8 chunk reads)
+
+
+def declared_inverted_mask(data_dir: Path) -> bool:
+    """Whether ``data_dir/data_params.json`` declares ``inverted_mask: true`` (in ``dataset``, where
+    Model Zoo 1.9-2.3 write it, or ``processing``, 2.4+); False without the file or the key."""
+    params_file = Path(data_dir) / DATA_PARAMS
+    if not params_file.is_file():
+        return False
+    try:
+        recorded = json.loads(params_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{params_file}: not valid JSON ({exc})") from exc
+    sections = [recorded.get(name) for name in ("dataset", "processing")] if isinstance(recorded, dict) else []
+    return any(isinstance(s, dict) and s.get("inverted_mask") is True for s in sections)
+
+
+def check_mask_convention(path: Path, first_mask_values: np.ndarray, inverted: bool) -> None:
+    """Raise DataError when the first mask value of rows of ``path`` (real tokens always start a
+    row) contradicts the convention: all 0 where the mask should be 1 on real tokens, or all 1
+    where data_params.json declared ``inverted_mask: true``."""
+    if not len(first_mask_values):
+        return
+    if not inverted and not first_mask_values.any():
+        raise DataError(f"{path}: attention_mask is 0 at the first position of every row checked, where a real "
+                        f"token always is: the rows look written with inverted_mask: true (0 = real token). "
+                        f"Declare it in {path.parent / DATA_PARAMS} (\"dataset\": {{\"inverted_mask\": true}}) "
+                        f"or rewrite the files with a plain mask")
+    if inverted and first_mask_values.all():
+        raise DataError(f"{path.parent / DATA_PARAMS} declares inverted_mask: true, but {path} has attention_mask "
+                        f"1 at the first position of every row checked (a plain mask); remove the key or fix "
+                        f"the files")
+
+
 class HDF5Dataset(Dataset):
     """All rows of the `*.h5` files in `data_dir` (name order) as one map-style dataset.
 
     `ds[i]` is a dict of int32 tensors `[max_seq_length]`; `read_rows(indices)` returns int32
-    `[k, 3, max_seq_length]` (input_ids, attention_mask, labels) and is what the loader uses.
+    `[k, 3, max_seq_length]` (input_ids, attention_mask, labels) and is what the loader uses; the
+    mask is 1 on real tokens also for files written with ``inverted_mask: true`` (see the module
+    docstring). Raises DataError naming the file for a layout or mask convention it cannot read.
     """
 
     def __init__(self, data_dir: str | Path):
@@ -80,6 +121,10 @@ class HDF5Dataset(Dataset):
         if len(lengths) > 1:
             raise DataError(f"{self.data_dir}: files disagree on max_seq_length ({sorted(lengths)})")
         self.max_seq_length = lengths.pop()
+        self.inverted_mask = declared_inverted_mask(self.data_dir)
+        for path, (n, _, _) in zip(self.files, described, strict=True):
+            with h5py.File(path, "r") as f:
+                check_mask_convention(path, f["data"][:min(n, _MASK_ROWS_CHECKED), 1, 0], self.inverted_mask)
         self._counts = np.array([n for n, _, _ in described], dtype=np.int64)
         self._offsets = [off for _, _, off in described]
         self._ends = np.cumsum(self._counts)
@@ -127,6 +172,8 @@ class HDF5Dataset(Dataset):
                 rows, inverse = np.unique(local, return_inverse=True)
                 runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
                 out[sel] = np.concatenate([reader[run[0]:run[-1] + 1] for run in runs])[inverse]
+        if self.inverted_mask:
+            out[:, 1] = 1 - out[:, 1]
         return out
 
 

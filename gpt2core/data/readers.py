@@ -77,6 +77,17 @@ def _parquet(path: Path, text_key: str) -> Iterator[str]:
                 yield text
 
 
+def import_readers(paths: list[Path]) -> None:
+    """Import the modules that read the formats of ``paths`` now, in this process: workers forked
+    from it then find them loaded. (A forked child must not import a module that another thread of
+    its parent was importing at the fork: the module's import lock stays held in the child.)"""
+    formats = {corpus_format(p) for p in paths}
+    if ".parquet" in formats:
+        import pyarrow.parquet  # noqa: F401
+    if ".jsonl.zst" in formats:
+        import zstandard  # noqa: F401
+
+
 def iter_documents(path: str | Path, text_key: str = "text", stats: ReadStats | None = None) -> Iterator[str]:
     """Yield the documents of one corpus file in order; `stats` (if given) is updated as it goes."""
     path = Path(path)

@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from gpt2core.data.loader import describe_h5
-from gpt2core.data.preprocess import DATA_PARAMS
+from gpt2core.data import DATA_PARAMS
+from gpt2core.data.loader import check_mask_convention, declared_inverted_mask, describe_h5
 from gpt2core.errors import DataError
 from gpt2core.tokenizer import VOCAB_SIZE
 
@@ -24,9 +24,14 @@ _ROWS_PER_READ = 1024  # 12 MB at max_seq_length 1024
 _MAX_PROBLEMS_PER_FILE = 5
 
 
-def _check_file(path: Path, max_seq_length: int | None, vocab_size: int, problems: list[str]) -> dict:
+def _check_file(path: Path, max_seq_length: int | None, vocab_size: int, inverted_mask: bool,
+                problems: list[str]) -> dict:
+    """Problems of one file into ``problems``; its stats. With ``inverted_mask`` (declared in
+    data_params.json) the mask is read flipped, as the loader reads it."""
     try:
         n, msl, _ = describe_h5(path)
+        with h5py.File(path, "r") as f:
+            check_mask_convention(path, f["data"][:min(n, _ROWS_PER_READ), 1, 0], inverted_mask)
     except DataError as exc:
         problems.append(str(exc))
         return {"num_sequences": 0, "loss_valid_tokens": 0, "max_seq_length": None}
@@ -40,7 +45,7 @@ def _check_file(path: Path, max_seq_length: int | None, vocab_size: int, problem
             found.append(f"dtype is {data.dtype}, expected int32")
         for lo in range(0, n, _ROWS_PER_READ):
             rows = data[lo:lo + _ROWS_PER_READ]
-            ids, mask, labels = rows[:, 0], rows[:, 1], rows[:, 2]
+            ids, mask, labels = rows[:, 0], (1 - rows[:, 1]) if inverted_mask else rows[:, 1], rows[:, 2]
             where = f"rows {lo}-{lo + len(rows) - 1}"
             for name, values in (("input_ids", ids), ("labels", labels)):
                 if values.min() < 0 or values.max() >= vocab_size:
@@ -65,14 +70,19 @@ def _check_file(path: Path, max_seq_length: int | None, vocab_size: int, problem
 
 def _verify_split(folder: Path, max_seq_length: int | None, vocab_size: int, problems: list[str]) -> dict:
     files = sorted(folder.glob("*.h5"))
-    per_file = [_check_file(p, max_seq_length, vocab_size, problems) for p in files]
+    try:
+        inverted = declared_inverted_mask(folder)
+    except DataError as exc:
+        problems.append(str(exc))
+        inverted = False
+    per_file = [_check_file(p, max_seq_length, vocab_size, inverted, problems) for p in files]
     lengths = {s["max_seq_length"] for s in per_file if s["max_seq_length"] is not None}
     if len(lengths) > 1:
         problems.append(f"{folder}: files disagree on max_seq_length ({sorted(lengths)})")
     stats = {"files": len(files),
              "num_sequences": sum(s["num_sequences"] for s in per_file),
              "loss_valid_tokens": sum(s["loss_valid_tokens"] for s in per_file),
-             "max_seq_length": lengths.pop() if len(lengths) == 1 else max_seq_length}
+             "max_seq_length": lengths.pop() if len(lengths) == 1 else max_seq_length, "inverted_mask": inverted}
     stats["num_tokens"] = stats["num_sequences"] * (stats["max_seq_length"] or 0)
     params_file = folder / DATA_PARAMS
     if params_file.exists():
@@ -81,10 +91,14 @@ def _verify_split(folder: Path, max_seq_length: int | None, vocab_size: int, pro
         except json.JSONDecodeError as exc:
             problems.append(f"{params_file}: not valid JSON ({exc.msg})")
             recorded = {}
-        for key in ("num_sequences", "loss_valid_tokens"):
-            if key in recorded and recorded[key] != stats[key]:
+        # the reference counts loss_valid_tokens as the sum of the mask as written: the padding, if inverted
+        expected = {"num_sequences": stats["num_sequences"],
+                    "loss_valid_tokens": (stats["num_tokens"] - stats["loss_valid_tokens"]) if inverted
+                    else stats["loss_valid_tokens"]}
+        for key, value in expected.items():
+            if key in recorded and recorded[key] != value:
                 problems.append(f"{params_file}: h5_dataset_stats.{key}={recorded[key]} "
-                                f"but the files hold {stats[key]}")
+                                f"but the files hold {value}")
     else:
         log.warning("%s: no %s beside the files (counts not cross-checked)", folder, DATA_PARAMS)
     return stats

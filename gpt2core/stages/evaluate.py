@@ -1,5 +1,11 @@
 """Evaluate stage: `gpt2ops evaluate --params CFG --model_dir MODEL [--checkpoint_path CKPT]`.
 
+``--model_dir`` is what the reference's ``--mode eval --model_dir D`` takes and more: the folder
+``gpt2ops train --model_dir D`` trained in (its newest checkpoint, as the reference loads the newest
+``checkpoint_<step>.mdl`` of D), a checkpoint file, or a model artifact (``model.safetensors``, ours or
+a Hugging Face GPT-2 folder); local or s3://. A model whose vocabulary differs from the config's
+``model.vocab_size`` is refused before any data is read.
+
 Scores a trained model on ``eval_input.data_dir`` (``eval/loss``, ``eval/lm_perplexity``,
 ``eval/accuracy``, as the reference defines them) and writes text samples (temperature, top-k from
 ``runconfig.sample_*``). Output: the ``report`` artifact with ``metrics.json``, ``samples.json``,
@@ -10,12 +16,14 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 from pydantic import Field
 
+from gpt2core.checkpoint_names import FOLDER as CHECKPOINTS, TORCH
 from gpt2core.config import Params
 from gpt2core.errors import DataError
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
@@ -25,13 +33,17 @@ from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MO
 from gpt2core.stages.inputs import data_input, local_checkpoint
 from gpt2core.stages.request import ModelRequest
 
+log = logging.getLogger(__name__)
+
 STAGE = "evaluate"
 
 
 class Request(ModelRequest):
     """The model to score and the config whose eval_input it is scored on."""
 
-    model_dir: str = Field(description="the train stage's model artifact (local or s3://)")
+    model_dir: str = Field(description="the model to score: the train stage's model artifact, the folder "
+                                       "`gpt2ops train --model_dir` trained in (its newest checkpoint), or a "
+                                       "checkpoint file (local or s3://)")
     checkpoint_path: str | None = Field(None, description="evaluate this training checkpoint's weights "
                                                           "instead (file or folder, local or s3://)")
 
@@ -60,20 +72,51 @@ def run(ctx: RunContext, request: Request) -> StageResult:
 
 
 def _load_model(cfg: Params, model_uri: str, checkpoint_path: str | None):  # noqa: ANN202 - GPT2
-    from gpt2core.hf_checkpoint import load_pretrained
+    """The model at ``checkpoint_path`` (a training checkpoint: the config's architecture), else at
+    ``model_uri`` (see the module docstring)."""
+    from gpt2core.checkpoint_names import list_checkpoints
+    from gpt2core.hf_checkpoint import WEIGHTS_FILE, load_pretrained
+
+    scratch = Path(cfg.runconfig.model_dir)
+    if checkpoint_path:
+        return _from_checkpoint(cfg, local_checkpoint(checkpoint_path, scratch), f"--checkpoint_path {checkpoint_path}")
+    if model_uri.endswith(TORCH):
+        return _from_checkpoint(cfg, local_checkpoint(model_uri, scratch), f"--model_dir {model_uri}")
+    with local_input(model_uri) as folder:
+        if (folder / WEIGHTS_FILE).is_file():
+            model = load_pretrained(folder)
+            _check_vocabulary(cfg, model, model_uri)
+            return model
+        newest = (list_checkpoints(folder / CHECKPOINTS) or list_checkpoints(folder))[-1:]
+        if not newest:
+            raise DataError(f"--model_dir {model_uri}: no {WEIGHTS_FILE} (a model artifact) and no "
+                            f"checkpoint_<step>{TORCH} in it or in its {CHECKPOINTS}/ (the folder of `gpt2ops train "
+                            f"--model_dir`)")
+        log.info("--model_dir %s: evaluating its newest checkpoint, %s", model_uri, newest[0].name)
+        return _from_checkpoint(cfg, newest[0], f"--model_dir {model_uri}")
+
+
+def _from_checkpoint(cfg: Params, path: Path, flag: str):  # noqa: ANN202 - GPT2
     from gpt2core.model import GPT2
 
-    if checkpoint_path:
-        path = local_checkpoint(checkpoint_path, Path(cfg.runconfig.model_dir))
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        model = GPT2(cfg.model)
-        try:
-            model.load_state_dict(state["model"])
-        except (KeyError, RuntimeError) as exc:
-            raise DataError(f"--checkpoint_path {checkpoint_path}: weights do not fit model config ({exc})") from exc
-        return model
-    with local_input(model_uri) as folder:
-        return load_pretrained(folder)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    model = GPT2(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise DataError(f"{flag}: {path.name}: weights do not fit the model of --params ({exc})") from exc
+    return model
+
+
+def _check_vocabulary(cfg: Params, model, model_uri: str) -> None:  # noqa: ANN001 - GPT2
+    """The config's eval data and sampling use the ids of model.vocab_size: a model of another
+    vocabulary cannot score them (a padded embedding is fine: its extra ids are masked)."""
+    if model.params.vocab_size != cfg.model.vocab_size:
+        rows = model.params.embedding_rows
+        raise DataError(f"--model_dir {model_uri}: the model has vocab_size {model.params.vocab_size}"
+                        + (f" (embedding rows {rows})" if rows != model.params.vocab_size else "")
+                        + f", the config has model.vocab_size {cfg.model.vocab_size}; evaluate it with a config "
+                          f"of its vocabulary")
 
 
 def _samples(model, cfg: Params, device: torch.device) -> list[dict[str, str]]:  # noqa: ANN001

@@ -8,19 +8,22 @@ fits the model it is made for; `--max_seq_length` still overrides it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 from pydantic import Field
 
 from gpt2core.config import load_params
 from gpt2core.data.download import cache_root
-from gpt2core.data.preprocess import PreprocessParams, preprocess_corpus
-from gpt2core.data.verify import verify_dataset
+from gpt2core.data.preprocess import NORMALIZATION_COUNTS, PreprocessParams, preprocess_corpus
 from gpt2core.errors import ConfigError
 from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, local_output
 from gpt2core.platform.context import RunContext
@@ -59,20 +62,17 @@ class Request(StageRequest):
 
 
 def run(ctx: RunContext, request: Request) -> StageResult:
-    """Tokenize the corpus at ``request.input_dir`` into the dataset artifact (``train/`` and ``val/``)."""
+    """Tokenize the corpus at ``request.input_dir`` into the dataset artifact (``train/`` and ``val/``).
+
+    The work starts on a thread before the MLflow run is opened, so the seconds MLflow takes to
+    import and open its store overlap it instead of delaying it (the run records the work's
+    outcome and metrics all the same, and a failure of the work fails the run). The stage never
+    returns or raises while the work still runs: a tracking failure is raised once it has ended."""
     params = request.preprocess_params()
     uri = request.output_dir or ctx.artifact_uri(STAGE, "dataset")
-    with stage_run(STAGE, ctx, params=params.model_dump()) as tracked, \
-            tempfile.TemporaryDirectory(prefix="gpt2ops-tokenizer-") as scratch:
-        local_params = _local_tokenizer_files(params, Path(scratch))
-        cache = _token_cache(request.input_dir, params)
-        started = time.monotonic()
-        with local_input(request.input_dir) as corpus, local_output(uri) as out:
-            stats = preprocess_corpus(corpus, out, local_params, cache_dir=cache)
-            if request.verify:
-                verify_dataset(out, max_seq_length=params.max_seq_length)
-        shutil.rmtree(cache, ignore_errors=True)
-        seconds = time.monotonic() - started
+    with in_background(_make_dataset, request, params, uri) as work, \
+            stage_run(STAGE, ctx, params=params.model_dump()) as tracked:
+        stats, seconds = work.result()
         train, val, corpus_stats = stats["train"], stats["val"], stats["corpus"]
         metrics = {
             "preprocess/num_sequences": float(train["num_sequences"] + val["num_sequences"]),
@@ -82,11 +82,49 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             "preprocess/val_sequences": float(val["num_sequences"]),
             "preprocess/documents": float(corpus_stats["documents"]),
             "preprocess/replaced_chars": float(corpus_stats["replaced_chars"]),
+            **{f"preprocess/{key}": float(corpus_stats[key]) for key in NORMALIZATION_COUNTS},
             "preprocess/seconds": seconds,
             "preprocess/tokens_per_s": corpus_stats["tokens"] / max(seconds, 1e-9),
         }
         tracked.log_metrics(metrics)
     return StageResult(outputs={"dataset": uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
+
+
+def _make_dataset(request: Request, params: PreprocessParams, uri: str) -> tuple[dict, float]:
+    """The dataset at ``uri``: (preprocess_corpus's stats, seconds it took)."""
+    with tempfile.TemporaryDirectory(prefix="gpt2ops-tokenizer-") as scratch:
+        local_params = _local_tokenizer_files(params, Path(scratch))
+        cache = _token_cache(request.input_dir, params)
+        started = time.monotonic()
+        with local_input(request.input_dir) as corpus, local_output(uri) as out:
+            stats = preprocess_corpus(corpus, out, local_params, cache_dir=cache)
+            if request.verify:
+                from gpt2core.data.verify import verify_dataset  # imports torch (the loader): only when asked
+
+                verify_dataset(out, max_seq_length=params.max_seq_length)
+        shutil.rmtree(cache, ignore_errors=True)
+        return stats, time.monotonic() - started
+
+
+@contextlib.contextmanager
+def in_background(fn, *args) -> Iterator[Future]:  # noqa: ANN001
+    """``fn(*args)`` on a daemon thread, its outcome in the yielded Future. The block is not left
+    while it runs, so nothing is left working after the stage, unless an interrupt (Ctrl-C) ends it."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=f"{STAGE}-work", daemon=True).start()
+    try:
+        yield future
+    except Exception:
+        wait([future])
+        raise
+    wait([future])
 
 
 def _token_cache(input_uri: str, params: PreprocessParams) -> Path:

@@ -11,15 +11,19 @@ TrainJob pods, the Cerebras SDK environment, an Argo task) passes the request as
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Annotated, Any, Self
 
 from pydantic import Field, NonNegativeInt
 
 from gpt2core import flags
-from gpt2core.config import Params, load_params
+from gpt2core.config import Params, load_params, no_effect_keys
 from gpt2core.flags import Cli
-from gpt2core.platform.context import ENV_ARTIFACT_ROOT, ENV_EXPERIMENT, ENV_PARENT_RUN, ENV_RUN_ID, RunContext
+from gpt2core.platform.context import (ENV_ARTIFACT_ROOT, ENV_EXPERIMENT, ENV_PARENT_RUN, ENV_RUN_ID, RunContext,
+                                       process_rank)
 from gpt2core.targets import Target
+
+log = logging.getLogger(__name__)
 
 
 class StageRequest(flags.Parameters):
@@ -81,6 +85,14 @@ class TrainingRequest(ModelRequest):
         if self.max_steps:
             overrides["runconfig.max_steps"] = self.max_steps
         return overrides
+
+    def load_params(self) -> Params:
+        """ModelRequest's config; the keys it sets that change nothing on ``target`` are logged, once
+        (by rank 0 of a torchrun job)."""
+        params = super().load_params()
+        for note in no_effect_keys(params, self.target) if process_rank() == 0 else ():
+            log.info("%s: %s", self.params, note)
+        return params
 
 
 def add_context_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from gpt2core.checkpoint_names import CEREBRAS, TORCH, checkpoint_step, list_checkpoints
+from gpt2core.checkpoint_names import (CEREBRAS, FOLDER as CHECKPOINT_FOLDER, TORCH, checkpoint_step,
+                                       list_checkpoints)
 from gpt2core.config import Params
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
@@ -79,7 +80,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             tracked.log_model(model_out, model_uri=outputs["model"])  # safetensors + params.yaml, registered
         with local_output(outputs["checkpoints"]) as checkpoints_out:
             suffix = CEREBRAS if target == "cerebras" else TORCH
-            for checkpoint in list_checkpoints(work_dir / "checkpoints", suffix) or resumed_only:
+            for checkpoint in list_checkpoints(work_dir / CHECKPOINT_FOLDER, suffix) or resumed_only:
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
         metrics["train/seconds"] = time.monotonic() - started
         # at the last step, so the per-step train/loss history ends on the final value
@@ -130,7 +131,7 @@ def earlier_attempt(progress_uri: str, work_dir: Path) -> Path | None:
     if not found:
         return None
     step, name = found[-1]
-    local = list_checkpoints(work_dir / "checkpoints")
+    local = list_checkpoints(work_dir / CHECKPOINT_FOLDER)
     if local and checkpoint_step(local[-1].name) >= step:
         return None  # the trainer resumes from the local folder
     uri = f"{progress_uri.rstrip('/')}/{name}"
@@ -225,6 +226,7 @@ def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_pat
     if checkpoint_path:  # the cstorch flow resumes from runconfig.checkpoint_path (a .mdl file)
         cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir, suffix=CEREBRAS))
     with data_input("train_input.data_dir", cfg.train_input.data_dir) as data_dir:
-        result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out, checkpoint_dir=work_dir / "checkpoints",
+        result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out,
+                                checkpoint_dir=work_dir / CHECKPOINT_FOLDER,
                                 work_dir=work_dir, on_metrics=log_metrics)
     return {k: float(v) for k, v in result.items() if k.startswith("train/") and isinstance(v, (int, float))}

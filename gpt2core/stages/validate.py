@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, PositiveInt
 
+from gpt2core.config import no_effect_keys
 from gpt2core.errors import Gpt2opsError, ValidationError
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
 from gpt2core.platform.context import RunContext
@@ -56,6 +57,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             report.config = {"params": request.params, "config_hash": cfg.config_hash(),
                              "max_steps": cfg.runconfig.max_steps, "batch_size": cfg.train_input.batch_size,
                              "max_sequence_length": cfg.train_input.max_sequence_length}
+            report.notes.extend(no_effect_keys(cfg, target))
             if target in ("cpu", "gpu"):
                 check_job(cfg, report, target=target, num_gpus=request.num_gpus, gpu_type=request.gpu_type)
             local_dirs = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from gpt2core.checkpoint_names import FOLDER as CHECKPOINT_FOLDER
 from gpt2core.config import Params
 from gpt2core.data.loader import HDF5DataLoader, input_dataloader
 from gpt2core.errors import ConfigError, TrainingError
@@ -108,7 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, params.optimizer, fused=device.type == "cuda")
         self.scheduler = build_lr_scheduler(self.optimizer, params.optimizer.learning_rate)
         self.scaler = grad_scaler(params, self.amp_dtype)
-        self.checkpointer = Checkpointer(work_dir / "checkpoints", keep_last=run.keep_last_checkpoints, info=info)
+        self.checkpointer = Checkpointer(work_dir / CHECKPOINT_FOLDER, keep_last=run.keep_last_checkpoints, info=info)
         self.meter = ThroughputMeter(self.model.flops_per_token(params.train_input.max_sequence_length),
                                      peak_flops(device, self.amp_dtype)[0])
         self.eval_loader: HDF5DataLoader | None = None  # kept between evaluations (persistent_workers)

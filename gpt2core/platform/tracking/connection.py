@@ -4,7 +4,10 @@ MLflow failures as TrackingErrors naming the URI (credentials in it redacted).""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +63,7 @@ def mlflow_client():  # noqa: ANN201 - an MlflowClient
     mlflow.set_tracking_uri(uri)
     export_s3_env()  # MLflow's S3 artifact store reads credentials from the environment only
     if uri not in _checked_uris:
+        _seed_sqlite_store(uri, mlflow.__version__)
         if uri.startswith(("http://", "https://")):
             import requests
 
@@ -73,6 +77,37 @@ def mlflow_client():  # noqa: ANN201 - an MlflowClient
             MlflowClient(uri).search_experiments(max_results=1)
         _checked_uris.add(uri)
     return MlflowClient(uri)
+
+
+def _seed_sqlite_store(uri: str, version: str) -> None:
+    """A new sqlite store (``sqlite:///path`` that does not exist yet) starts as a copy of an empty one
+    made once per MLflow version in the cache folder: MLflow would otherwise build it by running its
+    schema migrations one by one, seconds of every first command. The copy is the same database."""
+    if not uri.startswith("sqlite:///"):
+        return
+    target = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if target.exists() or str(target) in ("", ":memory:"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    template = settings().cache_dir / "mlflow" / f"empty-store-{version}.db"
+    try:
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            building = template.with_name(f"{template.name}.{uuid.uuid4().hex[:8]}.tmp")
+            MlflowClient(f"sqlite:///{building}").search_experiments(max_results=1)
+            os.replace(building, template)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        shutil.copyfile(template, copy)
+        try:
+            os.link(copy, target)  # never over a store another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            copy.unlink()
+    except OSError:
+        pass  # MLflow creates the store itself
 
 
 def experiment_id(client, ctx: RunContext) -> str:  # noqa: ANN001 - an MlflowClient
