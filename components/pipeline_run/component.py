@@ -22,16 +22,19 @@ def start_run(
     artifact_root: str,
     experiment: str,
 ) -> str:
-    """Open the MLflow parent run of this pipeline run, then check the run-form parameters, so a bad
-    value fails here (recorded on the parent run) before any data moves.
+    """Open the MLflow parent run of this pipeline run (or reopen it: a resumed run keeps its
+    parent), then check the run-form parameters, so a bad value fails here (recorded on the parent
+    run) before any data moves.
 
     Returns:
         The MLflow parent run id.
     """
+    from components.kfp_io import pipeline_run_id as pinned
     from gpt2core.pipeline_parameters import PipelineParameters
     from gpt2core.platform import tracking
     from gpt2core.platform.context import RunContext
 
+    pipeline_run_id = pinned(pipeline_run_id)
     form = dict(params=params, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
                 gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root, experiment=experiment,
                 run_name=run_name)
@@ -61,10 +64,10 @@ def record_results(
     served from the cache and so logged under an earlier parent) and render a run summary."""
     import json
 
-    from components.kfp_io import markdown_table, write_text
+    from components.kfp_io import markdown_table, pipeline_run_id as pinned, write_text
     from gpt2core.platform import tracking
 
-    parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
+    parent_run_id = tracking.find_parent_run(pinned(pipeline_run_id), experiment)
     artifacts = {"download/corpus": corpus_uri, "preprocess/dataset": dataset_uri,
                  "validate/report": validation_report_uri, "compile/compile_cache": compile_cache_uri,
                  "train/model": model_uri, "train/checkpoints": checkpoints_uri,
@@ -83,11 +86,12 @@ def record_results(
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> None:
     """Exit handler: mark the MLflow parent run FINISHED, or FAILED with the failing task."""
+    from components.kfp_io import pipeline_run_id as pinned
     from gpt2core.errors import TrackingError
     from gpt2core.platform import tracking
 
     try:
-        parent_run_id = tracking.find_parent_run(pipeline_run_id, experiment)
+        parent_run_id = tracking.find_parent_run(pinned(pipeline_run_id), experiment)
     except TrackingError as exc:  # start_run itself failed before opening the parent run
         print(f"no parent run to close: {exc}")
         return
