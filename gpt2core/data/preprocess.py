@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gpt2core.data.readers import ReadStats, corpus_format, iter_documents
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.flags import Cli
+from gpt2core.platform.disk import disk_space
 from gpt2core.tokenizer import PAD_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,10 @@ def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, vocab_file:
     stats, lengths, skipped = ReadStats(), [], 0
     unique = uuid.uuid4().hex[:8]  # two runs may share a cache folder
     tmp = tokens_path.with_suffix(f".bin.{unique}.tmp")
-    with tmp.open("wb") as out:
+    # about 4 bytes of text per token, each stored in dtype.itemsize bytes
+    needed = item.path.stat().st_size // 4 * dtype.itemsize
+    with disk_space(cache_dir, doing=f"tokenizing {item.relpath} into the token cache", needed=needed,
+                    remove=[tmp]), tmp.open("wb") as out:
         for text in iter_documents(item.path, text_key, stats):
             if not text:
                 skipped += 1
@@ -378,7 +382,7 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
         stats = {}
         for split in SPLITS:
             stats[split] = _write_split(split, metas, in_val, cache, dtype, output_dir, params, pool)
-            _write_data_params(output_dir / split, split, input_dir, text_key, params, enc, fingerprint,
+            _write_data_params(output_dir / split, split, text_key, params, enc, fingerprint,
                                stats[split], corpus)
     if own_cache:
         shutil.rmtree(cache)
@@ -417,7 +421,10 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     want_val = split == "val"
     stream_path = cache / f"{split}.{uuid.uuid4().hex[:8]}.stream"
     doc_lengths, n_docs = [], 0
-    with stream_path.open("wb") as out:
+    stream_bytes = sum(int(np.asarray(m["lengths"], dtype=np.int64)[v == want_val].sum())
+                       for m, v in zip(metas, in_val, strict=True)) * dtype.itemsize
+    with disk_space(cache, doing=f"staging the {split} split's tokens", needed=stream_bytes,
+                    remove=[stream_path]), stream_path.open("wb") as out:
         for meta, val_mask in zip(metas, in_val, strict=True):
             lengths = np.asarray(meta["lengths"], dtype=np.int64)
             if not len(lengths):
@@ -445,8 +452,12 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     n_files = -(-len(starts) // spf)
     write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression)
     pieces = range(n_files)
-    non_pad = sum(pool.map(write, [starts[i * spf:(i + 1) * spf] for i in pieces],
-                           [lengths[i * spf:(i + 1) * spf] for i in pieces], [folder / h5_name(i) for i in pieces]))
+    # a failed file removes its own temporary file (_write_h5); files already written are complete
+    with disk_space(folder, doing=f"writing the {split} split ({n_files} HDF5 files)",
+                    needed=len(starts) * 3 * msl * 4, remove=[stream_path]):
+        non_pad = sum(pool.map(write, [starts[i * spf:(i + 1) * spf] for i in pieces],
+                               [lengths[i * spf:(i + 1) * spf] for i in pieces],
+                               [folder / h5_name(i) for i in pieces]))
     stream_path.unlink()
     log.info("%s: %d sequences from %d documents in %d files", folder, len(starts), n_docs, n_files)
 
@@ -463,12 +474,13 @@ def _corpus_stats(metas: list[dict]) -> dict:
                                     for key in ("documents", "empty_documents", "tokens", "bytes", "replaced_chars")}}
 
 
-def _write_data_params(folder: Path, split: str, input_dir: Path, text_key: str, params: PreprocessParams,
+def _write_data_params(folder: Path, split: str, text_key: str, params: PreprocessParams,
                        enc: tiktoken.Encoding, fingerprint: str, stats: dict, corpus: dict) -> None:
-    """The reference's data_params.json (sections setup / processing / dataset / h5_dataset_stats)."""
+    """The reference's data_params.json (sections setup / processing / dataset / h5_dataset_stats).
+    It records no location: the corpus is named by its content (``fingerprint``), so the same corpus
+    and parameters give the same bytes, and the dataset the same hash, wherever it was read from."""
     doc = {
-        "setup": {"input_dir": str(input_dir), "fingerprint": fingerprint,
-                  "format": "gpt2ops-hdf5/1"},
+        "setup": {"fingerprint": fingerprint, "format": "gpt2ops-hdf5/1"},
         "processing": {**params.data_fields(), "files_per_record": params.samples_per_file,
                        "tokenizer_type": "GPT2Tokenizer", "eos_id": enc.eot_token, "pad_id": PAD_ID,
                        "vocab_size": enc.n_vocab, "window_overlap": params.window_overlap},
