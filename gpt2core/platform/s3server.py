@@ -5,7 +5,7 @@ authentication on, data in a local folder (kept between runs, so artifacts and M
 survive), and stopped on exit. Every port is chosen free at start, so several servers (parallel test
 sessions, two pipelines) can run side by side; a restart keeps the same ports and data.
 
-The server dies with the thread that started it (Linux parent-death signal), so a killed
+The server dies with the process that started it (Linux parent-death signal), so a killed
 `gpt2ops run` leaves no server holding its data folder; ``stale_servers`` finds one that an older
 run left anyway, and a server that exits at start says why (the fatal line of its log, and which
 other server holds the folder).
@@ -14,8 +14,10 @@ other server holds the folder).
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -65,6 +67,14 @@ def _die_with_parent(parent_pid: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+@functools.cache
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that starts servers. The parent-death signal fires when the *thread* that
+    started a child ends, not only its process, so a server started from a short-lived thread (a
+    timer restarting it) would die at once; this thread lives as long as the process."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2ops-s3-spawner")
 
 
 def stale_servers(data_dir: str | Path) -> list[int]:
@@ -150,8 +160,9 @@ class SeaweedS3Server:
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
         logfile = (self.data_dir / "weed.log").open("ab")
-        self._proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent))
+        self._proc = _spawner().submit(
+            subprocess.Popen, cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent)).result()
         logfile.close()
         atexit.register(self.stop)  # also when the caller forgets the context manager
         self._wait_ready()

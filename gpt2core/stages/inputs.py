@@ -29,12 +29,14 @@ from gpt2core.platform.context import process_rank
 
 @contextlib.contextmanager
 def data_input(key: str, uri: str) -> Iterator[Path]:
-    """The data folder at uri: an s3:// dataset is downloaded once per node, shared by its ranks."""
-    try:
-        with shared_local_input(uri) as path:
-            yield path
-    except StorageError as exc:
-        raise DataError(f"{key}: {exc}") from exc
+    """The data folder at uri: an s3:// dataset is downloaded once per node, shared by its ranks. A
+    failure to get it is a DataError naming ``key``; errors of the block pass unchanged."""
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(shared_local_input(uri))
+        except StorageError as exc:
+            raise DataError(f"{key}: {exc}") from exc
+        yield path
 
 
 def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:
