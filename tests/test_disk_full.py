@@ -48,8 +48,9 @@ def test_training_checkpoint_on_a_full_disk(full_disk, tiny_dataset, tmp_path, c
                  "--artifact_root", str(tmp_path / "artifacts"), "--experiment", "disk-full-tests"])
     line = one_error_line(capsys)
     assert code == 2
-    assert line.startswith(f"gpt2ops train: error: {full_disk / 'm' / 'checkpoints'}: no space left on device "
-                           f"writing checkpoint checkpoint_00000001.pt (needs about ")
+    folder = full_disk / "m" / "checkpoints"
+    assert line.startswith(f"gpt2ops train: error: {folder}: no space left on device writing checkpoint "
+                           f"checkpoint_00000001.pt (needs about ")
     assert " MB, " in line and " free)" in line
     assert files_in(full_disk) == []  # the partial .tmp checkpoint is gone: the disk is not kept full
 

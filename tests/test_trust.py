@@ -33,7 +33,8 @@ class RunsCode:
 
 
 def ctx_at(root: str) -> RunContext:
-    return RunContext(pipeline_run_id="trust-" + uuid.uuid4().hex[:8], artifact_root=root, experiment="trust-tests")
+    return RunContext(pipeline_run_id="trust-" + uuid.uuid4().hex[:8], artifact_root=root,
+                      experiment="trust-tests")
 
 
 def test_the_train_stage_loads_compile_caches_only_as_the_compile_stage_published_them(
@@ -61,8 +62,9 @@ def test_the_train_stage_loads_compile_caches_only_as_the_compile_stage_publishe
             pass
     # The train stage refuses it in one line (exit 2) before anything is loaded.
     code = main(["train", "--params", "gpt2_tiny", "--dataset", str(tiny_dataset), "--max_steps", "1",
-                 "--set", "runconfig.torch_compile=true", "--compile_cache", uri, "--model_dir", str(tmp_path / "m"),
-                 "--artifact_root", s3_root, "--experiment", ctx.experiment])
+                 "--set", "runconfig.torch_compile=true", "--compile_cache", uri,
+                 "--model_dir", str(tmp_path / "m"), "--artifact_root", s3_root,
+                 "--experiment", ctx.experiment])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"gpt2ops train: error: {uri}: refused to load")
     assert not marker.exists()

@@ -29,7 +29,8 @@ from gpt2core.platform.work_folder import (RunRecord, WorkFolder, WorkFolderBusy
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_child(code: str, *, env: dict[str, str] | None = None, ready: Path | None = None) -> subprocess.Popen:
+def python_child(code: str, *, env: dict[str, str] | None = None,
+                 ready: Path | None = None) -> subprocess.Popen:
     """A Python process running code (with this checkout importable), started in its own session;
     waits until it created ``ready`` when given."""
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], start_new_session=True,
@@ -168,12 +169,13 @@ def test_mlflow_runs_a_dead_run_left_running_are_closed_and_a_resumed_run_keeps_
                      experiment="work-folder-tests")
     parent_id = tracking.start_pipeline_run(ctx, params={"max_steps": 3}, run_name="orphaned")
     client = MlflowClient()
-    stage = client.create_run(client.get_experiment_by_name(ctx.experiment).experiment_id, run_name="train",
-                              tags={"mlflow.parentRunId": parent_id, "gpt2ops.pipeline_run_id": ctx.pipeline_run_id})
-    nested = client.create_run(client.get_experiment_by_name(ctx.experiment).experiment_id, run_name="evaluate",
-                               tags={"gpt2ops.pipeline_run_id": f"{ctx.pipeline_run_id}/champion-v1"})
-    other = tracking.start_pipeline_run(RunContext(pipeline_run_id=f"{ctx.pipeline_run_id}0", artifact_root="/x",
-                                                   experiment=ctx.experiment))
+    experiment_id = client.get_experiment_by_name(ctx.experiment).experiment_id
+    stage = client.create_run(experiment_id, run_name="train", tags={
+        "mlflow.parentRunId": parent_id, "gpt2ops.pipeline_run_id": ctx.pipeline_run_id})
+    nested = client.create_run(experiment_id, run_name="evaluate", tags={
+        "gpt2ops.pipeline_run_id": f"{ctx.pipeline_run_id}/champion-v1"})
+    other = tracking.start_pipeline_run(RunContext(pipeline_run_id=f"{ctx.pipeline_run_id}0",
+                                                   artifact_root="/x", experiment=ctx.experiment))
 
     closed = tracking.close_orphaned_runs(ctx.pipeline_run_id, ctx.experiment, "its process died")
     assert sorted(closed) == sorted([parent_id, stage.info.run_id, nested.info.run_id])
