@@ -217,7 +217,7 @@ def checkpoint_schedule(start_step: int, max_steps: int, checkpoint_steps: int) 
     return Schedule([Schedule.Range(start=first_local, end=num_steps, step=checkpoint_steps, include_last=True)])
 
 
-def load_checkpoint(path: str | Path, *, sha256: str | None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str, Any]:
     """The state in a cstorch checkpoint, loaded only if the file's sha256 is ``sha256``: cstorch's
     H5 format unpickles (dill) what it stores, and its fallback for other files is a torch.load,
     done here with ``weights_only=True``. ``sha256`` comes from the manifest of the artifact a stage

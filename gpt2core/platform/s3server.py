@@ -61,8 +61,9 @@ _GLOG_LINE = re.compile(r"^(?P<severity>[FE])\d{4} \S+\s+(?:\d+\s+)?\S+:\d+\]?\s
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """In the child before exec: SIGKILL it when the thread that started it dies (however it
-    dies); exit at once if that happened already."""
+    """In the child before exec: SIGKILL it when its parent dies, however it dies (the kernel
+    follows the thread that started it: ``_spawner``'s, which lives as long as the process); exit at
+    once if that happened already."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the atexit stop still applies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
@@ -118,6 +119,7 @@ class SeaweedS3Server:
     startup_timeout_s: float = 60.0
     ports: dict[str, int] = field(default_factory=dict)
     _proc: subprocess.Popen | None = field(default=None, repr=False)
+    _log_start: int = field(default=0, repr=False)
 
     @property
     def endpoint(self) -> str:
@@ -160,6 +162,7 @@ class SeaweedS3Server:
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
         logfile = (self.data_dir / "weed.log").open("ab")
+        self._log_start = logfile.tell()  # where this start's lines begin
         self._proc = _spawner().submit(
             subprocess.Popen, cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent)).result()
@@ -200,7 +203,9 @@ class SeaweedS3Server:
     def _why_exited(self) -> str:
         """``: <its last fatal log line>`` and the other servers holding the data folder, if any."""
         try:
-            lines = (self.data_dir / "weed.log").read_text(errors="replace").splitlines()[-200:]
+            with (self.data_dir / "weed.log").open("rb") as log_file:
+                log_file.seek(self._log_start)
+                lines = log_file.read().decode(errors="replace").splitlines()
         except OSError:
             lines = []
         # glog lines: severity letter (F fatal, E error), date, time, [thread,] file:line[] ] message

@@ -5,10 +5,12 @@ Data comes from ``train_input.data_dir`` (local or s3://). Outputs two artifacts
 ``checkpoints`` (the last ``runconfig.keep_last_checkpoints`` training checkpoints). ``model_dir``
 is the local working folder: checkpoints land there as training goes, and a rerun with the same
 folder resumes from the newest one. Torch targets also upload checkpoints in the background to
-``<run>/train/progress/`` (rank 0, latest wins; deleted once the stage has published), and an attempt started
-without --checkpoint_path resumes from the newest one there: a retried step of the same pipeline
-run (a preempted pod) continues where the lost attempt left off. On GPUs start it under
-``torchrun``: every rank trains, rank 0 tracks and publishes.
+``<run>/train/progress/`` (rank 0, latest wins; deleted once the stage has published), and an attempt
+started without --checkpoint_path resumes from the newest one there or in this run's published
+``checkpoints``: a retried step of the same pipeline run (a preempted pod, ``gpt2ops run --resume``)
+continues where the lost attempt left off. The model is registered in MLflow only once both
+artifacts are published, so no registered version points at a model that is not there. On GPUs
+start it under ``torchrun``: every rank trains, rank 0 tracks and publishes.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gpt2core.errors import StorageError
-from gpt2core.platform.disk import disk_space
 from gpt2core.platform.artifacts.manifest import (MANIFEST, build_manifest, manifest_bytes, manifest_digest,
                                                   parse_manifest, sub_manifest, verify_files)
 from gpt2core.platform.artifacts.s3 import (OutageWindow, download_files, is_missing, list_keys, s3_client,
                                             s3_errors, upload_file, upload_files)
 from gpt2core.platform.artifacts.uris import enclosing, is_s3, join, local_path, s3_key, split_s3_uri
+from gpt2core.platform.disk import disk_space
 from gpt2core.platform.settings import settings
 
 
@@ -129,7 +129,8 @@ class LocalStore(ArtifactStore):
     @contextlib.contextmanager
     def open_input(self, uri: str, manifest: dict | None) -> Iterator[Path]:
         """Used in place; if it has a manifest (a stage wrote it) its files must be there with the
-        listed sizes; a plain folder of user data is accepted as is."""
+        listed sizes (with the manifest given: its files, with their sha256); a plain folder of
+        user data is accepted as is."""
         path = local_path(uri)
         if not path.is_dir():
             raise NotFound(f"{uri}: no such artifact (not a folder)")
