@@ -82,3 +82,18 @@ def test_downloading_an_artifact_onto_a_full_disk(full_disk, s3_root, tmp_path):
     assert str(caught.value).startswith(f"{full_disk / 'copy'}: no space left on device downloading {uri} "
                                         f"(needs about 6.0 MB, ")
     assert files_in(full_disk) == []
+
+
+def test_a_stage_staging_its_output_on_a_full_disk(full_disk, tiny_dataset, s3_root, tmp_path, capsys,
+                                                    monkeypatch):
+    """The train stage's model, staged for upload in a full scratch folder: safetensors' writer
+    keeps only the text of the error (no OSError), still one line naming the folder."""
+    monkeypatch.setenv("GPT2OPS_SCRATCH_DIR", str(full_disk))
+    code = main(["train", "--params", "gpt2_tiny", "--dataset", str(tiny_dataset), "--max_steps", "1",
+                 "--set", "runconfig.eval_frequency=0", "--model_dir", str(tmp_path / "m"),
+                 "--artifact_root", s3_root, "--experiment", "disk-full-tests"])
+    line = one_error_line(capsys)
+    assert code == 2
+    assert line.startswith(f"gpt2ops train: error: {full_disk}: no space left on device staging {s3_root}/")
+    assert "/train/model for upload (needs more than the " in line
+    assert files_in(full_disk) == []

@@ -161,4 +161,4 @@ def test_a_run_killed_anywhere_resumes_to_the_end(small_config, plays, s3_root, 
     outcome = tracking.find_pipeline_run(record.run_id, experiment)
     assert all(artifact_exists(uri) for uri in outcome.artifacts.values()) and len(outcome.artifacts) == 7
     (version,) = versions_of(outcome.artifacts["train/model"])
-    assert version.version == outcome.model_version
+    assert str(version.version) == outcome.model_version

@@ -20,11 +20,10 @@ import logging
 from pathlib import Path
 from types import ModuleType
 
-from gpt2core.errors import DiskFullError
 from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import manifest_digest, read_manifest
 from gpt2core.platform.context import RunContext, process_rank
-from gpt2core.platform.disk import disk_full_error, no_space_cause
+from gpt2core.platform.disk import disk_space
 from gpt2core.platform.results import StageResult, write_result
 from gpt2core.stages.request import StageRequest
 
@@ -58,15 +57,9 @@ def run_stage(stage: str, ctx: RunContext, request: StageRequest) -> StageResult
     if not isinstance(request, module.Request):
         raise TypeError(f"stage {stage} takes a {module.Request.__name__}, got {type(request).__name__}")
     try:
-        try:
+        # a full disk that no writer inside worded: named by the file the system names, if it does
+        with disk_space(Path.cwd(), doing=f"in the {stage} stage"):
             result = module.run(ctx, request)
-        except Exception as exc:
-            full = no_space_cause(exc)
-            if full is None or isinstance(exc, DiskFullError):
-                raise
-            # a writer that did not say what it wrote: name the file the system names
-            raise disk_full_error(Path(full.filename).parent if full.filename else Path.cwd(),
-                                  doing=f"in the {stage} stage", needed=None) from exc
     except BaseException as exc:
         if process_rank() == 0:
             _record(ctx, StageResult.failure(stage, exc))

@@ -147,8 +147,9 @@ class LocalStore(ArtifactStore):
         # Staging beside the destination, so publishing is one atomic rename on the same filesystem.
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
         try:
-            yield staging
-            (staging / MANIFEST).write_bytes(manifest_bytes(build_manifest(staging)))
+            with disk_space(dest.parent, doing=f"writing {uri}"):
+                yield staging
+                (staging / MANIFEST).write_bytes(manifest_bytes(build_manifest(staging)))
             if dest.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
                 os.replace(dest, old / dest.name)
@@ -232,7 +233,8 @@ class S3Store(ArtifactStore):
         split_s3_uri(uri)  # fail on a malformed URI before the stage does its work
         staging = Path(tempfile.mkdtemp(prefix="gpt2ops-out-", dir=scratch_root()))
         try:
-            yield staging
+            with disk_space(staging.parent, doing=f"staging {uri} for upload"):
+                yield staging
             upload_dir(staging, uri)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
