@@ -7,7 +7,10 @@ stage wrote them there, manifest last), Metrics, and Markdown/HTML reports for t
 A component receives the pipeline run id (KFP's job id), the artifact root and the MLflow
 experiment; the MLflow parent run that `start_run` opened is found by its pipeline-run-id tag. The
 parent run id is deliberately not a component input: task caching keys on the inputs, and a new
-parent run per pipeline run would make every cache lookup miss.
+parent run per pipeline run would make every cache lookup miss. For the same reason a local run
+pins its own pipeline run id through the environment (``GPT2OPS_PIPELINE_RUN_ID``, see
+``pipeline_run_id``), not through an input: `gpt2ops run --resume` continues a run under its id and
+still finds its finished steps in the task cache.
 """
 
 from __future__ import annotations
@@ -23,12 +26,22 @@ from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
 
 
-def stage_context(pipeline_run_id: str, artifact_root: str, experiment: str) -> RunContext:
+def pipeline_run_id(job_id: str) -> str:
+    """The pipeline run id a step works under: the one `gpt2ops run` pinned in the environment
+    (``GPT2OPS_PIPELINE_RUN_ID``: its own id, kept by ``--resume``), else KFP's job id (a cluster;
+    a retried step there keeps the job id, and so its earlier attempt's checkpoints)."""
+    from gpt2core.platform.settings import settings
+
+    return settings().pipeline_run_id or job_id
+
+
+def stage_context(job_id: str, artifact_root: str, experiment: str) -> RunContext:
     """The RunContext a stage runs in, with the MLflow parent run that start_run opened."""
     from gpt2core.platform import tracking
 
-    return RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root, experiment=experiment,
-                      parent_run_id=tracking.find_parent_run(pipeline_run_id, experiment))
+    run_id = pipeline_run_id(job_id)
+    return RunContext(pipeline_run_id=run_id, artifact_root=artifact_root, experiment=experiment,
+                      parent_run_id=tracking.find_parent_run(run_id, experiment))
 
 
 def point_to(artifact, uri: str) -> None:

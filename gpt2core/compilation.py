@@ -3,7 +3,7 @@
 The trainer's own step (model, parallel wrapper, optimizer; ``runconfig.torch_compile: true``) runs
 twice on a synthetic batch of the configured shape, each time in a fresh process with an empty
 Inductor cache: first cold, then saving ``torch.compiler.save_cache_artifacts()``; then warm, after
-``load_cache_artifacts``, which is what the train stage does with ``load_compile_cache(uri)``. The
+``load_cache_artifacts``, which is what the train stage does with ``load_compile_cache``. The
 first-step times of the two processes are the cold and warm compile times.
 
 Caches hit only for the same torch version, device type and graph: same config, one process.
@@ -135,30 +135,29 @@ def time_training_step(params: Params, target: str, *, load: Path | None, save: 
             "torch_version": torch.__version__, "cache_entries": entries}
 
 
-def load_compile_cache(uri: str) -> dict[str, int]:
-    """Hot-load the compile stage's caches (artifact at uri) into this process, before the model is
-    compiled; returns the number of entries loaded by kind. A cache made by another torch version
-    is skipped with a warning (it could only miss)."""
+def load_compile_cache(folder: Path, source: str) -> dict[str, int]:
+    """Hot-load the compile stage's caches (its compile_cache artifact, in the local ``folder``; named
+    ``source`` in messages) into this process, before the model is compiled; returns the number of
+    entries loaded by kind. A cache made by another torch version is skipped with a warning (it
+    could only miss). Loading unpickles the cache's entries: the caller hands in an artifact it
+    checked was published by the compile stage (``gpt2core.stages.inputs.vouched_input``)."""
     import torch
 
-    from gpt2core.platform.artifacts import local_input
-
-    with local_input(uri) as folder:
-        cache, report_file = folder / CACHE_FILE, folder / REPORT_FILE
-        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
-        if report.get("compiled") is False:
-            log.info("%s: nothing was compiled (%s); training compiles cold", uri, report.get("reason"))
-            return {}
-        if not cache.is_file():
-            raise StorageError(f"{uri}: no {CACHE_FILE} (expected the compile stage's compile_cache artifact)")
-        made_with = report.get("torch_version")
-        if made_with and made_with != torch.__version__:
-            log.warning("%s: compiled with torch %s, this is %s: not loaded, training compiles cold",
-                        uri, made_with, torch.__version__)
-            return {}
-        info = torch.compiler.load_cache_artifacts(cache.read_bytes())
+    cache, report_file = folder / CACHE_FILE, folder / REPORT_FILE
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    if report.get("compiled") is False:
+        log.info("%s: nothing was compiled (%s); training compiles cold", source, report.get("reason"))
+        return {}
+    if not cache.is_file():
+        raise StorageError(f"{source}: no {CACHE_FILE} (expected the compile stage's compile_cache artifact)")
+    made_with = report.get("torch_version")
+    if made_with and made_with != torch.__version__:
+        log.warning("%s: compiled with torch %s, this is %s: not loaded, training compiles cold",
+                    source, made_with, torch.__version__)
+        return {}
+    info = torch.compiler.load_cache_artifacts(cache.read_bytes())
     loaded = {kind: len(names) for kind, names in (info.artifacts.items() if info else [])}
-    log.info("loaded compile caches from %s: %s", uri, loaded)
+    log.info("loaded compile caches from %s: %s", source, loaded)
     return loaded
 
 

@@ -32,3 +32,13 @@ class TrainingError(Gpt2opsError):
 
 class ValidationError(Gpt2opsError):
     """The validate stage found problems; the message lists all of them and names the report."""
+
+
+class DiskFullError(Gpt2opsError):
+    """A local disk (or quota) has no room for a write: the message names the folder, the space the
+    write needed and the space free; the write's temporary files are removed."""
+
+
+class UntrustedArtifactError(StorageError):
+    """An artifact whose files would be unpickled (compiler caches, SDK checkpoints) is not the one a
+    stage recorded publishing in MLflow: refused, never loaded (the message names the URI)."""

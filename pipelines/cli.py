@@ -7,16 +7,22 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 from gpt2core import flags
 from gpt2core.errors import ConfigError, Gpt2opsError
 from gpt2core.pipeline_parameters import PipelineParameters
-from gpt2core.platform.settings import reload_settings
+from gpt2core.platform.context import ENV_RUN_ID, new_pipeline_run_id
+from gpt2core.platform.settings import exported, reload_settings
+from gpt2core.platform.work_folder import (RunRecord, WorkFolder, WorkFolderLock, describe_holder,
+                                           kill_processes, leftover_processes)
 
 PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
 RUNNERS = ("subprocess", "docker")
+LAST_RUN = "last"  # --resume without a run id
 ENV_KFP_HOST = "KF_PIPELINES_ENDPOINT"
 
 
@@ -48,34 +54,118 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "gpt2ops-cpu image (kfp.local.DockerRunner)")
     g.add_argument("--image", help="image for --runner docker (default: gpt2core.images)")
     g.add_argument("--work_dir", default="work",
-                   help="local state: embedded S3 data, MLflow db, KFP outputs and cache")
+                   help="local state: embedded S3 data, MLflow db, KFP outputs and cache, run records; "
+                        "one run at a time")
     g.add_argument("--no_cache", action="store_true", help="rerun every step")
+    g.add_argument("--resume", nargs="?", const=LAST_RUN, metavar="RUN_ID",
+                   help="continue a killed or failed run of this work folder (the last one, or RUN_ID) "
+                        "under its own pipeline run id, with its parameters: finished steps are reused, "
+                        "training continues from its newest uploaded checkpoint, and it keeps its one "
+                        "MLflow parent run")
 
 
 def main_run(args: argparse.Namespace) -> int:
-    work_dir = Path(args.work_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work = WorkFolder(args.work_dir)
     # Exported, so the steps (child processes) get them too; then re-read in this process.
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work_dir / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.root / 'mlflow.db'}")
     if args.image:
         os.environ["GPT2OPS_IMAGE_CPU"] = args.image  # read when the components are imported
     reload_settings()
-    arguments = pipeline_arguments(args)
-    arguments.setdefault("run_name", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
+    given = pipeline_arguments(args)
+    if args.resume and (given or args.no_cache):
+        flags_given = [f"--{name}" for name in given] + ["--no_cache"] * args.no_cache
+        raise ConfigError(f"--resume continues a run with the parameters and caching it was started "
+                          f"with; leave out {', '.join(flags_given)}")
 
-    with contextlib.ExitStack() as stack:
-        from gpt2core.platform import artifacts as storage
-
-        if not storage.s3_configured():
-            from gpt2core.platform.s3server import embedded_s3
-
-            stack.enter_context(embedded_s3(work_dir / "s3"))
+    with work.lock() as held, contextlib.ExitStack() as stack:
+        record = _run_to_start(work, held, args.resume, given, shared_cache=not args.no_cache)
+        # Every step (and what it starts) runs under this pipeline run id, in place of KFP's job id:
+        # a resumed run keeps it, and a dead run's leftover processes are found by it.
+        stack.enter_context(exported({ENV_RUN_ID: record.run_id}))
+        _start_embedded_s3_if_needed(work, stack)
         started = time.monotonic()
-        run_locally(arguments, runner=args.runner, work_dir=work_dir, cache=not args.no_cache)
-        summary = run_summary(arguments["run_name"], PipelineParameters(**arguments).experiment)
+        cache = work.root / "kfp-cache"
+        try:
+            run_locally(record.arguments, runner=args.runner, work_dir=work.root,
+                        # --no_cache: nothing is served from the folder's cache, but the run keeps one
+                        # of its own, so that a --resume of it reuses its finished steps
+                        cache_root=cache if record.shared_cache else cache / f"run-{record.run_id}")
+        except KeyboardInterrupt:
+            end_dead_run(work, record.run_id, how="interrupted (Ctrl-C)")
+            raise
+        summary = run_summary(record.run_id, record.experiment)
         summary["wall_s"] = round(time.monotonic() - started, 1)
+        record.status = summary["status"]
+        work.save_record(record)
+        if record.status == "FINISHED" and not record.shared_cache:
+            shutil.rmtree(cache / f"run-{record.run_id}", ignore_errors=True)
         print(format_summary(summary))
     return 0 if summary["status"] == "FINISHED" else 1
+
+
+def _run_to_start(work: WorkFolder, held: WorkFolderLock, resume: str | None, given: dict[str, object], *,
+                  shared_cache: bool) -> RunRecord:
+    """The run this `gpt2ops run` runs, recorded in the folder and named on its lock: the one to
+    resume, or a new one. What a dead run left (processes, RUNNING MLflow runs) is cleaned up first."""
+    if held.dead_holder:
+        dead = held.dead_holder.get("run_id")
+        hint = f" (continue it with `gpt2ops run --resume {dead}`)" if dead and not resume else ""
+        print(f"gpt2ops run: the last run in {work.root} died before it ended "
+              f"({describe_holder(held.dead_holder)}); cleaning up after it{hint}", file=sys.stderr)
+        end_dead_run(work, dead,
+                     how=f"`gpt2ops run` ({describe_holder(held.dead_holder)}) died before it ended")
+    if resume:
+        record = work.record(None if resume == LAST_RUN else resume)
+        if record.status == "FINISHED":
+            raise ConfigError(f"--resume: run {record.run_id} ({record.run_name}, started "
+                              f"{record.started_text}) finished; there is nothing to continue")
+        end_dead_run(work, record.run_id, how="it was resumed while these runs were still open")
+        print(f"gpt2ops run: resuming run {record.run_id} ({record.run_name}, started {record.started_text})",
+              file=sys.stderr)
+    else:
+        given.setdefault("run_name", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
+        record = RunRecord(run_id=new_pipeline_run_id(), run_name=str(given["run_name"]),
+                           experiment=PipelineParameters(**given).experiment, arguments=given,
+                           shared_cache=shared_cache)
+    record.status = "RUNNING"
+    work.save_record(record)
+    held.set_run(record.run_id)
+    return record
+
+
+def _start_embedded_s3_if_needed(work: WorkFolder, stack: contextlib.ExitStack) -> None:
+    """With no S3 endpoint configured, serve the folder's own (SeaweedFS on its s3/ data) for the
+    run; a server a dead run left on that data is stopped first (the folder is ours: we hold it)."""
+    from gpt2core.platform import artifacts as storage
+
+    if storage.s3_configured():
+        return
+    from gpt2core.platform.s3server import embedded_s3, stale_servers
+
+    stale = stale_servers(work.root / "s3")
+    if stale:
+        print(f"gpt2ops run: stopping the embedded S3 server a dead run left on {work.root / 's3'} "
+              f"(pid {', '.join(map(str, stale))})", file=sys.stderr)
+        kill_processes(stale)
+    stack.enter_context(embedded_s3(work.root / "s3"))
+
+
+def end_dead_run(work: WorkFolder, run_id: str | None, *, how: str) -> None:
+    """Clean up after a pipeline run of this folder that nothing runs any more: its processes still
+    alive (steps of a killed `gpt2ops run`) are killed, and its MLflow runs left RUNNING are marked
+    KILLED with ``how`` as the reason."""
+    from gpt2core.platform import tracking
+
+    if not run_id:
+        return
+    leftovers = leftover_processes(run_id)
+    if leftovers:
+        print(f"gpt2ops run: stopping {len(leftovers)} process(es) a dead run left in {work.root}: "
+              f"pids {', '.join(map(str, leftovers))}", file=sys.stderr)
+        kill_processes(leftovers)
+    record = next((r for r in work.records() if r.run_id == run_id), None)
+    experiment = record.experiment if record else PipelineParameters().experiment
+    tracking.close_orphaned_runs(run_id, experiment, f"pipeline run {run_id}: {how}")
 
 
 def make_runner(runner: str, work_dir: Path):
@@ -104,8 +194,9 @@ def make_runner(runner: str, work_dir: Path):
         mounts=[docker.types.Mount(target=str(work_dir), source=str(work_dir), type="bind")])
 
 
-def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, cache: bool) -> None:
-    """Run the pipeline through kfp.local; the outcome is read back from MLflow (run_summary)."""
+def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, cache_root: Path) -> None:
+    """Run the pipeline through kfp.local, its steps' outputs cached under cache_root; the outcome
+    is read back from MLflow (run_summary)."""
     import warnings
 
     from kfp import local
@@ -115,7 +206,7 @@ def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, ca
     warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local runner")
     warnings.filterwarnings("ignore", message=r"You may be attemping to run a task that uses custom")
     local.init(runner=make_runner(runner, work_dir), pipeline_root=str(work_dir / "kfp"),
-               enable_caching=cache, cache_root=str(work_dir / "kfp-cache"), raise_on_error=False)
+               enable_caching=True, cache_root=str(cache_root), raise_on_error=False)
     from pipelines.gpt2_pipeline import gpt2_pipeline  # after the image env is set
 
     # Locally a failure is shown at once: the cluster's retries (minutes of backoff) are dropped.
@@ -126,14 +217,14 @@ def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, ca
     gpt2_pipeline(**arguments)
 
 
-def run_summary(run_name: str, experiment: str) -> dict[str, object]:
+def run_summary(pipeline_run_id: str, experiment: str) -> dict[str, object]:
     """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples."""
     from gpt2core.platform import tracking
 
-    parent = tracking.find_pipeline_run_named(run_name, experiment)
+    parent = tracking.find_pipeline_run(pipeline_run_id, experiment)
     if parent is None:
-        raise Gpt2opsError(f"the pipeline left no MLflow parent run named {run_name!r} in "
-                           f"experiment {experiment!r}; see the step logs above")
+        raise Gpt2opsError(f"pipeline run {pipeline_run_id} left no MLflow parent run in experiment "
+                           f"{experiment!r}; see the step logs above")
     artifacts = parent.artifacts
     return {
         "status": parent.status,

@@ -299,19 +299,44 @@ def test_resume_from_the_published_checkpoints_continues_at_their_step(cpu_run: 
 
 
 def test_converting_a_bad_or_mismatched_checkpoint_is_a_data_error(cpu_run: dict, tmp_path: Path):
-    from gpt2core.platform.artifacts import local_input
+    from gpt2core.platform.artifacts import local_input, sha256_file
 
     bogus = tmp_path / "checkpoint_5.mdl"
     bogus.write_bytes(b"not an hdf5 file")
     with pytest.raises(DataError, match="not a readable cstorch checkpoint"):
-        cerebras.convert_checkpoint(bogus, cpu_run["params"], tmp_path / "out")
+        cerebras.convert_checkpoint(bogus, cpu_run["params"], tmp_path / "out", sha256=sha256_file(bogus))
     wider = cpu_run["params"].to_dict()
     wider["model"]["hidden_size"] *= 2
     with local_input(cpu_run["result"].outputs["checkpoints"]) as folder:
+        checkpoint = folder / f"checkpoint_{TRAIN_STEPS}.mdl"
         with pytest.raises(DataError, match=r"do not fit the model config .*transformer\..* is \("):
-            cerebras.convert_checkpoint(folder / f"checkpoint_{TRAIN_STEPS}.mdl", params_from_dict(wider),
-                                        tmp_path / "out")
+            cerebras.convert_checkpoint(checkpoint, params_from_dict(wider), tmp_path / "out",
+                                        sha256=sha256_file(checkpoint))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_vouched_for_and_never_unpickled(sdk: str,
+                                                                                          tmp_path: Path):
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:  # what a tampered checkpoint holds: unpickling it runs a shell command
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "checkpoint_100.mdl"
+    torch.save({"model": RunsCode()}, evil)  # the SDK loads a file that is not its H5 with torch.load
+    from gpt2core.platform.artifacts import sha256_file
+
+    with pytest.raises(DataError, match=r"refused to load a Cerebras checkpoint nobody vouched for"):
+        cerebras.convert_checkpoint(evil, tiny(), tmp_path / "out", sha256=None)
+    with pytest.raises(DataError, match=r"refused to load: its sha256 [0-9a-f]{16}\.\.\. is not the 0{16}"):
+        cerebras.convert_checkpoint(evil, tiny(), tmp_path / "out", sha256="0" * 64)
+    # Even a file someone vouched for loads through torch's safe unpickler only.
+    with pytest.raises(DataError, match="not a readable cstorch checkpoint"):
+        cerebras.convert_checkpoint(evil, tiny(), tmp_path / "out", sha256=sha256_file(evil))
+    assert not marker.exists()
 
 
 def test_csx_validate_traces_and_lowers_the_step_locally(sdk: str, tiny_dataset: Path, tmp_path: Path):

@@ -13,6 +13,7 @@ from gpt2core.compilation import CACHE_FILE, REPORT_FILE, load_compile_cache
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.stages import compile as compile_stage
 from gpt2core.stages import run_stage
+from gpt2core.stages.inputs import vouched_input
 from gpt2core.platform.context import RunContext
 
 # The smallest graph that is still the real training step: compiling is most of this test's time.
@@ -42,7 +43,8 @@ def test_compiles_cold_then_warm_and_the_train_stage_can_load_the_caches(ctx, tm
     assert run.data.metrics["compile/cold_s"] == report["cold_s"]
     # what the train stage does before compiling: hot-load the caches into this process
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    loaded = load_compile_cache(uri)
+    with vouched_input(uri, "compile_cache") as caches:
+        loaded = load_compile_cache(caches, uri)
     assert loaded == report["cache_entries"]
 
 
@@ -52,7 +54,8 @@ def test_an_eager_config_publishes_a_report_only(ctx):
     report = json.loads(storage.read_text(f"{uri}/{REPORT_FILE}"))
     assert report == {"compiled": False, "reason": "runconfig.torch_compile is false: training runs eagerly"}
     assert result.metrics == {}
-    assert load_compile_cache(uri) == {}
+    with vouched_input(uri, "compile_cache") as caches:
+        assert load_compile_cache(caches, uri) == {}
 
 
 def test_bad_target_and_missing_gpu_fail_clearly(ctx):

@@ -23,15 +23,18 @@ def start_run(
     artifact_root: str,
     experiment: str,
 ) -> str:
-    """Open the MLflow parent run of this pipeline run, then check the run-form parameters, so a bad
-    value fails here (recorded on the parent run) before any data moves.
+    """Open the MLflow parent run of this pipeline run (or reopen it: a resumed run keeps its
+    parent), then check the run-form parameters, so a bad value fails here (recorded on the parent
+    run) before any data moves.
 
     Returns:
         The MLflow parent run id.
     """
+    from components.kfp_io import pipeline_run_id as pinned
     from gpt2core import pipeline_run
     from gpt2core.platform.context import RunContext
 
+    pipeline_run_id = pinned(pipeline_run_id)
     form = dict(params=params, source=source, target=target, num_gpus=num_gpus, num_nodes=num_nodes,
                 gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root, experiment=experiment,
                 run_name=run_name)
@@ -59,7 +62,7 @@ def record_results(
     served from the cache and so logged under an earlier parent) and render a run summary."""
     import json
 
-    from components.kfp_io import markdown_table, write_text
+    from components.kfp_io import markdown_table, pipeline_run_id as pinned, write_text
     from gpt2core import pipeline_run
 
     artifacts = {"download/corpus": corpus_uri, "preprocess/dataset": dataset_uri,
@@ -67,7 +70,7 @@ def record_results(
                  "train/model": model_uri, "train/checkpoints": checkpoints_uri,
                  "evaluate/report": eval_report_uri}
     eval_metrics = json.loads(eval_metrics_json)
-    parent_run_id = pipeline_run.record(pipeline_run_id, experiment, artifacts=artifacts,
+    parent_run_id = pipeline_run.record(pinned(pipeline_run_id), experiment, artifacts=artifacts,
                                         eval_metrics=eval_metrics, model_version=model_version,
                                         promoted=promoted)
     write_text(summary, "# gpt2ops pipeline run\n\n"
@@ -81,8 +84,9 @@ def record_results(
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def end_run(pipeline_run_id: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> None:
     """Exit handler: mark the MLflow parent run FINISHED, or FAILED with the failing task."""
+    from components.kfp_io import pipeline_run_id as pinned
     from gpt2core import pipeline_run
 
     succeeded = status.state == "SUCCEEDED"
-    pipeline_run.end(pipeline_run_id, experiment, succeeded=succeeded,
+    pipeline_run.end(pinned(pipeline_run_id), experiment, succeeded=succeeded,
                      error=None if succeeded else (status.error_message or status.state))

@@ -92,17 +92,22 @@ def compile(params: Params, *, data_dir: str | Path, work_dir: str | Path,  # no
 
 
 def train(params: Params, *, data_dir: str | Path, model_dir: str | Path, checkpoint_dir: str | Path,
-          work_dir: str | Path, backend: str | None = None, on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
+          work_dir: str | Path, backend: str | None = None, on_metrics: MetricsCallback | None = None,
+          checkpoint_sha256: str | None = None) -> dict[str, Any]:
     """Train; cstorch checkpoints go to ``checkpoint_dir``, the final model (safetensors, our
-    saved-model layout) to ``model_dir``, with a Model Zoo params YAML of the same run beside it."""
+    saved-model layout) to ``model_dir``, with a Model Zoo params YAML of the same run beside it.
+    ``runconfig.checkpoint_path``, when set, is resumed from only if its sha256 is
+    ``checkpoint_sha256`` (SDK checkpoints are unpickled: ``flow.load_checkpoint``)."""
     return _run("train", params, {"data_dir": str(data_dir), "model_dir": str(model_dir),
                                   "checkpoint_dir": str(checkpoint_dir), "work_dir": str(work_dir),
-                                  "backend": backend}, on_metrics=on_metrics)
+                                  "backend": backend, "checkpoint_sha256": checkpoint_sha256},
+                on_metrics=on_metrics)
 
 
-def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Path) -> Path:
-    """A cstorch checkpoint (``.mdl``) as our standard saved-model folder."""
-    result = _run("convert", params, {"checkpoint": str(checkpoint), "out_dir": str(out_dir)})
+def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Path, *, sha256: str | None) -> Path:
+    """A cstorch checkpoint (``.mdl``) as our standard saved-model folder; loaded only if its sha256
+    is ``sha256`` (``flow.load_checkpoint``)."""
+    result = _run("convert", params, {"checkpoint": str(checkpoint), "out_dir": str(out_dir), "sha256": sha256})
     return Path(result["model_dir"])
 
 

@@ -37,13 +37,15 @@ def execute(op: str, params: Any, args: dict[str, Any]) -> dict[str, Any]:
     if op == "train":
         result = flow.train(params, args["data_dir"], model_dir=args["model_dir"],
                             checkpoint_dir=args["checkpoint_dir"], work_dir=args["work_dir"],
-                            backend_name=args["backend"], on_metrics=emit_metrics)
+                            backend_name=args["backend"], on_metrics=emit_metrics,
+                            checkpoint_sha256=args.get("checkpoint_sha256"))
         result["modelzoo_params"] = str(modelzoo.write_modelzoo_params(
             params, Path(args["model_dir"]) / modelzoo.MODELZOO_PARAMS_FILE, train_data_dir=args["data_dir"],
             backend=args["backend"]))
         return result
     if op == "convert":
-        return {"model_dir": str(flow.convert_checkpoint(args["checkpoint"], params, args["out_dir"]))}
+        return {"model_dir": str(flow.convert_checkpoint(args["checkpoint"], params, args["out_dir"],
+                                                         sha256=args.get("sha256")))}
     raise ValueError(f"unknown operation {op!r}")
 
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request", help="request JSON written by gpt2core.cerebras")
     parser.add_argument("--result", help="where to write the outcome JSON")
     parser.add_argument("--checkpoint", help="convert: the cstorch checkpoint (.mdl)")
+    parser.add_argument("--sha256", help="convert: the checkpoint's sha256 (its artifact's MANIFEST.json lists "
+                                         "it): the file is loaded, which unpickles it, only if it matches")
     parser.add_argument("--params", help="convert: the run's params YAML")
     parser.add_argument("--out", help="convert: output folder; modelzoo: output YAML file")
     parser.add_argument("--train_data_dir", help="modelzoo: training HDF5 folder (default: the config's)")
@@ -75,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.op == "convert":
-        if not (args.checkpoint and args.params and args.out):
-            parser.error("convert needs --checkpoint, --params and --out")
+        if not (args.checkpoint and args.params and args.out and args.sha256):
+            parser.error("convert needs --checkpoint, --sha256, --params and --out")
         try:
-            result = execute("convert", load_params(args.params), {"checkpoint": args.checkpoint, "out_dir": args.out})
+            result = execute("convert", load_params(args.params), {"checkpoint": args.checkpoint, "out_dir": args.out,
+                                                                   "sha256": args.sha256})
             print(result["model_dir"])
         except Gpt2opsError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ from gpt2core.config import InputParams, Params, SchedulerParams, schedule_miles
 from gpt2core.data.loader import input_dataloader
 from gpt2core.errors import ConfigError, DataError, TrainingError
 from gpt2core.model import GPT2
+from gpt2core.platform.artifacts.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +217,25 @@ def checkpoint_schedule(start_step: int, max_steps: int, checkpoint_steps: int) 
     return Schedule([Schedule.Range(start=first_local, end=num_steps, step=checkpoint_steps, include_last=True)])
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str, Any]:
+    """The state in a cstorch checkpoint, loaded only if the file's sha256 is ``sha256``: cstorch's
+    H5 format unpickles (dill) what it stores, and its fallback for other files is a torch.load,
+    done here with ``weights_only=True``. ``sha256`` comes from the manifest of the artifact a stage
+    published the checkpoint in, as recorded in MLflow (``gpt2core.stages.inputs.vouched_checkpoint``),
+    or from this flow having written the file; None (nobody vouched for it) or a mismatch is a
+    DataError and nothing is loaded."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such Cerebras checkpoint")
+    if sha256 is None:
+        raise DataError(f"{path}: refused to load a Cerebras checkpoint nobody vouched for (no expected sha256): "
+                        f"loading it would unpickle it; resume from a checkpoint a gpt2ops stage published")
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise DataError(f"{path}: refused to load: its sha256 {actual[:16]}... is not the {sha256[:16]}... "
+                        f"recorded when it was published (changed since); loading it would unpickle it")
     try:
-        return cstorch.load(str(path))
+        return cstorch.load(str(path), weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the SDK raises bare RuntimeError/ValueError for bad files
         raise DataError(f"{path}: not a readable cstorch checkpoint ({exc})") from None
 
@@ -243,13 +257,14 @@ def load_model_state(model: GPT2, state: dict[str, Any], path: str | Path) -> No
     model.load_state_dict(weights)
 
 
-def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Path) -> Path:
-    """A cstorch checkpoint as our standard saved-model folder (``model.safetensors`` in HF layout,
-    ``config.json``, ``params.yaml``): what the evaluate stage and the GPU path load."""
+def convert_checkpoint(checkpoint: str | Path, params: Params, out_dir: str | Path, *, sha256: str | None) -> Path:
+    """A cstorch checkpoint (loaded only if its sha256 is ``sha256``: ``load_checkpoint``) as our
+    standard saved-model folder (``model.safetensors`` in HF layout, ``config.json``,
+    ``params.yaml``): what the evaluate stage and the GPU path load."""
     from gpt2core.hf_checkpoint import save_pretrained
 
     model = GPT2(params.model)
-    load_model_state(model, load_checkpoint(checkpoint), checkpoint)
+    load_model_state(model, load_checkpoint(checkpoint, sha256=sha256), checkpoint)
     return save_pretrained(model, params, out_dir)
 
 
@@ -348,9 +363,11 @@ def _training_step(compiled: Callable, model: GPT2, optimizer: Any, scheduler: A
 
 
 def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkpoint_dir: str | Path,
-          work_dir: str | Path, backend_name: str = "CSX", on_metrics: MetricsCallback | None = None) -> dict[str, Any]:
-    """Train for ``runconfig.max_steps`` (from ``runconfig.checkpoint_path`` when set), write cstorch
-    checkpoints to ``checkpoint_dir`` and the final model, converted, to ``model_dir``."""
+          work_dir: str | Path, backend_name: str = "CSX", on_metrics: MetricsCallback | None = None,
+          checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """Train for ``runconfig.max_steps`` (from ``runconfig.checkpoint_path`` when set: loaded only if
+    its sha256 is ``checkpoint_sha256``), write cstorch checkpoints to ``checkpoint_dir`` and the
+    final model, converted, to ``model_dir``."""
     settings = resolve_settings(params, backend_name, need_appliance=True)
     r = params.runconfig
     checkpoint_dir, model_dir, work_dir = Path(checkpoint_dir), Path(model_dir), Path(work_dir)
@@ -362,7 +379,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     start_step = 0
     resume = r.checkpoint_path
     if resume:
-        state = load_checkpoint(resume)
+        state = load_checkpoint(resume, sha256=checkpoint_sha256)
         missing = [key for key in ("optimizer", "lr_scheduler", "global_step") if key not in state]
         if missing:
             raise DataError(f"runconfig.checkpoint_path: {resume} has no {', '.join(missing)} state "
@@ -386,6 +403,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     tokens_per_step = params.train_input.batch_size * params.train_input.max_sequence_length
     history: list[tuple[int, float]] = []
     window = {"start": time.perf_counter(), "steps": 0}
+    written: dict[Path, str] = {}  # checkpoint -> its sha256, as this flow wrote it
 
     @cstorch.step_closure
     def record(loss: torch.Tensor, lr: torch.Tensor, step: int) -> None:
@@ -407,7 +425,10 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
                  "lr_scheduler": scheduler.state_dict(), "global_step": step}
         if precision.grad_scaler is not None:
             state["grad_scaler"] = precision.grad_scaler.state_dict()
-        cstorch.save(state, str(checkpoint_dir / checkpoint_name(step, CEREBRAS)))
+        path = checkpoint_dir / checkpoint_name(step, CEREBRAS)
+        cstorch.save(state, str(path))
+        if step == r.max_steps:  # converted below: this flow wrote it, so it vouches for it
+            written[path] = sha256_file(path)
         for old in list_checkpoints(checkpoint_dir, CEREBRAS)[:-r.keep_last_checkpoints]:
             old.unlink()
 
@@ -426,7 +447,7 @@ def train(params: Params, data_dir: str | Path, *, model_dir: str | Path, checkp
     final = checkpoint_dir / checkpoint_name(r.max_steps, CEREBRAS)
     if not final.is_file():
         raise TrainingError(f"{final}: the final checkpoint was not written")
-    convert_checkpoint(final, params, model_dir)
+    convert_checkpoint(final, params, model_dir, sha256=written.get(final))
     return {
         "backend": settings.backend,
         "train/steps": float(r.max_steps),

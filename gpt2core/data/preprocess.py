@@ -39,6 +39,7 @@ from gpt2core.data import DATA_PARAMS, FEATURES, normalize
 from gpt2core.data.readers import ReadStats, corpus_format, import_readers, iter_documents
 from gpt2core.errors import ConfigError, DataError
 from gpt2core.flags import Cli, Parameters
+from gpt2core.platform.disk import disk_space
 from gpt2core.tokenizer import EOS_ID, PAD_ID, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,10 @@ def _tokenize_file(item: _InputFile, cache_dir: Path, text_key: str, params: Pre
     docs: dict[str, list[int]] = {key: [] for key in DOCUMENT_SIZES}
     unique = uuid.uuid4().hex[:8]  # two runs may share a cache folder
     tmp = tokens_path.with_suffix(f".bin.{unique}.tmp")
-    with tmp.open("wb") as out:
+    # about 4 bytes of text per token, each stored in dtype.itemsize bytes
+    needed = item.path.stat().st_size // 4 * dtype.itemsize
+    with disk_space(cache_dir, doing=f"tokenizing {item.relpath} into the token cache", needed=needed,
+                    remove=[tmp]), tmp.open("wb") as out:
         for decoded in iter_documents(item.path, text_key, stats):
             read, text = _normalized(decoded, is_txt, params, counts)
             counts["normalized_documents"] += text != decoded
@@ -533,7 +537,7 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
         stats = {}
         for split in SPLITS:
             stats[split] = _write_split(split, metas, in_val, cache, dtype, output_dir, params, pool)
-            _write_data_params(output_dir / split, split, input_dir, text_key, params, enc, fingerprint,
+            _write_data_params(output_dir / split, split, text_key, params, enc, fingerprint,
                                stats[split], corpus)
     if own_cache:
         shutil.rmtree(cache)
@@ -574,7 +578,10 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     without_eos = params.pack_sequences and params.packing_scheme == "disjoint"
     eos = np.array([EOS_ID], dtype=dtype)
     chosen_docs: dict[str, list[np.ndarray]] = {key: [] for key in DOCUMENT_SIZES}
-    with stream_path.open("wb") as out:
+    stream_bytes = sum(int(np.asarray(m["lengths"], dtype=np.int64)[v == want_val].sum())
+                       for m, v in zip(metas, in_val, strict=True)) * dtype.itemsize
+    with disk_space(cache, doing=f"staging the {split} split's tokens", needed=stream_bytes,
+                    remove=[stream_path]), stream_path.open("wb") as out:
         if params.pack_sequences and params.packing_scheme == "overlap":
             out.write(eos.tobytes())  # the first buffer's EOS
         for meta, val_mask in zip(metas, in_val, strict=True):
@@ -617,8 +624,12 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     write = partial(_write_h5, stream_path, dtype.str, msl=msl, compression=params.compression,
                     vocab_file=params.vocab_file, encoder_file=params.encoder_file)
     pieces = range(n_files)
-    per_file = list(pool.map(write, [starts[i * spf:(i + 1) * spf] for i in pieces],
-                             [lengths[i * spf:(i + 1) * spf] for i in pieces], [folder / h5_name(i) for i in pieces]))
+    # a failed file removes its own temporary file (_write_h5); files already written are complete
+    with disk_space(folder, doing=f"writing the {split} split ({n_files} HDF5 files)",
+                    needed=len(starts) * 3 * msl * 4, remove=[stream_path]):
+        per_file = list(pool.map(write, [starts[i * spf:(i + 1) * spf] for i in pieces],
+                                 [lengths[i * spf:(i + 1) * spf] for i in pieces],
+                                 [folder / h5_name(i) for i in pieces]))
     stream_path.unlink()
     log.info("%s: %d sequences from %d documents in %d files", folder, len(starts), n_docs, n_files)
 
@@ -652,14 +663,17 @@ def _corpus_stats(metas: list[dict]) -> dict:
             **{key: sum(m[key] for m in metas) for key in keys}}
 
 
-def _write_data_params(folder: Path, split: str, input_dir: Path, text_key: str, params: PreprocessParams,
+def _write_data_params(folder: Path, split: str, text_key: str, params: PreprocessParams,
                        enc: tiktoken.Encoding, fingerprint: str, stats: dict, corpus: dict) -> None:
     """The reference's data_params.json, with the keys of both its generations where they agree:
     ``setup`` / ``processing`` / ``dataset`` (create_hdf5_dataset.py 1.9-2.2 and preprocess_data.py
     2.3+), ``features`` (2.4+; its readers name the rows of ``data`` from it), ``post-process`` (file
     counts, n_examples, raw and normalized chars and bytes, token counts, eos/pad ids, vocab size) and
     ``h5_dataset_stats`` (2.0-2.2, detokenized_bytes / detokenized_chars included). Documents stand
-    for the reference's "files" (it counts each document read as a processed file)."""
+    for the reference's "files" (it counts each document read as a processed file).
+    It records no location (the reference's ``setup.input_dir``): the corpus is named by its content
+    (``fingerprint``), so the same corpus and parameters give the same bytes, and the dataset the same
+    hash, wherever it was read from."""
     ids = {"eos_id": enc.eot_token, "pad_id": PAD_ID, "vocab_size": enc.n_vocab}
     documents = stats["num_documents"]
     post_process = {
@@ -671,8 +685,7 @@ def _write_data_params(folder: Path, split: str, input_dir: Path, text_key: str,
         "num_masked_tokens": stats["num_tokens"] - stats["loss_valid_tokens"], **ids,
     }
     doc = {
-        "setup": {"input_dir": str(input_dir), "fingerprint": fingerprint,
-                  "format": "gpt2ops-hdf5/1"},
+        "setup": {"fingerprint": fingerprint, "format": "gpt2ops-hdf5/1"},
         "processing": {**params.data_fields(), "files_per_record": params.samples_per_file,
                        "tokenizer_type": "GPT2Tokenizer", **ids, "window_overlap": params.window_overlap},
         "dataset": {"split": split, "jsonl_key": text_key, "corpus": corpus,

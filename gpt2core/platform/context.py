@@ -43,13 +43,18 @@ class RunContext:
         with overrides (the CLI's flags) that are not None taking precedence."""
         s = settings()
         values = {
-            "pipeline_run_id": s.pipeline_run_id or uuid.uuid4().hex[:12],
+            "pipeline_run_id": s.pipeline_run_id or new_pipeline_run_id(),
             "artifact_root": s.artifact_root or os.path.abspath("work/artifacts"),
             "experiment": s.mlflow_experiment_name,
             "parent_run_id": s.mlflow_parent_run_id,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def new_pipeline_run_id() -> str:
+    """A fresh pipeline run id (12 hex digits) for a run that no orchestrator named."""
+    return uuid.uuid4().hex[:12]
 
 
 def process_rank() -> int:

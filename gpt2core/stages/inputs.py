@@ -1,4 +1,14 @@
-"""What stages read besides their request: datasets and training checkpoints, local or s3://."""
+"""What stages read besides their request: datasets and training checkpoints, local or s3://, and
+artifacts whose files get unpickled, which are read only as a stage of gpt2ops published them.
+
+The trust model (docs/storage-tracking.md): an artifact's storage (the S3 prefix, a local folder)
+may be writable by more people than its MLflow tracking store. Files that loading unpickles (the
+compile stage's ``torch.compiler`` caches, Cerebras SDK checkpoints) are therefore loaded only when
+the artifact's manifest digest is the one the producing stage recorded on its MLflow run
+(``tracking.published_record``), and every file matches that manifest's sha256; anything else is
+refused with one ``UntrustedArtifactError`` line. Files with a safe loader (torch checkpoints:
+``torch.load(weights_only=True)``, safetensors, JSON, YAML) need no record.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +17,26 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpt2core.errors import DataError, StorageError
-from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, shared_local_input
+from gpt2core.checkpoint_names import TORCH, checkpoint_step, list_checkpoints
+from gpt2core.errors import DataError, StorageError, UntrustedArtifactError
+from gpt2core.platform import tracking
+from gpt2core.platform.artifacts import (NotFound, fetch_file, is_s3, local_input, manifest_digest,
+                                         read_manifest, shared_local_input)
+from gpt2core.platform.artifacts.store import find_artifact
+from gpt2core.platform.artifacts.uris import join, local_path
 from gpt2core.platform.context import process_rank
-from gpt2core.checkpoint_names import TORCH, list_checkpoints
 
 
 @contextlib.contextmanager
 def data_input(key: str, uri: str) -> Iterator[Path]:
-    """The data folder at uri: an s3:// dataset is downloaded once per node, shared by its ranks."""
-    try:
-        with shared_local_input(uri) as path:
-            yield path
-    except StorageError as exc:
-        raise DataError(f"{key}: {exc}") from exc
+    """The data folder at uri: an s3:// dataset is downloaded once per node, shared by its ranks. A
+    failure to get it is a DataError naming ``key``; errors of the block pass unchanged."""
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(shared_local_input(uri))
+        except StorageError as exc:
+            raise DataError(f"{key}: {exc}") from exc
+        yield path
 
 
 def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:
@@ -43,7 +59,8 @@ def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:
 def _newest(folder: Path, uri: str, suffix: str) -> Path:
     found = list_checkpoints(folder, suffix)
     if not found:
-        raise DataError(f"--checkpoint_path {uri}: no checkpoints (checkpoint_<step>.pt or .mdl) in this folder")
+        raise DataError(f"--checkpoint_path {uri}: no checkpoints (checkpoint_<step>.pt or .mdl) in this "
+                        f"folder")
     return found[-1]
 
 
@@ -51,3 +68,59 @@ def _fresh(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
+
+
+def _require_published(name: str, uri: str, manifest: dict) -> None:
+    """UntrustedArtifactError unless a stage recorded publishing artifact ``name`` at uri with this
+    manifest."""
+    digest = manifest_digest(manifest)
+    if tracking.published_record(name, uri, digest) is None:
+        raise UntrustedArtifactError(
+            f"{uri}: refused to load: no stage run in MLflow at {tracking.tracking_uri()} recorded "
+            f"publishing this {name} artifact (manifest digest {digest[:16]}...), and loading it would "
+            f"unpickle its files; use an artifact a gpt2ops stage published, unchanged")
+
+
+@contextlib.contextmanager
+def vouched_input(uri: str, name: str) -> Iterator[Path]:
+    """The artifact ``name`` at uri as a local folder, exactly as the stage that published it recorded
+    it (manifest digest on its MLflow run; every file's sha256 checked against that manifest), for a
+    reader that unpickles its files; UntrustedArtifactError otherwise."""
+    try:
+        manifest = read_manifest(uri)
+    except NotFound as exc:
+        raise UntrustedArtifactError(f"{uri}: refused to load: {exc}") from None
+    _require_published(name, uri, manifest)
+    with local_input(uri, manifest=manifest) as folder:
+        yield folder
+
+
+def vouched_checkpoint(uri: str, work_dir: Path, *, suffix: str,
+                       name: str = "checkpoints") -> tuple[Path, str]:
+    """(a local copy, its sha256) of the checkpoint at uri (a file, or a folder: its newest of format
+    ``suffix``) inside an artifact ``name`` a stage recorded publishing; UntrustedArtifactError
+    otherwise. The loader checks the file against the sha256 right before it unpickles it."""
+    try:
+        artifact, manifest, inside = find_artifact(uri)
+    except NotFound:
+        raise UntrustedArtifactError(f"{uri}: refused to load this checkpoint: it is in no artifact a "
+                                     f"gpt2ops stage published (no MANIFEST.json beside it or above), and "
+                                     f"loading it would unpickle it") from None
+    _require_published(name, artifact, manifest)
+    folder = f"{inside}/" if inside else ""
+    found = []
+    for entry in manifest["files"]:
+        path = entry["path"]
+        directly_in = path.startswith(folder) and "/" not in path[len(folder):]
+        step = checkpoint_step(path, suffix)
+        if step is not None and (path == inside or directly_in):
+            found.append((step, entry))
+    if not found:
+        raise DataError(f"--checkpoint_path {uri}: no checkpoints (checkpoint_<step>{suffix}) there")
+    entry = max(found, key=lambda pair: pair[0])[1]
+    source = join(artifact, entry["path"])
+    if is_s3(source):
+        local = fetch_file(source, work_dir / f"resume-rank{process_rank()}" / source.rsplit("/", 1)[-1])
+    else:
+        local = local_path(source)
+    return local, entry["sha256"]

@@ -5,10 +5,12 @@ Data comes from ``train_input.data_dir`` (local or s3://). Outputs two artifacts
 ``checkpoints`` (the last ``runconfig.keep_last_checkpoints`` training checkpoints). ``model_dir``
 is the local working folder: checkpoints land there as training goes, and a rerun with the same
 folder resumes from the newest one. Torch targets also upload checkpoints in the background to
-``<run>/train/progress/`` (rank 0, latest wins; deleted once the stage has published), and an attempt started
-without --checkpoint_path resumes from the newest one there: a retried step of the same pipeline
-run (a preempted pod) continues where the lost attempt left off. On GPUs start it under
-``torchrun``: every rank trains, rank 0 tracks and publishes.
+``<run>/train/progress/`` (rank 0, latest wins; deleted once the stage has published), and an attempt
+started without --checkpoint_path resumes from the newest one there or in this run's published
+``checkpoints``: a retried step of the same pipeline run (a preempted pod, ``gpt2ops run --resume``)
+continues where the lost attempt left off. The model is registered in MLflow only once both
+artifacts are published, so no registered version points at a model that is not there. On GPUs
+start it under ``torchrun``: every rank trains, rank 0 tracks and publishes.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from gpt2core.checkpoint_names import (CEREBRAS, FOLDER as CHECKPOINT_FOLDER, TO
                                        list_checkpoints)
 from gpt2core.config import Params
 from gpt2core.hf_checkpoint import save_pretrained
-from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
+from gpt2core.platform.artifacts import (artifact_digest, delete_file, list_files, local_input,
+                                         local_output, put_file)
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
-from gpt2core.stages.inputs import data_input, local_checkpoint
+from gpt2core.stages.inputs import data_input, local_checkpoint, vouched_checkpoint, vouched_input
 from gpt2core.stages.request import TrainingRequest
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     work_dir.mkdir(parents=True, exist_ok=True)
     progress_uri = ctx.artifact_uri(STAGE, PROGRESS)
     if process_rank() != 0:  # another torchrun rank: train, leave the rest to rank 0
-        _train_torch(cfg, work_dir, request, log_metrics=None, progress_uri=progress_uri)
+        _train_torch(cfg, work_dir, request, log_metrics=None, progress_uri=progress_uri,
+                     checkpoints_uri=outputs["checkpoints"])
         return StageResult(outputs=outputs)
 
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
@@ -72,16 +76,19 @@ def run(ctx: RunContext, request: Request) -> StageResult:
                 metrics = _train_cerebras(cfg, work_dir, model_out, request.checkpoint_path, tracked.log_metrics)
             else:
                 result = _train_torch(cfg, work_dir, request, log_metrics=tracked.log_metrics,
-                                      progress_uri=progress_uri)
+                                      progress_uri=progress_uri, checkpoints_uri=outputs["checkpoints"])
                 save_pretrained(result.model, cfg, model_out)
                 resumed_only = [result.checkpoint] if result.checkpoint else []
                 metrics = {"train/loss": result.final_loss, "train/tokens_per_s": result.tokens_per_s,
                            "train/mfu": result.mfu, "train/steps": float(result.step), **result.eval_metrics}
-            tracked.log_model(model_out, model_uri=outputs["model"])  # safetensors + params.yaml, registered
         with local_output(outputs["checkpoints"]) as checkpoints_out:
             suffix = CEREBRAS if target == "cerebras" else TORCH
             for checkpoint in list_checkpoints(work_dir / CHECKPOINT_FOLDER, suffix) or resumed_only:
                 shutil.copy2(checkpoint, checkpoints_out / checkpoint.name)
+        # Registered only now, from the published (manifest-verified) artifact: a version in the
+        # registry always points at a model that exists, whenever the stage is killed.
+        with local_input(outputs["model"]) as published:
+            tracked.log_model(published, model_uri=outputs["model"])  # safetensors + params.yaml
         metrics["train/seconds"] = time.monotonic() - started
         # at the last step, so the per-step train/loss history ends on the final value
         tracked.log_metrics(metrics, step=int(metrics.get("train/steps", 0)))
@@ -92,7 +99,9 @@ def run(ctx: RunContext, request: Request) -> StageResult:
 
 
 def _train_torch(cfg: Params, work_dir: Path, request: Request, log_metrics,  # noqa: ANN001, ANN202
-                 progress_uri: str | None = None):
+                 progress_uri: str, checkpoints_uri: str):
+    """Train on the torch targets; checkpoints are uploaded to ``progress_uri`` as they are written,
+    and an attempt resumes from the newest an earlier one left there or in ``checkpoints_uri``."""
     from gpt2core.training import train  # torch and the trainer only when training
 
     with contextlib.ExitStack() as stack:
@@ -102,15 +111,17 @@ def _train_torch(cfg: Params, work_dir: Path, request: Request, log_metrics,  # 
         if request.compile_cache and cfg.runconfig.torch_compile:
             from gpt2core.compilation import load_compile_cache
 
-            load_compile_cache(request.compile_cache)  # the compile stage's caches: training starts warm
+            # the compile stage's caches (training starts warm); loading them unpickles them
+            with vouched_input(request.compile_cache, "compile_cache") as caches:
+                load_compile_cache(caches, request.compile_cache)
         if request.checkpoint_path:
             resume = local_checkpoint(request.checkpoint_path, work_dir)
         else:
-            resume = earlier_attempt(progress_uri, work_dir) if progress_uri else None
+            resume = earlier_attempt(progress_uri, checkpoints_uri, work_dir)
         # Rank 0 writes the checkpoints, so only it uploads them. Closed when this block ends, also
         # on errors: before the stage publishes and clears the prefix.
         on_checkpoint = (stack.enter_context(ProgressUploader(progress_uri, cfg.runconfig.keep_last_checkpoints))
-                         if progress_uri and process_rank() == 0 else None)
+                         if process_rank() == 0 else None)
         result = train(cfg, data_dir=data_dir, work_dir=work_dir, target=request.target, eval_data_dir=eval_dir,
                        resume_from=resume, log_metrics=log_metrics, on_checkpoint=on_checkpoint)
         if result.checkpoint is None and resume:  # resumed at max_steps: nothing trained, nothing saved
@@ -118,23 +129,26 @@ def _train_torch(cfg: Params, work_dir: Path, request: Request, log_metrics,  # 
         return result
 
 
-def _progress_checkpoints(progress_uri: str) -> list[tuple[int, str]]:
-    """(step, name) of the checkpoints under the progress prefix, oldest first."""
-    found = ((checkpoint_step(name), name) for name in list_files(progress_uri))
+def _checkpoints_under(uri: str) -> list[tuple[int, str]]:
+    """(step, name) of the training checkpoints directly under uri, oldest first."""
+    found = ((checkpoint_step(name), name) for name in list_files(uri))
     return sorted((step, name) for step, name in found if step is not None)
 
 
-def earlier_attempt(progress_uri: str, work_dir: Path) -> Path | None:
-    """A local copy of the newest checkpoint an earlier attempt of this pipeline run uploaded to
-    ``progress_uri``; None when there is none, or when ``work_dir`` already holds one as new."""
-    found = _progress_checkpoints(progress_uri)
+def earlier_attempt(progress_uri: str, checkpoints_uri: str, work_dir: Path) -> Path | None:
+    """A local copy of the newest checkpoint an earlier attempt of this pipeline run left: uploaded
+    while it trained (``progress_uri``), or published as this stage's ``checkpoints`` artifact (an
+    attempt stopped after publishing, before its step was recorded as done). None when there is
+    none, or when ``work_dir`` already holds one as new. Each object is whole once listed (an S3
+    upload appears complete or not at all), so a partly published artifact still serves."""
+    found = sorted((step, f"{uri.rstrip('/')}/{name}") for uri in (progress_uri, checkpoints_uri)
+                   for step, name in _checkpoints_under(uri))
     if not found:
         return None
-    step, name = found[-1]
+    step, uri = found[-1]
     local = list_checkpoints(work_dir / CHECKPOINT_FOLDER)
     if local and checkpoint_step(local[-1].name) >= step:
         return None  # the trainer resumes from the local folder
-    uri = f"{progress_uri.rstrip('/')}/{name}"
     log.info("resuming from %s (an earlier attempt of this run)", uri)
     return local_checkpoint(uri, work_dir)
 
@@ -207,7 +221,7 @@ class ProgressUploader:
 
 def _prune_progress(progress_uri: str, *, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints under the progress prefix."""
-    found = _progress_checkpoints(progress_uri)
+    found = _checkpoints_under(progress_uri)
     for _, name in found[:max(0, len(found) - keep)]:
         delete_file(f"{progress_uri.rstrip('/')}/{name}")
 
@@ -223,10 +237,14 @@ def _train_cerebras(cfg: Params, work_dir: Path, model_out: Path, checkpoint_pat
                     log_metrics) -> dict[str, float]:  # noqa: ANN001
     from gpt2core import cerebras
 
-    if checkpoint_path:  # the cstorch flow resumes from runconfig.checkpoint_path (a .mdl file)
-        cfg.runconfig.checkpoint_path = str(local_checkpoint(checkpoint_path, work_dir, suffix=CEREBRAS))
+    # The cstorch flow resumes from runconfig.checkpoint_path (a .mdl file, which loading unpickles):
+    # only from one a stage published, and only if it is still the file it published.
+    resume_from, sha256 = checkpoint_path or cfg.runconfig.checkpoint_path, None
+    if resume_from:
+        local, sha256 = vouched_checkpoint(resume_from, work_dir, suffix=CEREBRAS)
+        cfg.runconfig.checkpoint_path = str(local)
     with data_input("train_input.data_dir", cfg.train_input.data_dir) as data_dir:
         result = cerebras.train(cfg, data_dir=data_dir, model_dir=model_out,
-                                checkpoint_dir=work_dir / CHECKPOINT_FOLDER,
-                                work_dir=work_dir, on_metrics=log_metrics)
+                                checkpoint_dir=work_dir / CHECKPOINT_FOLDER, work_dir=work_dir,
+                                on_metrics=log_metrics, checkpoint_sha256=sha256)
     return {k: float(v) for k, v in result.items() if k.startswith("train/") and isinstance(v, (int, float))}

@@ -4,7 +4,8 @@ One file per step, ``checkpoint_00000100.pt`` (``gpt2core/checkpoint_names.py``)
 scaler, loader position, step and every rank's RNG state. States are gathered as full (unsharded)
 tensors with ``torch.distributed.checkpoint.state_dict``, so a checkpoint written by DDP or FSDP2
 on N processes loads on any number. The file is written to a temporary name, fsynced and renamed:
-a kill leaves either the old set of checkpoints or the new one, never a torn file. Only the last K
+a kill leaves either the old set of checkpoints or the new one, never a torn file; a full disk is a
+DiskFullError naming the folder and the size, with the temporary file removed. Only the last K
 are kept. Files load with ``weights_only=True`` (no pickled code runs on load).
 """
 
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from gpt2core.checkpoint_names import checkpoint_name, list_checkpoints
 from gpt2core.errors import TrainingError
+from gpt2core.platform.disk import disk_space
 from gpt2core.training.parallel import DistInfo
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,17 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about the size of its checkpoint file."""
+    if isinstance(state, torch.Tensor):
+        return state.nbytes
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 class Checkpointer:
@@ -67,11 +80,13 @@ class Checkpointer:
             }
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            with disk_space(self.directory, doing=f"writing checkpoint {path.name}",
+                            needed=_tensor_bytes(state), remove=[tmp]):
+                with open(tmp, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
             for old in list_checkpoints(self.directory)[:-self.keep_last]:
                 old.unlink(missing_ok=True)
             log.info("saved checkpoint %s", path)

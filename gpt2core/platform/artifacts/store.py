@@ -22,6 +22,7 @@ from gpt2core.platform.artifacts.manifest import (MANIFEST, build_manifest, mani
 from gpt2core.platform.artifacts.s3 import (OutageWindow, download_files, is_missing, list_keys, s3_client,
                                             s3_errors, upload_file, upload_files)
 from gpt2core.platform.artifacts.uris import enclosing, is_s3, join, local_path, s3_key, split_s3_uri
+from gpt2core.platform.disk import disk_space
 from gpt2core.platform.settings import settings
 
 
@@ -72,8 +73,9 @@ class ArtifactStore(abc.ABC):
         """Copy the files manifest lists from the folder at uri into folder (unverified)."""
 
     @abc.abstractmethod
-    def open_input(self, uri: str) -> contextlib.AbstractContextManager[Path]:
-        """A local folder holding the artifact (or a folder inside one) at uri, for a block."""
+    def open_input(self, uri: str, manifest: dict | None) -> contextlib.AbstractContextManager[Path]:
+        """A local folder holding the artifact (or a folder inside one) at uri, for a block; with a
+        manifest, exactly the files it lists, checksums verified."""
 
     @abc.abstractmethod
     def open_output(self, uri: str) -> contextlib.AbstractContextManager[Path]:
@@ -95,7 +97,8 @@ class LocalStore(ArtifactStore):
         dest = local_path(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(local, tmp)
+        with disk_space(dest.parent, doing=f"copying {local}", needed=local.stat().st_size, remove=[tmp]):
+            shutil.copyfile(local, tmp)
         os.replace(tmp, dest)
 
     def list_files(self, uri: str) -> list[str]:
@@ -124,13 +127,16 @@ class LocalStore(ArtifactStore):
             shutil.copyfile(src / entry["path"], folder / entry["path"])
 
     @contextlib.contextmanager
-    def open_input(self, uri: str) -> Iterator[Path]:
+    def open_input(self, uri: str, manifest: dict | None) -> Iterator[Path]:
         """Used in place; if it has a manifest (a stage wrote it) its files must be there with the
-        listed sizes; a plain folder of user data is accepted as is."""
+        listed sizes (with the manifest given: its files, with their sha256); a plain folder of
+        user data is accepted as is."""
         path = local_path(uri)
         if not path.is_dir():
             raise NotFound(f"{uri}: no such artifact (not a folder)")
-        if (path / MANIFEST).is_file():
+        if manifest is not None:
+            verify_files(path, manifest, str(uri), checksums=True)
+        elif (path / MANIFEST).is_file():
             verify_files(path, read_manifest(str(path)), str(uri), checksums=False)
         yield path
 
@@ -141,8 +147,9 @@ class LocalStore(ArtifactStore):
         # Staging beside the destination, so publishing is one atomic rename on the same filesystem.
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
         try:
-            yield staging
-            (staging / MANIFEST).write_bytes(manifest_bytes(build_manifest(staging)))
+            with disk_space(dest.parent, doing=f"writing {uri}"):
+                yield staging
+                (staging / MANIFEST).write_bytes(manifest_bytes(build_manifest(staging)))
             if dest.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
                 os.replace(dest, old / dest.name)
@@ -212,11 +219,11 @@ class S3Store(ArtifactStore):
                            total_bytes=manifest["total_bytes"])
 
     @contextlib.contextmanager
-    def open_input(self, uri: str) -> Iterator[Path]:
+    def open_input(self, uri: str, manifest: dict | None) -> Iterator[Path]:
         """Downloaded into a scratch folder (removed afterwards) and checksum-verified."""
         scratch = Path(tempfile.mkdtemp(prefix="gpt2ops-in-", dir=scratch_root()))
         try:
-            download_dir(uri, scratch)
+            download_dir(uri, scratch, manifest=manifest)
             yield scratch
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -226,7 +233,8 @@ class S3Store(ArtifactStore):
         split_s3_uri(uri)  # fail on a malformed URI before the stage does its work
         staging = Path(tempfile.mkdtemp(prefix="gpt2ops-out-", dir=scratch_root()))
         try:
-            yield staging
+            with disk_space(staging.parent, doing=f"staging {uri} for upload"):
+                yield staging
             upload_dir(staging, uri)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -257,7 +265,9 @@ def fetch_file(uri: str, local: str | Path) -> Path:
     """Copy one file (s3:// or local) to the local path; returns that path."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
-    local.write_bytes(read_bytes(uri))
+    data = read_bytes(uri)
+    with disk_space(local.parent, doing=f"copying {uri}", needed=len(data), remove=[local]):
+        local.write_bytes(data)
     return local
 
 
@@ -349,26 +359,32 @@ def upload_dir(local: str | Path, uri: str, *,
     return manifest
 
 
-def download_dir(uri: str, local: str | Path) -> dict:
+def download_dir(uri: str, local: str | Path, *, manifest: dict | None = None) -> dict:
     """Download the artifact at uri (or a folder inside one) into local (created), verifying every
-    file's size and sha256 against the manifest; the manifest is copied too. Returns the manifest."""
+    file's size and sha256 against the manifest (the one given: then uri is the artifact itself and
+    its files must match it); the manifest is copied too. Returns the manifest."""
     local = Path(local)
-    uri, manifest = folder_manifest(uri)
-    store_for(uri).fetch(uri, manifest, local)
+    if manifest is None:
+        uri, manifest = folder_manifest(uri)
+    with disk_space(local, doing=f"downloading {uri}", needed=manifest["total_bytes"],
+                    remove=[local / entry["path"] for entry in manifest["files"]]):
+        store_for(uri).fetch(uri, manifest, local)
     verify_files(local, manifest, uri, checksums=True)
     (local / MANIFEST).write_bytes(manifest_bytes(manifest))
     return manifest
 
 
-def local_input(uri: str) -> contextlib.AbstractContextManager[Path]:
+def local_input(uri: str, *, manifest: dict | None = None) -> contextlib.AbstractContextManager[Path]:
     """A local folder holding the artifact at uri, for the duration of the block.
 
     s3://: downloaded into a scratch folder (removed afterwards) and checksum-verified; no manifest
     means no artifact. uri may also be a folder inside an artifact (``<dataset>/train``). Local
     path: used in place; if it has a manifest (it was written by a stage) its files must be present
-    with the listed sizes; a plain folder of user data is accepted as is.
+    with the listed sizes; a plain folder of user data is accepted as is. With ``manifest`` (one the
+    caller read and checked), the artifact's files must be exactly those it lists, with their
+    sha256, wherever it lives: what the caller checked is what it reads.
     """
-    return store_for(uri).open_input(uri)
+    return store_for(uri).open_input(uri, manifest)
 
 
 def local_output(uri: str) -> contextlib.AbstractContextManager[Path]:

@@ -22,13 +22,14 @@ stage runs, logging), ``queries`` (finding runs, reading histories), ``registry`
 
 from gpt2core.platform.tracking.connection import tracking_uri
 from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, curves_png, loss_curve_png
-from gpt2core.platform.tracking.queries import (PipelineRunRecord, find_parent_run, find_pipeline_run_named,
-                                                find_stage_runs, metric_histories,
+from gpt2core.platform.tracking.queries import (PipelineRunRecord, find_parent_run, find_pipeline_run,
+                                                find_stage_runs, metric_histories, published_record,
                                                 stage_run_id)
 from gpt2core.platform.tracking.registry import (champion_version, default_model_name, download_model_version,
                                                  find_model_version, promote_if_better, tagged_score)
-from gpt2core.platform.tracking.runs import (StageRun, end_pipeline_run, pipeline_run,
-                                             record_pipeline_results, stage_run, start_pipeline_run)
+from gpt2core.platform.tracking.runs import (StageRun, close_orphaned_runs, end_pipeline_run, pipeline_run,
+                                             record_pipeline_results, record_published, stage_run,
+                                             start_pipeline_run)
 from gpt2core.platform.tracking.tags import (CHALLENGER, CHAMPION, TAG_CONFIG_HASH, TAG_DATASET_HASH,
                                              TAG_ERROR, TAG_GIT_SHA, TAG_KIND, TAG_MODEL_URI,
                                              TAG_MODEL_VERSION, TAG_PIPELINE_RUN, TAG_PROMOTED, TAG_STAGE,
@@ -37,10 +38,11 @@ from gpt2core.platform.tracking.tags import (CHALLENGER, CHAMPION, TAG_CONFIG_HA
 __all__ = [
     "CHALLENGER", "CHAMPION", "LOSS_CURVE_FILE", "PipelineRunRecord", "StageRun", "TAG_CONFIG_HASH",
     "TAG_DATASET_HASH", "TAG_ERROR", "TAG_GIT_SHA", "TAG_KIND", "TAG_MODEL_URI", "TAG_MODEL_VERSION",
-    "TAG_PIPELINE_RUN", "TAG_PROMOTED", "TAG_STAGE", "TAG_TARGET", "champion_version", "curves_png",
+    "TAG_PIPELINE_RUN", "TAG_PROMOTED", "TAG_STAGE", "TAG_TARGET", "champion_version", "close_orphaned_runs",
+    "curves_png",
     "default_model_name", "download_model_version", "end_pipeline_run", "find_model_version",
-    "find_parent_run", "find_pipeline_run_named", "find_stage_runs",
-    "loss_curve_png", "metric_histories", "pipeline_run", "promote_if_better",
-    "record_pipeline_results", "stage_run", "stage_run_id", "start_pipeline_run",
+    "find_parent_run", "find_pipeline_run", "find_stage_runs",
+    "loss_curve_png", "metric_histories", "pipeline_run", "promote_if_better", "published_record",
+    "record_pipeline_results", "record_published", "stage_run", "stage_run_id", "start_pipeline_run",
     "tagged_score", "tracking_uri",
 ]

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from gpt2core.errors import TrackingError
 from gpt2core.platform.tracking.connection import (mlflow_client, redacted, tracking_errors,
                                                    tracking_uri)
-from gpt2core.platform.tracking.tags import (KIND_PIPELINE, MLFLOW_PARENT_RUN, MLFLOW_RUN_NAME,
+from gpt2core.platform.tracking.tags import (KIND_PIPELINE, MLFLOW_PARENT_RUN,
                                              TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_KIND, TAG_MODEL_VERSION,
-                                             TAG_PIPELINE_RUN, TAG_PROMOTED, TAG_STAGE)
+                                             TAG_PIPELINE_RUN, TAG_PROMOTED, TAG_STAGE, published_tag)
 
 
 def _experiment(client, name: str):  # noqa: ANN001, ANN202 - MlflowClient -> Experiment | None
@@ -19,23 +19,28 @@ def _experiment(client, name: str):  # noqa: ANN001, ANN202 - MlflowClient -> Ex
         return client.get_experiment_by_name(name)
 
 
+def newest_parent_run(client, experiment: str, pipeline_run_id: str):  # noqa: ANN001, ANN201 - MLflow
+    """The newest parent run (an MLflow ``Run``) tagged with pipeline_run_id in experiment, or None."""
+    found = _experiment(client, experiment)
+    if found is None:
+        return None
+    with tracking_errors(f"find the parent run of pipeline run {pipeline_run_id}"):
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=(f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' and "
+                           f"tags.`{TAG_KIND}` = '{KIND_PIPELINE}'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def find_parent_run(pipeline_run_id: str, experiment: str) -> str:
     """The id of the (newest) parent run opened for a pipeline run, found by its pipeline-run-id
     tag; TrackingError naming the id when there is none."""
-    client = mlflow_client()
-    found = _experiment(client, experiment)
-    runs = []
-    if found is not None:
-        with tracking_errors(f"find the parent run of pipeline run {pipeline_run_id}"):
-            runs = client.search_runs(
-                [found.experiment_id],
-                filter_string=(f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}' and "
-                               f"tags.`{TAG_KIND}` = '{KIND_PIPELINE}'"),
-                order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    parent = newest_parent_run(mlflow_client(), experiment, pipeline_run_id)
+    if parent is None:
         raise TrackingError(f"no MLflow parent run tagged {TAG_PIPELINE_RUN}={pipeline_run_id} in "
                             f"experiment {experiment!r} at {redacted(tracking_uri())}")
-    return runs[0].info.run_id
+    return parent.info.run_id
 
 
 def stage_run_id(parent_run_id: str, stage: str) -> str | None:
@@ -88,21 +93,17 @@ class PipelineRunRecord:
     promoted: bool
 
 
-def find_pipeline_run_named(run_name: str, experiment: str) -> PipelineRunRecord | None:
-    """The newest parent run named run_name in experiment, or None."""
+def find_pipeline_run(pipeline_run_id: str, experiment: str) -> PipelineRunRecord | None:
+    """What the pipeline run pipeline_run_id left on its parent run in experiment, or None. Of
+    several runs of one stage (a resumed run's attempts) ``stage_runs`` names the newest."""
     client = mlflow_client()
-    found = _experiment(client, experiment)
-    if found is None:
+    parent = newest_parent_run(client, experiment, pipeline_run_id)
+    if parent is None:
         return None
-    with tracking_errors(f"find the pipeline run named {run_name!r}"):
-        runs = client.search_runs([found.experiment_id],
-                                  filter_string=f"tags.`{MLFLOW_RUN_NAME}` = '{run_name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            return None
-        parent = runs[0]
-        children = client.search_runs([found.experiment_id],
-                                      filter_string=f"tags.`{MLFLOW_PARENT_RUN}` = '{parent.info.run_id}'")
+    with tracking_errors(f"find the stage runs of pipeline run {pipeline_run_id}"):
+        children = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`{MLFLOW_PARENT_RUN}` = '{parent.info.run_id}'",
+                                      order_by=["attributes.start_time ASC"])
     tags = parent.data.tags
     return PipelineRunRecord(
         run_id=parent.info.run_id, status=parent.info.status, error=tags.get(TAG_ERROR),
@@ -111,3 +112,18 @@ def find_pipeline_run_named(run_name: str, experiment: str) -> PipelineRunRecord
                    if key.startswith(TAG_ARTIFACT_PREFIX)},
         metrics=dict(parent.data.metrics), model_version=tags.get(TAG_MODEL_VERSION),
         promoted=tags.get(TAG_PROMOTED) == "True")
+
+
+def published_record(name: str, uri: str, digest: str) -> str | None:
+    """The id of a stage run that recorded publishing artifact ``name`` at uri with this manifest
+    digest (``record_published``), in any experiment of the tracking store; None when none did.
+    What a stage recorded in MLflow is the trust anchor for an artifact whose files get unpickled:
+    whoever can write the artifact's storage cannot write these records."""
+    client = mlflow_client()
+    with tracking_errors(f"look up who published {uri}"):
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return None
+        key, value = published_tag(name, uri, digest)
+        runs = client.search_runs(experiments, filter_string=f"tags.`{key}` = '{value}'", max_results=1)
+    return runs[0].info.run_id if runs else None

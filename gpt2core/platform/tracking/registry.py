@@ -14,6 +14,8 @@ from gpt2core.platform.tracking.tags import CHALLENGER, CHAMPION, TAG_DATASET_HA
 
 log = logging.getLogger(__name__)
 
+MODEL_ARTIFACT = "model"  # the pyfunc artifact holding the saved-model folder (served_model.py reads it)
+
 
 def default_model_name(ctx: RunContext) -> str:
     """Registered model name: $GPT2OPS_MODEL_NAME, else ``<experiment>-gpt2``."""
@@ -63,13 +65,22 @@ def tagged_score(name: str, version: str, *, dataset_hash: str, metric: str = "e
 
 
 def download_model_version(name: str, version: str, dst: str | Path) -> Path:
-    """The saved-model folder (model.safetensors + params.yaml) of a registered version."""
+    """The saved-model folder (model.safetensors + params.yaml) of a registered version, wherever
+    MLflow stored it inside the logged model: the folder its MLmodel file names as the pyfunc
+    artifact ``model`` (MLflow keeps the name of the folder it was logged from). TrackingError when
+    the version's MLmodel names none (a model gpt2ops did not log)."""
     import mlflow
+    from mlflow.models import Model
 
     mlflow_client()
     with tracking_errors(f"download model {name!r} version {version}"):
-        root = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst))
-    return Path(root) / "artifacts" / "model"
+        root = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
+        pyfunc = Model.load(str(root)).flavors.get("python_function", {})
+    saved = pyfunc.get("artifacts", {}).get(MODEL_ARTIFACT, {}).get("path")
+    if not saved or not (root / saved).is_dir():
+        raise TrackingError(f"model {name!r} version {version}: its MLmodel names no {MODEL_ARTIFACT!r} "
+                            f"folder (found {saved!r}); it was not logged by gpt2ops")
+    return root / saved
 
 
 def promote_if_better(name: str, version: str, *, score: float, champion_score: float | None,

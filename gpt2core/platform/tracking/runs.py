@@ -16,11 +16,12 @@ from gpt2core.platform.context import RunContext
 from gpt2core.platform.tracking.connection import (experiment_id, git_sha, mlflow_client, redacted,
                                                    tracking_errors, tracking_uri)
 from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, loss_curve_png
-from gpt2core.platform.tracking.registry import default_model_name, model_requirements
+from gpt2core.platform.tracking.queries import newest_parent_run
+from gpt2core.platform.tracking.registry import MODEL_ARTIFACT, default_model_name, model_requirements
 from gpt2core.platform.tracking.tags import (KIND_PIPELINE, KIND_STAGE, MLFLOW_GIT_COMMIT,
                                              TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_GIT_SHA, TAG_KIND,
                                              TAG_MODEL_URI, TAG_MODEL_VERSION, TAG_PIPELINE_RUN, TAG_PROMOTED,
-                                             TAG_STAGE)
+                                             TAG_STAGE, published_tag)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class StageRun:
             raise TrackingError(f"log_model: run {self.run_id} is not the active MLflow run of this thread")
         with tracking_errors(f"log and register model {name!r}"):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=served_model.__file__, artifacts={"model": str(model_dir)},
+                name="model", python_model=served_model.__file__, artifacts={MODEL_ARTIFACT: str(model_dir)},
                 # the served model imports gpt2core (model, checkpoints, tokenizer, sampling)
                 code_paths=[str(Path(gpt2core.__file__).parent)], pip_requirements=model_requirements(),
                 registered_model_name=name, await_registration_for=60)
@@ -166,11 +167,29 @@ def stage_run(stage: str, ctx: RunContext, *, params: Mapping[str, object] | Non
             mlflow.end_run(status)
 
 
+def record_published(run_id: str, artifacts: Mapping[str, tuple[str, str]]) -> None:
+    """Record on a stage run the artifacts it published: name -> (URI, manifest digest), as tags
+    ``gpt2ops.published.<name>`` that ``published_record`` finds."""
+    tags = dict(published_tag(name, uri, digest) for name, (uri, digest) in artifacts.items())
+    _log_batch(mlflow_client(), run_id, "record the artifacts of", tags=tags)
+
+
 def start_pipeline_run(ctx: RunContext, params: Mapping[str, object] | None = None, *,
                        run_name: str | None = None) -> str:
     """Open the parent run of a pipeline run (left RUNNING), named run_name (default
-    ``pipeline-<pipeline run id>``); returns its run id."""
+    ``pipeline-<pipeline run id>``); returns its run id. A pipeline run that has one already (an
+    earlier attempt of it, continued by ``gpt2ops run --resume``) gets that one back, RUNNING again
+    and its error tag removed: one parent run per pipeline run, whatever it took to finish."""
     client = mlflow_client()
+    earlier = newest_parent_run(client, ctx.experiment, ctx.pipeline_run_id)
+    if earlier is not None:
+        run_id = earlier.info.run_id
+        with tracking_errors(f"reopen run {run_id}"):
+            client.update_run(run_id, status="RUNNING")
+            if TAG_ERROR in earlier.data.tags:
+                client.delete_tag(run_id, TAG_ERROR)
+        log.info("pipeline run %s continues in its MLflow parent run %s", ctx.pipeline_run_id, run_id)
+        return run_id
     with tracking_errors("create a run"):
         run_id = client.create_run(experiment_id(client, ctx),
                                    run_name=run_name or f"pipeline-{ctx.pipeline_run_id}",
@@ -180,11 +199,34 @@ def start_pipeline_run(ctx: RunContext, params: Mapping[str, object] | None = No
     return run_id
 
 
+def close_orphaned_runs(pipeline_run_id: str, experiment: str, reason: str) -> list[str]:
+    """End the runs of pipeline run ``pipeline_run_id`` that are still RUNNING although nothing runs
+    them any more (its process died): its parent run, its stage runs and the runs nested in those
+    (tagged ``<id>/...``) are marked KILLED with ``reason`` as their error. Returns their run ids."""
+    client = mlflow_client()
+    with tracking_errors(f"open experiment {experiment!r}"):
+        found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    closed = []
+    with tracking_errors(f"close the runs of pipeline run {pipeline_run_id}"):
+        for match in (f"= '{pipeline_run_id}'", f"LIKE '{pipeline_run_id}/%'"):
+            for run in client.search_runs([found.experiment_id], filter_string=(
+                    f"tags.`{TAG_PIPELINE_RUN}` {match} and attributes.status = 'RUNNING'")):
+                _log_batch(client, run.info.run_id, "tag", tags={TAG_ERROR: reason[:_MAX_ERROR_CHARS]})
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+    if closed:
+        log.info("marked %d MLflow run(s) of pipeline run %s KILLED: %s", len(closed), pipeline_run_id,
+                 reason)
+    return closed
+
+
 def record_pipeline_results(parent_run_id: str, *, artifacts: Mapping[str, str], metrics: Mapping[str, float],
                             model_version: str, promoted: bool) -> None:
     """Put a pipeline run's outcome on its parent run: every artifact's URI (tag
     ``artifact.<stage>/<artifact>``), the eval metrics, the model version and whether it was
-    promoted (``find_pipeline_run_named`` reads them back)."""
+    promoted (``find_pipeline_run`` reads them back)."""
     tags = {**{f"{TAG_ARTIFACT_PREFIX}{name}": uri for name, uri in artifacts.items()},
             TAG_MODEL_VERSION: model_version, TAG_PROMOTED: str(promoted)}
     _log_batch(mlflow_client(), parent_run_id, "record results on", metrics=metrics, tags=tags)

@@ -14,6 +14,10 @@ TAG_CONFIG_HASH = "gpt2ops.config_hash"  # Params.config_hash()
 TAG_DATASET_HASH = "gpt2ops.dataset_hash"  # artifact_digest of the data (also on model versions)
 TAG_TARGET = "gpt2ops.target"  # cpu | gpu | cerebras
 
+# On every stage run, for each artifact it published (what a reader that unpickles it checks):
+# gpt2ops.published.<artifact name> = "<manifest digest> <URI>" (published_tag)
+TAG_PUBLISHED_PREFIX = "gpt2ops.published."
+
 # On the promote run and the parent run: the decision; on the parent also every artifact's URI
 TAG_MODEL_VERSION = "gpt2ops.model_version"
 TAG_PROMOTED = "gpt2ops.promoted"  # "True" | "False"
@@ -27,3 +31,9 @@ CHAMPION, CHALLENGER = "champion", "challenger"  # registered model aliases
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_PARENT_RUN = "mlflow.parentRunId"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+
+
+def published_tag(name: str, uri: str, digest: str) -> tuple[str, str]:
+    """(key, value) of the tag recording that artifact ``name`` with manifest digest ``digest`` was
+    published at uri."""
+    return f"{TAG_PUBLISHED_PREFIX}{name}", f"{digest} {uri.rstrip('/')}"
