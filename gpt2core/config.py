@@ -33,7 +33,7 @@ from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discr
 from pydantic_core import PydanticCustomError
 
 import gpt2core
-from gpt2core.errors import ConfigError
+from gpt2core.errors import ConfigError, one_line
 from gpt2core.platform.settings import settings
 
 
@@ -365,7 +365,7 @@ def load_params(params: str | Path, overrides: dict[str, object] | None = None) 
     try:
         raw = yaml.safe_load(_read_config_text(source))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{source}: not valid YAML ({one_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping with sections {', '.join(Params.model_fields)}")
     for key, value in (overrides or {}).items():

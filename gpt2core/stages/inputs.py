@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gpt2core.errors import DataError, StorageError
 from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, shared_local_input
+from gpt2core.platform.artifacts.uris import split_s3_uri
 from gpt2core.platform.context import process_rank
 from gpt2core.checkpoint_names import TORCH, list_checkpoints
 
@@ -21,6 +22,24 @@ def data_input(key: str, uri: str) -> Iterator[Path]:
             yield path
     except StorageError as exc:
         raise DataError(f"{key}: {exc}") from exc
+
+
+def require_input(flag: str, uri: str | None, *, folder: bool = True) -> None:
+    """A stage's check before any work: a local input (a folder, or with ``folder=False`` a file or
+    folder) that is not there fails at once, naming ``flag`` (the flag or config key that gave it).
+    An s3:// URI is checked for its form here and read when the stage gets to it."""
+    if not uri:
+        return
+    if is_s3(uri):
+        try:
+            split_s3_uri(uri)
+        except StorageError as exc:
+            raise DataError(f"{flag}: {exc}") from None
+        return
+    path = Path(uri)
+    if not (path.is_dir() if folder else path.exists()):
+        what = "not a folder" if path.exists() else f"no such {'folder' if folder else 'file or folder'}"
+        raise DataError(f"{flag} {uri}: {what}")
 
 
 def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:

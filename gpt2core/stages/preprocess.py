@@ -26,6 +26,7 @@ from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, local_ou
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import stage_run
+from gpt2core.stages.inputs import require_input
 from gpt2core.stages.request import StageRequest
 
 STAGE = "preprocess"
@@ -61,6 +62,9 @@ class Request(StageRequest):
 def run(ctx: RunContext, request: Request) -> StageResult:
     """Tokenize the corpus at ``request.input_dir`` into the dataset artifact (``train/`` and ``val/``)."""
     params = request.preprocess_params()
+    require_input("--input_dir", request.input_dir)  # before any work
+    for flag in ("vocab_file", "encoder_file"):
+        require_input(f"--{flag}", getattr(params, flag), folder=False)
     uri = request.output_dir or ctx.artifact_uri(STAGE, "dataset")
     with stage_run(STAGE, ctx, params=params.model_dump()) as tracked, \
             tempfile.TemporaryDirectory(prefix="gpt2ops-tokenizer-") as scratch:
