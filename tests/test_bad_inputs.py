@@ -280,6 +280,8 @@ CASES: list[Bad] = [
     bad("download s3://{bucket}/c.txt --output_dir {out}", "127.0.0.1:{closed_port}", "AWS_ENDPOINT_URL",
         "GPT2OPS_S3_OUTAGE_S", s3=True, AWS_ENDPOINT_URL_S3="http://127.0.0.1:{closed_port}",
         AWS_ENDPOINT_URL="http://127.0.0.1:{closed_port}"),
+    bad("download s3://{bucket}/c.txt --output_dir {out}", "{http}", "AWS_ENDPOINT_URL", s3=True,
+        AWS_ENDPOINT_URL_S3="{http}", AWS_ENDPOINT_URL="{http}"),
     bad("download s3://{bucket}/c.txt --output_dir {out}", "AWS_ENDPOINT_URL", "127.0.0.1:{closed_port}", s3=True,
         AWS_ENDPOINT_URL_S3="127.0.0.1:{closed_port}", AWS_ENDPOINT_URL="127.0.0.1:{closed_port}"),
     bad("download {corpus} --output_dir {out}", "MLflow", "127.0.0.1:{closed_port}", "MLFLOW_TRACKING_URI",
@@ -369,6 +371,8 @@ CASES: list[Bad] = [
     bad(f"train {TINY32} --model_dir {{out}} --checkpoint_path {{garbage_pt}}", "{garbage_pt}",
         "not a readable training checkpoint"),
     bad(f"train {TINY32} --nproc_per_node 0", "nproc_per_node", ">= 1"),
+    bad(f"train {TINY32} --model_dir {{out}} --set optimizer.learning_rate.1.initial_learning_rate=1e39",
+        "optimizer.learning_rate: 1e+39", "float32"),
     bad(f"train {TINY32} --model_dir {{out}}", "MLflow", "127.0.0.1:{closed_port}", "MLFLOW_TRACKING_URI",
         MLFLOW_TRACKING_URI=MLFLOW_DOWN),
     # ---- evaluate
@@ -437,6 +441,7 @@ CASES: list[Bad] = [
     bad("compare --experiment gpt2ops", "MLFLOW_TRACKING_URI", MLFLOW_TRACKING_URI="127.0.0.1:{closed_port}"),
     bad("compare --experiment gpt2ops --max_runs 0", "--max_runs", ">= 1"),
     bad("compare --experiment gpt2ops", "MLflow at {refusing}", "MLFLOW_TRACKING_URI", MLFLOW_TRACKING_URI="{refusing}"),
+    bad("compare --experiment gpt2ops", "MLflow at {http}", "MLFLOW_TRACKING_URI", MLFLOW_TRACKING_URI="{http}"),
 ]
 
 
@@ -448,6 +453,12 @@ def _case_id(case: Bad) -> str:
 
 IDS = {_case_id(c): c for c in CASES}
 assert len(IDS) == len(CASES), "two cases with the same id"
+# Run afresh too, to show the forked commands print what `python -m gpt2core.cli` prints: a flag, a
+# config value, a missing input and data that does not fit the config (after MLflow and the data load).
+FRESH = [_case_id(c) for c in CASES if c.argv in (
+    "train --params gpt2_tiny --max_steps 5.0", "train --params gpt2_tiny --set model.dropout_rate=1.5",
+    "preprocess --input_dir {missing} --output_dir {out}", "train --params gpt2_tiny --dataset {dataset}")]
+assert len(FRESH) == 4
 
 
 @dataclasses.dataclass
@@ -458,12 +469,13 @@ class Outcome:
     folder: Path
 
 
-def _request(world: World, case_id: str) -> dict[str, Any]:
+def _request(world: World, case_id: str, folder_suffix: str = "") -> dict[str, Any]:
     """What `gpt2ops` is run with for one case: argv, environment, a folder of its own."""
     import shlex
 
     case = IDS[case_id]
-    folder = world.root / "cases" / f"{list(IDS).index(case_id):03d}-{case.command.replace(' ', '-')}"
+    name = f"{list(IDS).index(case_id):03d}-{case.command.replace(' ', '-')}{folder_suffix}"
+    folder = world.root / "cases" / name
     folder.mkdir(parents=True)
     shutil.copy(world.root / "mlflow-template.db", folder / "mlflow.db")
     fields = {**world.fields, "out": str(folder / "out")}
@@ -484,6 +496,8 @@ def outcomes(world: World, request: pytest.FixtureRequest) -> dict[str, Outcome]
     most of a command's time), PARALLEL at a time."""
     chosen = [item.callspec.params["case_id"] for item in request.session.items
               if getattr(item, "callspec", None) and "case_id" in item.callspec.params]
+    if any(item.name == "test_the_entry_point_prints_what_the_forked_commands_print" for item in request.session.items):
+        chosen += [case_id for case_id in FRESH if case_id not in chosen]
     before = world.inputs()
     requests = {case_id: _request(world, case_id) for case_id in chosen}
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_forkserver.py"), str(PARALLEL)],
@@ -670,14 +684,33 @@ def test_start_run_takes_integers_sent_as_floats(tmp_path: Path):
     assert parent
 
 
-@pytest.mark.parametrize("name, value, expected", [
-    ("max_steps", 5.5, "parameter max_steps"), ("num_gpus", 0.0, "parameter num_gpus"),
-    ("num_nodes", math.nan, "parameter num_nodes"), ("source", "ftp://x/y", "parameter source"),
-    ("params", "no-such-config", "parameter params"),
-])
-def test_start_run_fails_first_naming_the_parameter(name: str, value: Any, expected: str, tmp_path: Path):
+def _start_run_cases() -> list[tuple[str, Any, str]]:
     from components.pipeline_run.component import start_run
 
-    with pytest.raises(ConfigError, match=f"^{expected}"):
+    inputs = set(start_run.component_spec.inputs)
+    return [(n, v, e) for n, v, e in FORM_CASES if n in inputs and n != "gpu_type"]
+
+
+@pytest.mark.parametrize("name, value, expected", _start_run_cases(),
+                         ids=[f"{n}={v!r}" for n, v, _ in _start_run_cases()])
+def test_start_run_fails_first_naming_the_parameter(name: str, value: Any, expected: str, tmp_path: Path):
+    """Each bad value of a start_run input, as KFP hands it over: the first step fails naming it."""
+    from components.pipeline_run.component import start_run
+
+    with pytest.raises(ConfigError) as err:
         _execute(start_run, {**START_RUN, name: value, "pipeline_run_id": f"bad-{name}",
                              "artifact_root": str(tmp_path)}, tmp_path)
+    assert str(err.value).startswith(f"parameter {name}") and expected in str(err.value), str(err.value)
+
+
+def test_the_entry_point_prints_what_the_forked_commands_print(world: World, outcomes: dict[str, Outcome]):
+    """The catalogue forks its commands from a server that imported the CLI once; `python -m
+    gpt2core.cli` started afresh prints the same line for a flag, a config and a stage error."""
+    for case_id in FRESH:
+        request = _request(world, case_id, folder_suffix="-fresh")
+        done = subprocess.run([sys.executable, "-m", "gpt2core.cli", *request["argv"]], env=request["env"],
+                              cwd=request["cwd"], capture_output=True, text=True, timeout=300)
+        fresh = [line for line in done.stderr.splitlines() if ERROR_LINE.match(line)]
+        forked = [line for line in outcomes[case_id].stderr.splitlines() if ERROR_LINE.match(line)]
+        assert done.returncode == outcomes[case_id].returncode == 2
+        assert fresh == [line.replace(str(outcomes[case_id].folder), request["cwd"]) for line in forked]

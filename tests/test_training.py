@@ -140,10 +140,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_6
 
 
 def test_a_nan_stop_names_a_finite_checkpoint_that_resumes(tiny_dataset_64, tmp_path):
-    """From step 3 on the rate is 1e39: step 3's loss is still finite (taken before the update), but
-    the update leaves Inf/NaN weights. Training stops there without writing that checkpoint and names
-    step 2's, whose weights and optimizer state are finite; `--checkpoint_path` of it, with a lowered
-    rate, resumes at step 3 with that rate and trains to the end."""
+    """From step 3 on the rate is NaN (the config refuses one, tests/test_config.py; a model_copy skips
+    the check): step 3's loss is still finite (taken before the update), but the update leaves NaN
+    weights. Training stops there without writing that checkpoint and names step 2's, whose weights
+    and optimizer state are finite; `--checkpoint_path` of it, with a sane rate, resumes at step 3
+    with that rate and trains to the end."""
     from mlflow import MlflowClient
 
     from gpt2core.platform.context import RunContext
@@ -151,13 +152,14 @@ def test_a_nan_stop_names_a_finite_checkpoint_that_resumes(tiny_dataset_64, tmp_
     from gpt2core.stages import train as train_stage
 
     overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.max_steps": 5,
-                 "runconfig.checkpoint_steps": 1, "runconfig.keep_last_checkpoints": 5, "runconfig.eval_frequency": 0}
-    exploding = [{"scheduler": "Constant", "learning_rate": 1e-3, "total_iters": 2},
-                 {"scheduler": "Constant", "learning_rate": 1e39}]
-    ctx = RunContext(pipeline_run_id="nan-stop", artifact_root=str(tmp_path / "artifacts"))
+                 "runconfig.checkpoint_steps": 1, "runconfig.keep_last_checkpoints": 5, "runconfig.eval_frequency": 0,
+                 "optimizer.learning_rate": [{"scheduler": "Constant", "learning_rate": 1e-3, "total_iters": 2},
+                                             {"scheduler": "Constant", "learning_rate": 5e-4}]}
+    params = load_params("gpt2_tiny", overrides)
+    schedule = params.optimizer.learning_rate
+    schedule[1] = schedule[1].model_copy(update={"learning_rate": math.nan})
     with pytest.raises(TrainingError) as err:
-        run_stage("train", ctx, train_stage.Request(params="gpt2_tiny", model_dir=str(tmp_path / "m"), overrides={
-            **overrides, "optimizer.learning_rate": exploding}))
+        run_in_process(params, tiny_dataset_64, tmp_path / "m")
     message = str(err.value)
     assert message.startswith("step 3: the weights or optimizer state hold NaN/Inf"), message
     named = re.search(r"resume with --checkpoint_path (\S+)$", message).group(1)
@@ -168,14 +170,12 @@ def test_a_nan_stop_names_a_finite_checkpoint_that_resumes(tiny_dataset_64, tmp_
     tensors = [*state["model"].values(), *(t for s in state["optimizer"]["state"].values() for t in s.values())]
     assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
-    lowered = [{"scheduler": "Constant", "learning_rate": 1e-3, "total_iters": 2},
-               {"scheduler": "Constant", "learning_rate": 5e-4}]
     resumed = run_stage("train", RunContext(pipeline_run_id="nan-resumed", artifact_root=str(tmp_path / "artifacts")),
                         train_stage.Request(params="gpt2_tiny", model_dir=str(tmp_path / "m2"), checkpoint_path=named,
-                                            overrides={**overrides, "optimizer.learning_rate": lowered}))
+                                            overrides=overrides))
     assert resumed.metrics["train/steps"] == 5 and math.isfinite(resumed.metrics["train/loss"])
     rates = {m.step: m.value for m in MlflowClient().get_metric_history(resumed.mlflow_run_id, "train/lr")}
-    assert rates[3] == pytest.approx(5e-4) and min(rates) == 3  # resumed at step 3, at the lowered rate
+    assert rates[3] == pytest.approx(5e-4) and min(rates) == 3  # resumed at step 3, at the config's rate
 
 
 def test_checkpoint_names_of_both_trainers(tmp_path):

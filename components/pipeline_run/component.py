@@ -36,7 +36,9 @@ def start_run(
                 gpu_type=gpu_type, max_steps=max_steps, artifact_root=artifact_root, experiment=experiment,
                 run_name=run_name)
     ctx = RunContext(pipeline_run_id=pipeline_run_id, artifact_root=artifact_root, experiment=experiment)
-    parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=run_name)  # tagged with the run id
+    parent_run_id = ""
+    if str(experiment).strip():  # else there is no experiment to record in: the check names the parameter
+        parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=run_name)  # tagged with the run id
     PipelineParameters.create(**form).check()
     return parent_run_id
 
