@@ -514,6 +514,7 @@ def outcomes(world: World, request: pytest.FixtureRequest) -> dict[str, Outcome]
                              Path(r["cwd"])) for case_id, r in requests.items()}
 
 
+@pytest.mark.slow  # the whole catalogue: about 2 minutes on 2 cores
 @pytest.mark.parametrize("case_id", list(IDS))
 def test_bad_input_is_one_line_naming_it(case_id: str, outcomes: dict[str, Outcome], world: World):
     case, outcome = IDS[case_id], outcomes[case_id]
@@ -535,6 +536,7 @@ def test_bad_input_is_one_line_naming_it(case_id: str, outcomes: dict[str, Outco
     assert not list((outcome.folder / "out").rglob("data_params.json")) if (outcome.folder / "out").exists() else True
 
 
+@pytest.mark.slow  # the whole catalogue: about 2 minutes on 2 cores
 def test_no_case_changed_an_input(outcomes: dict[str, Outcome], world: World):
     """Nothing already written is lost: every input file of every case is as it was."""
     assert json.loads(world.fields.get("inputs_changed", "[]")) == []
@@ -698,11 +700,12 @@ def test_start_run_fails_first_naming_the_parameter(name: str, value: Any, expec
     from components.pipeline_run.component import start_run
 
     with pytest.raises(ConfigError) as err:
-        _execute(start_run, {**START_RUN, name: value, "pipeline_run_id": f"bad-{name}",
-                             "artifact_root": str(tmp_path)}, tmp_path)
+        _execute(start_run, {**START_RUN, "pipeline_run_id": f"bad-{name}", "artifact_root": str(tmp_path),
+                             name: value}, tmp_path)
     assert str(err.value).startswith(f"parameter {name}") and expected in str(err.value), str(err.value)
 
 
+@pytest.mark.slow  # the whole catalogue: about 2 minutes on 2 cores
 def test_the_entry_point_prints_what_the_forked_commands_print(world: World, outcomes: dict[str, Outcome]):
     """The catalogue forks its commands from a server that imported the CLI once; `python -m
     gpt2core.cli` started afresh prints the same line for a flag, a config and a stage error."""
