@@ -302,11 +302,18 @@ class KfpEndpoint:
         self.source = ENV_KFP_HOST if host == os.environ.get(ENV_KFP_HOST) else "--host"
 
     def client(self, namespace: str | None):  # noqa: ANN201 - a kfp.Client
-        """A kfp.Client, after the API's health endpoint answered."""
+        """A kfp.Client, after the API's health endpoint answered the credentials kfp.Client sends
+        (the cookie or header of the kfp context, ~/.config/kfp/context.json)."""
         import requests
 
+        context = Path.home() / ".config" / "kfp" / "context.json"
+        auth = json.loads(context.read_text()) if context.is_file() else {}
+        header = auth.get("client_authentication_header_name")
+        headers = {header: auth.get("client_authentication_header_value") or ""} if header else {}
+        if auth.get("client_authentication_cookie"):
+            headers["Cookie"] = auth["client_authentication_cookie"]
         try:
-            answer = requests.get(f"{self.url.rstrip('/')}/apis/v2beta1/healthz", timeout=10)
+            answer = requests.get(f"{self.url.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10)
         except requests.RequestException as exc:
             raise ServiceError(f"KFP API at {self.url} (from {self.source}) is unreachable "
                                f"({type(exc).__name__}: {one_line(exc, 200)})") from None

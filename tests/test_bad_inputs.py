@@ -41,6 +41,7 @@ from gpt2core.pipeline_parameters import PipelineParameters
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "pa55-w0rd-in-a-uri"  # put into endpoint URIs: it must never be printed
+SESSION_COOKIE = "session=c00kie-of-a-login"  # a kfp context's cookie: never printed either
 STAGE_COMMANDS = ("download", "preprocess", "validate", "compile", "train", "evaluate", "promote")
 PARALLEL = 4  # subprocesses at once: most of a case's time is interpreter start and imports
 ERROR_LINE = re.compile(r"^gpt2ops[\w ]*: error: ")
@@ -100,10 +101,19 @@ class _Files(SimpleHTTPRequestHandler):
 
 
 class _Refusing(BaseHTTPRequestHandler):
-    """An API behind a login: 401 for everything (what KFP behind an auth proxy says to a stranger)."""
+    """An API behind a login: 401 for everything (what KFP behind an auth proxy says to a stranger),
+    but the health check of a caller with the session cookie (a login that lets nothing else in)."""
 
     def do_GET(self) -> None:  # noqa: N802
-        self.send_error(401)
+        if self.path.startswith("/apis/v2beta1/healthz") and self.headers.get("Cookie") == SESSION_COOKIE:
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.send_error(401)
 
     do_POST = do_GET
 
@@ -217,6 +227,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, s3_server) -> World:  # noqa
     template = root / "mlflow-template.db"
     mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()
     (root / "home").mkdir()
+    kfp_context = root / "inputs" / "logged_in_home" / ".config" / "kfp" / "context.json"
+    kfp_context.parent.mkdir(parents=True)
+    kfp_context.write_text(json.dumps({"namespace": "", "client_authentication_cookie": SESSION_COOKIE}))
+    fields["logged_in_home"] = str(root / "inputs" / "logged_in_home")
     keep = ("PATH", "LANG", "LC_ALL", "TMPDIR", "GPT2OPS_TEST_CACHE")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update({"PYTHONPATH": str(REPO), "HOME": str(root / "home"), "PYTHONUNBUFFERED": "1",
@@ -224,7 +238,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, s3_server) -> World:  # noqa
                 "AWS_MAX_ATTEMPTS": "1", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"})
     s3_env = dict(s3_server.env())
     return World(root=root, env=env, s3_env=s3_env, fields=fields,
-                 secrets=(s3_server.secret_key, s3_server.access_key, PASSWORD))
+                 secrets=(s3_server.secret_key, s3_server.access_key, PASSWORD, SESSION_COOKIE))
 
 
 # ----------------------------------------------------------------------------------- the catalogue
@@ -424,6 +438,8 @@ CASES: list[Bad] = [
     bad("pipeline upload", "http://127.0.0.1:{closed_port}", "KF_PIPELINES_ENDPOINT", "unreachable",
         KF_PIPELINES_ENDPOINT="http://127.0.0.1:{closed_port}"),
     bad("pipeline upload --host {refusing}", "{refusing}", "HTTP 401", "credentials"),
+    bad("pipeline upload --host {refusing}", "{refusing}", "could not upload the pipeline", "HTTP 401",
+        HOME="{logged_in_home}"),
     bad("pipeline submit --host {http}", "{http}", "HTTP 404", "Kubeflow Pipelines"),
     bad("pipeline submit --host http://127.0.0.1:{closed_port} --num_gpus 0 --target gpu", "parameter num_gpus"),
     bad("pipeline submit --host http://127.0.0.1:{closed_port} --max_steps 2.5", "--max_steps", "'2.5'"),

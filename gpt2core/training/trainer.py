@@ -194,8 +194,9 @@ class Trainer:
         tensors = [*self.model.parameters(), *(t for s in self.optimizer.state.values() for t in s.values()
                                                if isinstance(t, torch.Tensor) and t.is_floating_point())]
         local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
-        bad = torch.stack([~torch.isfinite(t).all() for t in local if t.numel()]).sum().float()
-        return all_reduce_sum(bad.to(self.info.device)).item() == 0
+        device = self.info.device  # Adam's step counts live on the CPU, the rest on the device
+        bad = torch.stack([(~torch.isfinite(t).all()).to(device) for t in local if t.numel()]).sum().float()
+        return all_reduce_sum(bad).item() == 0
 
     def _stopped(self, step: int, what: str) -> TrainingError:
         """The error that stops training at ``step``, naming the checkpoint to resume from."""
