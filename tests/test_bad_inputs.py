@@ -335,8 +335,13 @@ CASES: list[Bad] = [
     bad("compile --params {list_yaml}", "{list_yaml}", "expected a YAML mapping"),
     bad("compile --params gpt2_tiny --set runconfig.torch_compile=maybe", "runconfig.torch_compile", "a boolean"),
     bad("compile --params gpt2_tiny --max_steps 0", "max_steps", "greater than 0"),
+    bad("compile --params gpt2_tiny --target cerebras --dataset {missing}", "train_input.data_dir", "{missing}/train",
+        "no such folder"),
     # ---- train: every config section, out of range or of the wrong type; data that does not fit
     bad("train --params {broken_yaml}", "{broken_yaml}", "not valid YAML"),
+    bad("train --params gpt2_tiny --set runconfig", "--set", "override 'runconfig'", "KEY.PATH=VALUE"),
+    bad("train --params gpt2_tiny --set 'model.hidden_size=[1,'", "--set", "model.hidden_size=[1,",
+        "not valid YAML"),
     bad("train --params {empty_txt}", "{empty_txt}", "expected a YAML mapping"),
     bad("train --params {typo_yaml}", "{typo_yaml}", "train_input.batch_size", "missing required key"),
     bad("train --params gpt2_tiny --set optimizer.learning_rate.0.end_learning_rate=.nan",
