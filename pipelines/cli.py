@@ -15,6 +15,7 @@ from gpt2core import flags
 from gpt2core.errors import ConfigError, Gpt2opsError, ServiceError, one_line
 from gpt2core.pipeline_parameters import PipelineParameters
 from gpt2core.platform.settings import reload_settings
+from gpt2core.stages.inputs import working_folder
 
 PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
 RUNNERS = ("subprocess", "docker")
@@ -62,8 +63,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def main_run(args: argparse.Namespace) -> int:
     arguments = pipeline_arguments(args, here=True)  # before anything starts or is written
     arguments.setdefault("run_name", f"local-{time.strftime('%Y%m%d-%H%M%S')}")
-    work_dir = Path(args.work_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = working_folder("--work_dir", args.work_dir)
     # Exported, so the steps (child processes) get them too; then re-read in this process.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work_dir / 'mlflow.db'}")
     if args.image:

@@ -1,4 +1,5 @@
-"""What stages read besides their request: datasets and training checkpoints, local or s3://."""
+"""What stages read besides their request (datasets and training checkpoints, local or s3://) and the
+local folders they work in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpt2core.errors import DataError, StorageError
+from gpt2core.errors import ConfigError, DataError, StorageError
 from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, shared_local_input
 from gpt2core.platform.artifacts.uris import split_s3_uri
 from gpt2core.platform.context import process_rank
@@ -22,6 +23,17 @@ def data_input(key: str, uri: str) -> Iterator[Path]:
             yield path
     except StorageError as exc:
         raise DataError(f"{key}: {exc}") from exc
+
+
+def working_folder(flag: str, path: str | Path) -> Path:
+    """The local folder ``path`` (made when missing), resolved; one that cannot be made (a file in
+    the way, no permission) fails at once as a ConfigError naming ``flag``."""
+    folder = Path(path).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot make this folder ({exc.strerror})") from None
+    return folder
 
 
 def require_input(flag: str, uri: str | None, *, folder: bool = True) -> None:

@@ -29,7 +29,7 @@ from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
-from gpt2core.stages.inputs import data_input, local_checkpoint, require_input
+from gpt2core.stages.inputs import data_input, local_checkpoint, require_input, working_folder
 from gpt2core.stages.request import TrainingRequest
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     require_input("--compile_cache", request.compile_cache)
     target = request.target
     outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
-    work_dir = Path(request.model_dir or cfg.runconfig.model_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = working_folder("--model_dir", request.model_dir or cfg.runconfig.model_dir)
     progress_uri = ctx.artifact_uri(STAGE, PROGRESS)
     if process_rank() != 0:  # another torchrun rank: train, leave the rest to rank 0
         _train_torch(cfg, work_dir, request, log_metrics=None, progress_uri=progress_uri)

@@ -141,9 +141,12 @@ class LocalStore(ArtifactStore):
         if dest.exists() and not (dest / MANIFEST).is_file() and (not dest.is_dir() or any(dest.iterdir())):
             raise StorageError(f"{uri}: already holds files that are not an artifact (no {MANIFEST}); choose "
                                f"another output folder or empty this one (nothing was overwritten)")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Staging beside the destination, so publishing is one atomic rename on the same filesystem.
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # Staging beside the destination, so publishing is one atomic rename on the same filesystem.
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot write there ({exc.strerror}: {exc.filename})") from None
         try:
             yield staging
             (staging / MANIFEST).write_bytes(manifest_bytes(build_manifest(staging)))
