@@ -2,14 +2,15 @@
 the key, file, URI or parameter at fault and what was expected; no traceback, no secret, no partial
 artifact published, nothing already written lost.
 
-``CASES`` is the catalogue: one row per bad input, ``gpt2ops <argv>`` run as a subprocess (the real
-CLI, the real services: SeaweedFS for S3, sqlite for MLflow, local HTTP servers for http sources
-and the KFP API, closed ports for unreachable endpoints). A row is a string of arguments and the
-strings the error line must hold; both are formatted with the fields of ``World`` (the inputs made
-once per session). A new command's bad inputs are rows here, e.g. ``bad("argo render --params
-{missing}", "parameter params")``. The cases of one session run in parallel in a few processes,
-then each row is a test of its own. Rows never train past a first step: each fails on the check
-that must come before the work.
+``CASES`` is the catalogue: one row per bad input, ``gpt2ops <argv>`` run as a process of its own
+(the real CLI and the real services: SeaweedFS for S3, sqlite for MLflow, local HTTP servers for
+http sources and the KFP API, closed ports for unreachable endpoints). A row is a string of
+arguments and the strings the error line must hold; both are formatted with the fields of
+``World`` (the inputs made once per session). A new command's bad inputs are rows here, e.g.
+``bad("argo render --params {missing}", "parameter params")``. The rows of one session run a few at
+a time, each forked from a server that imported the CLI once (``tests/cli_forkserver.py``; a few
+also run afresh as ``python -m gpt2core.cli`` to show both print the same), then each row is a test
+of its own. No row trains: each fails on the check that must come before the work.
 
 The run form (every parameter of ``PipelineParameters``) has its own table below, checked in
 process through ``PipelineParameters.create(...).check()`` and through the start_run component's
@@ -559,7 +560,8 @@ def test_bad_input_is_one_line_naming_it(case_id: str, outcomes: dict[str, Outco
         assert json.loads(result.read_text())["status"] == "failed", result
     published = [p for p in outcome.folder.rglob("MANIFEST.json") if p.parent.parent.name != "validate"]
     assert not published, published
-    assert not list((outcome.folder / "out").rglob("data_params.json")) if (outcome.folder / "out").exists() else True
+    half_made = [*(outcome.folder / "out").rglob("data_params.json"), *(outcome.folder / "out").rglob("corpus.json")]
+    assert not half_made, half_made
 
 
 @pytest.mark.slow  # the whole catalogue: about 2 minutes on 2 cores
