@@ -14,6 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from gpt2core.stages import STAGES
 
@@ -30,8 +31,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 DISTRIBUTED_STAGES = ("train",)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' parsers too), a bad flag reported as the one line every
+    gpt2ops error is, instead of the usage block: ``gpt2ops train: error: argument --max_steps: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2ops", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="gpt2ops", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Only the module of the chosen subcommand is imported; the others get a help line only.

@@ -14,7 +14,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 
-from gpt2core.errors import TrackingError
+from gpt2core.errors import ConfigError, TrackingError
 from gpt2core.platform.artifacts import local_output
 from gpt2core.platform.tracking import (TAG_CONFIG_HASH, TAG_PIPELINE_RUN, TAG_STAGE, curves_png,
                                         find_stage_runs, metric_histories)
@@ -98,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.max_runs < 1:
+        raise ConfigError(f"--max_runs: expected >= 1, got {args.max_runs}")
     comparison = compare_runs(args.experiment, stage=args.stage, max_runs=args.max_runs)
     output = args.output or f"work/compare/{args.experiment}"
     write_comparison(comparison, output, title=f"{args.experiment}: {args.stage} runs")

@@ -41,7 +41,7 @@ from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Discr
 from pydantic_core import PydanticCustomError
 
 import gpt2core
-from gpt2core.errors import ConfigError
+from gpt2core.errors import ConfigError, one_line
 from gpt2core.platform.settings import settings
 
 
@@ -475,7 +475,7 @@ def load_params(params: str | Path, overrides: dict[str, object] | None = None) 
     try:
         raw = yaml.safe_load(_read_config_text(source))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{source}: not valid YAML ({one_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a YAML mapping with sections {', '.join(Params.model_fields)}")
     for key, value in (overrides or {}).items():
@@ -497,7 +497,10 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. runconfig.max_steps=50")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({one_line(exc)})") from None
 
 
 def _read_config_text(source: str) -> str:

@@ -1,6 +1,13 @@
 """Errors a user can act on. The CLI prints them as one line (no traceback) and exits with 2."""
 
 
+def one_line(detail: object, limit: int = 300) -> str:
+    """A library's error text (often several lines: torch, pydantic, urllib3) as one line of at most
+    ``limit`` characters, for the detail a Gpt2opsError message quotes."""
+    text = " ".join(str(detail).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Gpt2opsError(Exception):
     """Base class: the message names the key, file or URI at fault and what was expected."""
 
@@ -24,6 +31,11 @@ class StorageError(Gpt2opsError):
 
 class TrackingError(Gpt2opsError):
     """MLflow could not be reached or refused a call (message names the tracking URI)."""
+
+
+class ServiceError(Gpt2opsError):
+    """A service other than S3 and MLflow (the Kubeflow Pipelines API) could not be reached or refused a
+    call (message names the endpoint and the flag or variable that chose it; never a credential)."""
 
 
 class TrainingError(Gpt2opsError):

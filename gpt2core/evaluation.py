@@ -31,8 +31,8 @@ def eval_dataloader(params: Params, data_dir: str | Path, *, rank: int = 0,
     """The ``eval_input`` loader of one rank: the global ``eval_input.batch_size`` split over
     ``world_size`` ranks (at least 1 sequence each)."""
     per_rank = max(1, params.eval_input.batch_size // world_size)
-    return input_dataloader(params.eval_input, data_dir, batch_size=per_rank, training=False, rank=rank,
-                            world_size=world_size)
+    return input_dataloader(params.eval_input, data_dir, name="eval_input", batch_size=per_rank, training=False,
+                            rank=rank, world_size=world_size)
 
 
 def evaluate_pass(model: nn.Module, params: Params, loader: HDF5DataLoader, *,

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, mod
         if cli.json:
             kwargs.update(type=_json_of(base, (cli.flags or (f"--{name}",))[0]), metavar="JSON")
         elif base is dict:
-            kwargs.update(action="append", metavar=cli.metavar or "KEY.PATH=VALUE", type=parse_override)
+            kwargs.update(action="append", metavar=cli.metavar or "KEY.PATH=VALUE", type=_override)
         elif base is list:
             kwargs.update(action="append", metavar=cli.metavar)
         elif base is bool:
@@ -201,6 +201,14 @@ def _json_of(expected: type, flag: str):  # noqa: ANN202 - an argparse type func
             raise argparse.ArgumentTypeError(f"{flag}: expected a JSON {'object' if expected is dict else 'list'}")
         return value
     return parse
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """``parse_override`` as an argparse type: a bad override is argparse's one-line error."""
+    try:
+        return parse_override(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _bool(value: str) -> bool:

@@ -12,19 +12,17 @@ fractional one is refused naming the parameter.
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Self
-from urllib.parse import urlparse
 
 from pydantic import Field
 
 from gpt2core import flags
 from gpt2core.config import load_params
-from gpt2core.data.download import QUICKSTART_SOURCE
-from gpt2core.errors import ConfigError, Gpt2opsError
+from gpt2core.data.download import QUICKSTART_SOURCE, check_source
+from gpt2core.errors import ConfigError, DataError, Gpt2opsError
 from gpt2core.flags import Cli
 from gpt2core.launch.trainjob import GPU_NODE_SELECTOR, GPU_TOLERATIONS
 from gpt2core.targets import Target
-
-SOURCE_SCHEMES = ("", "file", "http", "https", "s3", "hf")
+from gpt2core.validation import GPU_MEMORY_GB
 
 
 class PipelineParameters(flags.Parameters):
@@ -42,8 +40,8 @@ class PipelineParameters(flags.Parameters):
         ",".join(QUICKSTART_SOURCE.include), description="Comma-separated glob patterns of the files to take "
                                                          "from an archive source (empty: all files).")
     source_sha256: Annotated[str, Cli(flags=("--sha256", "--source_sha256"))] = Field(
-        QUICKSTART_SOURCE.sha256 or "", description="Expected sha256 of the downloaded source (empty: not "
-                                                    "checked).")
+        QUICKSTART_SOURCE.sha256 or "", pattern=r"^([0-9a-fA-F]{64})?$",
+        description="Expected sha256 of the downloaded source, 64 hex digits (empty: not checked).")
     target: Target = Field("cpu", description="Where training runs: gpu (GPU node pool), cerebras "
                                               "(Wafer-Scale Cluster) or cpu.")
     num_gpus: int = Field(1, description="GPUs per node for the compile and train steps when target is gpu.")
@@ -67,35 +65,16 @@ class PipelineParameters(flags.Parameters):
             "Tolerations the gpu branch's compile and train get on top of tolerations; the default tolerates "
             "the GPU pool's nvidia.com/gpu:NoSchedule taint."))
     max_steps: int = Field(0, description="Training steps; 0 keeps the config's runconfig.max_steps.")
-    experiment: str = Field("gpt2ops", description="MLflow experiment of the runs.")
+    experiment: str = Field("gpt2ops", min_length=1, description="MLflow experiment of the runs.")
     artifact_root: str = Field("s3://gpt2ops/runs", description=(
         "Where every artifact of the run is stored: s3://bucket/prefix (or an absolute local folder when "
         "every step runs on one machine)."))
     run_name: str = Field("", description="Name of the MLflow parent run (empty: MLflow picks one).")
 
     def check(self) -> Self:
-        """Every check that needs no data: ranges, the source URI, the config (loaded and checked),
+        """Every check that needs no data: ``check_values``, then the config (loaded and checked) and
         where the chosen target can train. A ConfigError names the parameter and what was expected."""
-        if self.target == "gpu" and (self.num_gpus < 1 or not self.gpu_type.strip()):
-            raise ConfigError(f"parameter num_gpus/gpu_type: target gpu needs num_gpus >= 1 and a gpu_type "
-                              f"(got num_gpus={self.num_gpus}, gpu_type={self.gpu_type!r})")
-        if self.num_gpus < 1:
-            raise ConfigError(f"parameter num_gpus: expected >= 1, got {self.num_gpus}")
-        if self.num_nodes < 1 or (self.num_nodes > 1 and self.target != "gpu"):
-            raise ConfigError(f"parameter num_nodes: expected 1, or more than 1 with target gpu (training past "
-                              f"one node is a Kubeflow Trainer TrainJob on the GPU pool); got "
-                              f"num_nodes={self.num_nodes} with target {self.target!r}")
-        if self.max_steps < 0:
-            raise ConfigError(f"parameter max_steps: expected 0 (use the config's) or a positive number, "
-                              f"got {self.max_steps}")
-        if not (self.artifact_root.startswith("s3://") or self.artifact_root.startswith("/")):
-            raise ConfigError(f"parameter artifact_root: expected s3://bucket/prefix or an absolute local "
-                              f"folder, got {self.artifact_root!r}")
-        source = urlparse(self.source)
-        if not self.source.strip() or source.scheme not in SOURCE_SCHEMES or (
-                source.scheme in ("http", "https", "s3") and not source.netloc):
-            raise ConfigError(f"parameter source: {self.source!r} is not a corpus location (expected "
-                              f"http(s)://host/path, s3://bucket/key, hf://datasets/..., file:// or a local path)")
+        self.check_values()
         try:
             params = load_params(self.params)
         except Gpt2opsError as exc:
@@ -110,6 +89,32 @@ class PipelineParameters(flags.Parameters):
         if self.target == "cerebras" and not params.runconfig.mgmt_address:
             raise ConfigError(f"parameter target: cerebras needs the Wafer-Scale Cluster's management server, "
                               f"runconfig.mgmt_address, in config {self.params!r} (not set)")
+        return self
+
+    def check_values(self) -> Self:
+        """The checks of the values alone, no file or service read: ranges, combinations, the form of
+        the source and artifact root. What ``gpt2ops pipeline submit|schedule`` checks before sending
+        a run (the config may name a file only the cluster has)."""
+        if self.num_gpus < 1:
+            raise ConfigError(f"parameter num_gpus: expected >= 1, got {self.num_gpus}")
+        if self.target == "gpu" and self.gpu_type.upper() not in GPU_MEMORY_GB:
+            raise ConfigError(f"parameter gpu_type: target gpu needs the GPU model the memory check is made "
+                              f"against, one of {', '.join(GPU_MEMORY_GB)}; got {self.gpu_type!r}")
+        if self.num_nodes < 1 or (self.num_nodes > 1 and self.target != "gpu"):
+            raise ConfigError(f"parameter num_nodes: expected 1, or more than 1 with target gpu (training past "
+                              f"one node is a Kubeflow Trainer TrainJob on the GPU pool); got "
+                              f"num_nodes={self.num_nodes} with target {self.target!r}")
+        if self.max_steps < 0:
+            raise ConfigError(f"parameter max_steps: expected 0 (use the config's) or a positive number, "
+                              f"got {self.max_steps}")
+        bucket = self.artifact_root[len("s3://"):].partition("/")[0]
+        if not (self.artifact_root.startswith("/") or (self.artifact_root.startswith("s3://") and bucket)):
+            raise ConfigError(f"parameter artifact_root: expected s3://bucket/prefix or an absolute local "
+                              f"folder, got {self.artifact_root!r}")
+        try:
+            check_source(self.source, here=False)  # a local path is one on the cluster's nodes
+        except DataError as exc:
+            raise ConfigError(f"parameter source: {exc}") from None
         return self
 
     @property

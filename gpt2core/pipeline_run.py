@@ -43,11 +43,13 @@ SUCCEEDED = "Succeeded"  # Argo's {{workflow.status}} of a run that succeeded; F
 def start(ctx: RunContext, form: Mapping[str, Any]) -> str:
     """Open the MLflow parent run of the pipeline run ``ctx.pipeline_run_id`` (named
     ``form["run_name"]`` when given, the form logged as its params), then check the form, so a bad
-    value fails here, recorded on the parent run, before any data moves. Returns the parent run id;
-    ConfigError naming the parameter for a bad value."""
+    value fails here, recorded on the parent run, before any data moves. Returns the parent run id
+    ("" when the form names no experiment); ConfigError naming the parameter for a bad value."""
     from gpt2core.platform import tracking
 
-    parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=form.get("run_name") or None)
+    parent_run_id = ""
+    if str(ctx.experiment).strip():  # else there is no experiment to record in: the check names the parameter
+        parent_run_id = tracking.start_pipeline_run(ctx, params=form, run_name=form.get("run_name") or None)
     PipelineParameters(**form).check()
     return parent_run_id
 

@@ -189,12 +189,13 @@ def check_job(params: Params, report: ValidationReport, *, target: str, num_gpus
 
 
 def check_dataset(key: str, data_dir: str, local_dir, params: Params, report: ValidationReport) -> dict | None:
-    """verify_dataset on one split (already local); its problems go into report."""
+    """verify_dataset on one split (already local), against the sequence length and vocabulary of
+    the section ``key`` belongs to (``train_input.data_dir``: train_input); problems go into report."""
     from gpt2core.data.verify import verify_dataset
 
     try:
-        stats = verify_dataset(local_dir, max_seq_length=params.train_input.max_sequence_length,
-                               vocab_size=params.model.vocab_size)
+        section = getattr(params, key.partition(".")[0])  # train_input or eval_input: its own length
+        stats = verify_dataset(local_dir, max_seq_length=section.max_sequence_length, vocab_size=section.vocab_size)
     except DataError as exc:
         report.problems.append(f"{key} ({data_dir}): {exc}")
         return None

@@ -97,7 +97,7 @@ def main_argo(args: argparse.Namespace) -> int:
         for path in argo_workflow.render(args.output):
             print(path)
         return 0
-    arguments = pipeline_arguments(args)  # a bad parameter fails here, before anything is sent
+    arguments = pipeline_arguments(args, here=False)  # a bad parameter fails here, before anything is sent
     if args.action == "schedule":
         check_schedule(args.cron, args.timezone)
     service, where = connect(args)

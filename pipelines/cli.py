@@ -10,15 +10,17 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gpt2core import flags
-from gpt2core.errors import ConfigError, Gpt2opsError
+from gpt2core.errors import ConfigError, Gpt2opsError, ServiceError, one_line
 from gpt2core.pipeline_parameters import PipelineParameters
 from gpt2core.platform.context import ENV_RUN_ID, new_pipeline_run_id
 from gpt2core.platform.settings import exported, reload_settings
 from gpt2core.platform.work_folder import (RunRecord, WorkFolder, WorkFolderLock, describe_holder,
                                            kill_processes, leftover_processes)
+from gpt2core.stages.inputs import working_folder
 
 PACKAGE_PATH = Path(__file__).with_name("gpt2_pipeline.yaml")
 RUNNERS = ("subprocess", "docker")
@@ -34,13 +36,19 @@ def add_parameter_arguments(parser: argparse.ArgumentParser) -> None:
                         PipelineParameters)
 
 
-def pipeline_arguments(args: argparse.Namespace) -> dict[str, object]:
-    """The pipeline parameters given as flags, type-checked (a ConfigError names the parameter)."""
+def pipeline_arguments(args: argparse.Namespace, *, here: bool) -> dict[str, object]:
+    """The pipeline parameters given as flags, checked before anything starts (a ConfigError names
+    the parameter): the whole check for a run on this machine (``here``), the values alone for one
+    sent to a cluster, whose nodes may hold files this machine has not."""
     arguments = {name: getattr(args, name) for name in PipelineParameters.model_fields if hasattr(args, name)}
     if "source" in arguments:  # the default file selection and checksum belong to the default source
         arguments.setdefault("source_include", "")
         arguments.setdefault("source_sha256", "")
-    PipelineParameters(**arguments)
+    form = PipelineParameters(**arguments)
+    if here:
+        form.check()
+    else:
+        form.check_values()
     return arguments
 
 
@@ -65,17 +73,17 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_run(args: argparse.Namespace) -> int:
-    work = WorkFolder(args.work_dir)
+    given = pipeline_arguments(args, here=True)  # before anything starts or is written
+    if args.resume and (given or args.no_cache):
+        flags_given = [f"--{name}" for name in given] + ["--no_cache"] * args.no_cache
+        raise ConfigError(f"--resume continues a run with the parameters and caching it was started "
+                          f"with; leave out {', '.join(flags_given)}")
+    work = WorkFolder(working_folder("--work_dir", args.work_dir))
     # Exported, so the steps (child processes) get them too; then re-read in this process.
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.root / 'mlflow.db'}")
     if args.image:
         os.environ["GPT2OPS_IMAGE_CPU"] = args.image  # read when the components are imported
     reload_settings()
-    given = pipeline_arguments(args)
-    if args.resume and (given or args.no_cache):
-        flags_given = [f"--{name}" for name in given] + ["--no_cache"] * args.no_cache
-        raise ConfigError(f"--resume continues a run with the parameters and caching it was started "
-                          f"with; leave out {', '.join(flags_given)}")
 
     with work.lock() as held, contextlib.ExitStack() as stack:
         record = _run_to_start(work, held, args.resume, given, shared_cache=not args.no_cache)
@@ -315,42 +323,52 @@ def main_pipeline(args: argparse.Namespace) -> int:
     if args.action == "compile":
         from pipelines.gpt2_pipeline import compile_pipeline
 
-        print(compile_pipeline(args.output))
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            print(compile_pipeline(args.output))
+        except OSError as exc:
+            raise ConfigError(f"--output {args.output}: cannot write there ({exc.strerror})") from None
         return 0
     if not args.host:
         raise ConfigError(f"--host: no KFP endpoint given (pass --host or set {ENV_KFP_HOST})")
     if not Path(args.package).exists():
         raise ConfigError(f"--package: {args.package} does not exist "
                           f"(write it with `gpt2ops pipeline compile --output {args.package}`)")
-    cron = kfp_cron(args.cron) if args.action == "schedule" else None  # fail before connecting
-    client = kfp_client(args.host, args.namespace)
+    # Everything that needs no endpoint is checked before connecting.
+    cron = kfp_cron(args.cron) if args.action == "schedule" else None
+    if args.action == "schedule" and args.max_concurrency < 1:
+        raise ConfigError(f"--max_concurrency: expected >= 1, got {args.max_concurrency}")
+    arguments = pipeline_arguments(args, here=False) if args.action != "upload" else {}
+    endpoint = KfpEndpoint(args.host)
+    client = endpoint.client(args.namespace)
     if args.action == "upload":
-        if args.version:
-            made = client.upload_pipeline_version(args.package, args.version,
-                                                  pipeline_name=args.name)
-            print(f"uploaded pipeline {args.name!r} version {args.version!r}: "
-                  f"{made.pipeline_version_id}")
-        else:
-            made = client.upload_pipeline(args.package, pipeline_name=args.name)
-            print(f"uploaded pipeline {args.name!r}: {made.pipeline_id}")
+        with endpoint.errors("upload the pipeline"):
+            if args.version:
+                made = client.upload_pipeline_version(args.package, args.version, pipeline_name=args.name)
+                print(f"uploaded pipeline {args.name!r} version {args.version!r}: {made.pipeline_version_id}")
+            else:
+                made = client.upload_pipeline(args.package, pipeline_name=args.name)
+                print(f"uploaded pipeline {args.name!r}: {made.pipeline_id}")
         return 0
-    arguments = pipeline_arguments(args)
-    experiment = client.create_experiment(args.kfp_experiment, namespace=args.namespace)
+    with endpoint.errors(f"open experiment {args.kfp_experiment!r}"):
+        experiment = client.create_experiment(args.kfp_experiment, namespace=args.namespace)
     if args.action == "submit":
-        run = client.run_pipeline(
-            experiment_id=experiment.experiment_id,
-            job_name=args.job_name or f"gpt2ops-{time.strftime('%Y%m%d-%H%M%S')}",
-            pipeline_package_path=args.package, params=arguments,
-            enable_caching=not args.no_cache)
+        with endpoint.errors("start the run"):
+            run = client.run_pipeline(
+                experiment_id=experiment.experiment_id,
+                job_name=args.job_name or f"gpt2ops-{time.strftime('%Y%m%d-%H%M%S')}",
+                pipeline_package_path=args.package, params=arguments,
+                enable_caching=not args.no_cache)
         print(f"started run {run.run_id}")
         return 0
     # Scheduled retraining reads fresh data each time, so nothing is served from the cache.
-    recurring = client.create_recurring_run(
-        experiment_id=experiment.experiment_id,
-        job_name=args.job_name or "gpt2ops-retrain",
-        cron_expression=cron, max_concurrency=args.max_concurrency,
-        no_catchup=True, params=arguments, pipeline_package_path=args.package,
-        enable_caching=False)
+    with endpoint.errors("create the recurring run"):
+        recurring = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=args.job_name or "gpt2ops-retrain",
+            cron_expression=cron, max_concurrency=args.max_concurrency,
+            no_catchup=True, params=arguments, pipeline_package_path=args.package,
+            enable_caching=False)
     print(f"created recurring run {recurring.recurring_run_id} ({cron})")
     return 0
 
@@ -365,7 +383,53 @@ def kfp_cron(expression: str) -> str:
     raise ConfigError(f"--cron: expected 5 or 6 space-separated fields, got {expression!r}")
 
 
-def kfp_client(host: str, namespace: str):
-    import kfp
+class KfpEndpoint:
+    """The KFP API at ``host`` (``--host`` or $KF_PIPELINES_ENDPOINT; without a scheme https://, as
+    kfp.Client takes it). Every failure to reach it or every call it refuses is one ServiceError line
+    naming the endpoint and where it was set; kfp's own waits are skipped (it retries a refused
+    health check five times, 5 s apart, each with a logged traceback)."""
 
-    return kfp.Client(host=host, namespace=namespace or "kubeflow")
+    def __init__(self, host: str):
+        self.url = host if "://" in host else f"https://{host}"
+        self.source = ENV_KFP_HOST if host == os.environ.get(ENV_KFP_HOST) else "--host"
+
+    def client(self, namespace: str | None):  # noqa: ANN201 - a kfp.Client
+        """A kfp.Client, after the API's health endpoint answered the credentials kfp.Client sends
+        (the cookie or header of the kfp context, ~/.config/kfp/context.json)."""
+        import requests
+
+        context = Path.home() / ".config" / "kfp" / "context.json"
+        auth = json.loads(context.read_text()) if context.is_file() else {}
+        header = auth.get("client_authentication_header_name")
+        headers = {header: auth.get("client_authentication_header_value") or ""} if header else {}
+        if auth.get("client_authentication_cookie"):
+            headers["Cookie"] = auth["client_authentication_cookie"]
+        try:
+            answer = requests.get(f"{self.url.rstrip('/')}/apis/v2beta1/healthz", headers=headers, timeout=10)
+        except requests.RequestException as exc:
+            raise ServiceError(f"KFP API at {self.url} (from {self.source}) is unreachable "
+                               f"({type(exc).__name__}: {one_line(exc, 200)})") from None
+        if answer.status_code in (401, 403):
+            raise ServiceError(f"KFP API at {self.url} (from {self.source}) refused the request (HTTP "
+                               f"{answer.status_code}); check the credentials of the kfp context "
+                               f"(~/.config/kfp/context.json) or the cookie/token your KFP needs")
+        if answer.status_code >= 400:
+            raise ServiceError(f"KFP API at {self.url} (from {self.source}) answered HTTP {answer.status_code} "
+                               f"at /apis/v2beta1/healthz; expected a Kubeflow Pipelines v2 API endpoint")
+        import kfp
+
+        with self.errors("connect"):
+            return kfp.Client(host=self.url, namespace=namespace or "kubeflow")
+
+    @contextlib.contextmanager
+    def errors(self, action: str) -> Iterator[None]:
+        """A failed call to the API as one ServiceError line."""
+        try:
+            yield
+        except Gpt2opsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - kfp_server_api, urllib3 and kfp errors alike
+            status = getattr(exc, "status", None)
+            detail = (f"HTTP {status} {getattr(exc, 'reason', '')}: {one_line(getattr(exc, 'body', ''), 200)}"
+                      if status else f"{type(exc).__name__}: {one_line(exc, 200)}")
+            raise ServiceError(f"KFP API at {self.url} (from {self.source}): could not {action}: {detail}") from None

@@ -76,7 +76,8 @@ def test_evaluate_pass_scores_eval_steps_batches_from_the_start(tmp_path):
     rows[:, 1] = 1
     with h5py.File(tmp_path / "val.h5", "w") as f:  # 21 rows: batches of 4, the last one of 1 row
         f.create_dataset("data", data=rows.numpy())
-    params = load_params("gpt2_tiny", {**MICRO, "eval_input.batch_size": 4, "runconfig.eval_steps": None})
+    params = load_params("gpt2_tiny", {**MICRO, "eval_input.batch_size": 4, "runconfig.eval_steps": None,
+                                        "eval_input.max_sequence_length": 16})
     model, cpu = micro_model(), torch.device("cpu")
     loader = eval_dataloader(params, tmp_path)
     assert len(loader) == 6 and not loader.drop_last

@@ -16,7 +16,7 @@ import torch
 from gpt2core.config import load_params
 from gpt2core.data.loader import HDF5Dataset, build_dataloader, input_dataloader
 from gpt2core.data.verify import verify_dataset
-from gpt2core.errors import DataError
+from gpt2core.errors import ConfigError, DataError
 from gpt2core.tokenizer import EOS_ID, VOCAB_SIZE
 
 
@@ -113,17 +113,33 @@ def test_persistent_workers_serve_every_epoch_and_the_next_iteration(small_split
 
 def test_input_dataloader_reads_its_config_section(small_split: Path):
     section = load_params("gpt2_tiny", {"train_input.shuffle_seed": 3, "train_input.drop_last": False,
-                                        "train_input.prefetch_factor": 4,
+                                        "train_input.prefetch_factor": 4, "train_input.max_sequence_length": 8,
                                         "train_input.persistent_workers": True}).train_input
-    train = input_dataloader(section, small_split, batch_size=10, training=True)
+    train = input_dataloader(section, small_split, name="train_input", batch_size=10, training=True)
     assert (train.seed, train.shuffle, train.drop_last, len(train)) == (3, True, False, 11)
     assert (train.prefetch_factor, train.persistent_workers) == (None, False)  # no workers, nothing to keep
     assert _firsts(train, 11) == _firsts(build_dataloader(small_split, 10, seed=3, drop_last=False), 11)
     dropping = section.model_copy(update={"drop_last": True, "num_workers": 2})
-    assert len(input_dataloader(dropping, small_split, batch_size=10, training=True)) == 10
-    evaluation = input_dataloader(dropping, small_split, batch_size=10, training=False, rank=1, world_size=2)
+    assert len(input_dataloader(dropping, small_split, name="train_input", batch_size=10, training=True)) == 10
+    evaluation = input_dataloader(dropping, small_split, name="train_input", batch_size=10, training=False, rank=1,
+                                  world_size=2)
     assert not evaluation.drop_last and len(evaluation) == 6  # evaluation scores every sequence
     assert (evaluation.num_workers, evaluation.prefetch_factor, evaluation.persistent_workers) == (2, 4, True)
+
+
+def test_input_dataloader_refuses_data_that_does_not_fit_its_section(small_split: Path):
+    """Rows of another length than the section's max_sequence_length, and token ids past its
+    vocab_size (small_split's labels end with EOS, 50256), are refused naming the section's key."""
+    section = load_params("gpt2_tiny", {"eval_input.max_sequence_length": 16}).eval_input
+    with pytest.raises(ConfigError, match=rf"^eval_input.max_sequence_length: 16, but {small_split} holds "
+                                          r"sequences of 8 tokens$"):
+        input_dataloader(section, small_split, name="eval_input", batch_size=4, training=False)
+    small_vocab = section.model_copy(update={"max_sequence_length": 8, "vocab_size": 50000})
+    loader = input_dataloader(small_vocab, small_split, name="eval_input", batch_size=103, training=False)
+    with pytest.raises(DataError, match=r"token ids from 0 to 50256, but eval_input.vocab_size is 50000"):
+        next(iter(loader))
+    fits = small_vocab.model_copy(update={"vocab_size": 50257})
+    assert next(iter(input_dataloader(fits, small_split, name="eval_input", batch_size=103, training=False)))
 
 
 def test_resume_refuses_other_data_or_batch(small_split: Path):

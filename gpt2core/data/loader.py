@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gpt2core.data import DATA_PARAMS, FEATURES as FIELDS
-from gpt2core.errors import DataError
+from gpt2core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # the loader itself needs no config (and no pydantic) to import
     from gpt2core.config import InputParams
@@ -46,6 +46,13 @@ def _h5_files(data_dir: Path) -> list[Path]:
         raise DataError(f"{data_dir}: no such dataset directory (expected a folder of .h5 files)")
     files = sorted(data_dir.glob("*.h5"))
     if not files:
+        from gpt2core.data.preprocess import DATA_PARAMS  # only here: the loader imports no pydantic
+
+        if (data_dir / DATA_PARAMS).is_file():  # a split `gpt2ops preprocess` made, with 0 sequences
+            stats = json.loads((data_dir / DATA_PARAMS).read_text()).get("h5_dataset_stats", {})
+            raise DataError(f"{data_dir}: the split is empty ({DATA_PARAMS}: {stats.get('num_sequences', 0)} "
+                            f"sequences from {stats.get('num_documents', '?')} documents); preprocess again with "
+                            f"a lower --min_sequence_len or another --val_fraction")
         raise DataError(f"{data_dir}: no .h5 files (expected the output of `gpt2ops preprocess`)")
     return files
 
@@ -214,11 +221,14 @@ class HDF5DataLoader:
     with `seed + epoch`, so a trainer loops for max_steps (and takes `len()` batches for one eval pass).
     `num_workers` processes read ahead `prefetch_factor` batches each (torch's default 2 when None);
     `persistent_workers` keeps them for the next iteration (torch.utils.data.DataLoader's options).
+    With `vocab_size`, a batch holding a token id outside [0, vocab_size) raises a DataError naming
+    `vocab_key` (the config key that set it) before the batch reaches the model.
     """
 
     def __init__(self, dataset: HDF5Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 prefetch_factor: int | None = None, persistent_workers: bool = False):
+                 prefetch_factor: int | None = None, persistent_workers: bool = False,
+                 vocab_size: int | None = None, vocab_key: str = "vocab_size"):
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size}: expected an integer >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -226,6 +236,7 @@ class HDF5DataLoader:
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.drop_last, self.rank, self.world_size, self.num_workers = drop_last, rank, world_size, num_workers
         self.prefetch_factor, self.persistent_workers = prefetch_factor, persistent_workers
+        self.vocab_size, self.vocab_key = vocab_size, vocab_key
         self.epoch, self.next_batch = 0, 0
         self._workers: DataLoader | None = None  # kept between iterations with persistent_workers
         if len(self) == 0:
@@ -267,8 +278,19 @@ class HDF5DataLoader:
                                            persistent_workers=self.persistent_workers)
             batches = iter(self._workers)
         for batch in batches:
+            if self.vocab_size is not None:
+                self._check_token_ids(batch)
             self.seek(self.epoch * len(self) + self.next_batch + 1)
             yield batch
+
+    def _check_token_ids(self, batch: dict[str, torch.Tensor]) -> None:
+        """An id past the embedding would crash the model (a device assert on CUDA): refuse it here."""
+        ids = torch.stack([batch["input_ids"], batch["labels"]])
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise DataError(f"{self.dataset.data_dir}: token ids from {low} to {high}, but {self.vocab_key} is "
+                            f"{self.vocab_size} (ids 0..{self.vocab_size - 1}); the data was made with another "
+                            f"tokenizer than the config's")
 
     def seek(self, batch: int) -> None:
         """Continue at batch number ``batch`` counted from the start of epoch 0 (a resumed step)."""
@@ -298,16 +320,26 @@ def build_dataloader(data_dir: str | Path, batch_size: int, *, seed: int = 0, sh
                           prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
 
 
-def input_dataloader(section: InputParams, data_dir: str | Path, *, batch_size: int, training: bool,
+def input_dataloader(section: InputParams, data_dir: str | Path, *, name: str, batch_size: int, training: bool,
                      rank: int = 0, world_size: int = 1) -> HDF5DataLoader:
-    """The loader of one rank for config section ``section`` (``train_input`` or ``eval_input``) over
-    the HDF5 files in ``data_dir``, reading ``batch_size`` sequences per batch (the rank's share of
-    the section's global batch). Order: ``shuffle`` with ``shuffle_seed``. Training drops the last
-    incomplete batch unless ``drop_last`` is false; evaluation never does: the eval metrics cover
-    every sequence once. Workers: ``num_workers``, and with them ``prefetch_factor`` and
-    ``persistent_workers`` (ignored without workers, as the Model Zoo's data processors do)."""
+    """The loader of one rank for config section ``section`` (named ``name``: ``train_input`` or
+    ``eval_input``) over the HDF5 files in ``data_dir``, reading ``batch_size`` sequences per batch
+    (the rank's share of the section's global batch). Order: ``shuffle`` with ``shuffle_seed``.
+    Training drops the last incomplete batch unless ``drop_last`` is false; evaluation never does:
+    the eval metrics cover every sequence once. Workers: ``num_workers``, and with them
+    ``prefetch_factor`` and ``persistent_workers`` (ignored without workers, as the Model Zoo's data
+    processors do).
+
+    The data must fit the section: rows of ``max_sequence_length`` tokens (else a ConfigError naming
+    ``<name>.max_sequence_length`` and the length the files hold), token ids below ``vocab_size``
+    (checked per batch, a DataError naming ``<name>.vocab_size``)."""
+    dataset = HDF5Dataset(data_dir)
+    if dataset.max_seq_length != section.max_sequence_length:
+        raise ConfigError(f"{name}.max_sequence_length: {section.max_sequence_length}, but {data_dir} holds "
+                          f"sequences of {dataset.max_seq_length} tokens")
     workers = section.num_workers
-    return build_dataloader(data_dir, batch_size, seed=section.shuffle_seed, shuffle=section.shuffle,
-                            drop_last=section.drop_last and training, rank=rank, world_size=world_size,
-                            num_workers=workers, prefetch_factor=section.prefetch_factor if workers else None,
-                            persistent_workers=section.persistent_workers and workers > 0)
+    return HDF5DataLoader(dataset, batch_size, seed=section.shuffle_seed, shuffle=section.shuffle,
+                          drop_last=section.drop_last and training, rank=rank, world_size=world_size,
+                          num_workers=workers, prefetch_factor=section.prefetch_factor if workers else None,
+                          persistent_workers=section.persistent_workers and workers > 0,
+                          vocab_size=section.vocab_size, vocab_key=f"{name}.vocab_size")

@@ -97,7 +97,7 @@ class PreprocessParams(Parameters):
     samples_per_file: Annotated[int, Cli(flags=("--files_per_record", "--samples_per_file"))] = Field(
         50_000, ge=1, description="sequences per HDF5 file")
     compression: Literal["none", "gzip", "lzf"] = Field("none", description="HDF5 compression of the rows")
-    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of documents for val/ (chosen "
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, allow_inf_nan=False, description="fraction of documents for val/ (chosen "
                                                                   "by --seed; at least one when > 0)")
     seed: int = Field(0, description="seed of the document-level train/val split")
     processes: int = Field(0, ge=0, description="worker processes (0: all cores)")
@@ -528,6 +528,8 @@ def preprocess_corpus(input_dir: str | Path, output_dir: str | Path, params: Pre
             raise DataError(f"{input_dir}: empty corpus (all {len(files)} files hold no text)")
 
         in_val = _assign_splits(metas, params)
+        for split in SPLITS:  # before anything is written: a split asked for must not come out empty
+            _require_sequences(split, _split_lengths(metas, in_val, split), params)
         corpus = _corpus_stats(metas)
         if corpus["replaced_chars"]:
             log.warning("%s: %d undecodable bytes replaced with U+FFFD", input_dir, corpus["replaced_chars"])
@@ -570,6 +572,27 @@ def _flip(picks: list[np.ndarray], flat_index: int, value: bool) -> None:
         flat_index -= len(p)
 
 
+def _split_lengths(metas: list[dict], in_val: list[np.ndarray], split: str) -> np.ndarray:
+    """Token counts of the split's documents, in file order."""
+    chosen = [np.asarray(m["lengths"], dtype=np.int64)[v == (split == "val")]
+              for m, v in zip(metas, in_val, strict=True) if len(m["lengths"])]
+    return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+
+
+def _require_sequences(split: str, doc_lengths: np.ndarray, params: PreprocessParams) -> None:
+    """A DataError naming the knobs when a split that is asked for (train always, val with
+    val_fraction > 0) would hold no sequence."""
+    if (split == "val" and params.val_fraction == 0) or len(_packing(doc_lengths, params).starts):
+        return
+    shortest, tokens = max(2, params.min_sequence_len), int(doc_lengths.sum())
+    if split == "train":
+        raise DataError(f"corpus yields no training sequence of at least {shortest} tokens ({tokens} tokens in "
+                        f"{len(doc_lengths)} documents); lower --min_sequence_len (nothing was written)")
+    raise DataError(f"val: --val_fraction {params.val_fraction} drew {len(doc_lengths)} document(s) of {tokens} "
+                    f"tokens in all, which yield no sequence of at least --min_sequence_len {shortest} tokens; "
+                    f"lower --min_sequence_len or raise --val_fraction (nothing was written)")
+
+
 def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache: Path, dtype: np.dtype,
                  output_dir: Path, params: PreprocessParams, pool: Executor) -> dict:
     """Concatenate this split's documents in file order, cut windows, write the HDF5 files."""
@@ -606,9 +629,6 @@ def _write_split(split: str, metas: list[dict], in_val: list[np.ndarray], cache:
     n_docs = len(docs["lengths"])
     packing = _packing(docs["lengths"], params)
     starts, lengths = packing.starts, packing.lengths
-    if split == "train" and not len(starts):
-        raise DataError(f"corpus yields no training sequence of at least {max(2, params.min_sequence_len)} tokens "
-                        f"({int(docs['lengths'].sum())} tokens in {n_docs} documents); lower --min_sequence_len")
     if len(packing.eos_at):
         stream = np.memmap(stream_path, dtype=dtype, mode="r+")
         stream[packing.eos_at] = EOS_ID

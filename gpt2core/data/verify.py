@@ -126,5 +126,5 @@ def verify_dataset(data_dir: str | Path, *, max_seq_length: int | None = None,
         stats["max_seq_length"] = per_split[splits[0].name]["max_seq_length"]
         stats["splits"] = per_split
     if problems:
-        raise DataError(f"{data_dir}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise DataError(f"{data_dir}: {len(problems)} problem(s): " + " | ".join(problems))
     return stats

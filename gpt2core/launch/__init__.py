@@ -21,6 +21,8 @@ import logging
 import subprocess
 import sys
 
+from pydantic import PositiveInt, TypeAdapter, ValidationError
+
 from gpt2core.errors import ConfigError, StorageError, TrainingError
 from gpt2core.platform.artifacts import NotFound, delete_file
 from gpt2core.platform.context import RunContext
@@ -29,6 +31,7 @@ from gpt2core.stages import run_stage
 from gpt2core.stages.request import StageRequest, context_args
 
 log = logging.getLogger(__name__)
+_COUNT = TypeAdapter(PositiveInt)
 
 # Under the gpu train step's 72 h pod deadline (pipelines/): the step deletes a TrainJob that
 # overruns before Kubernetes stops the step itself.
@@ -39,14 +42,21 @@ def launch(stage: str, ctx: RunContext, request: StageRequest, *, nproc_per_node
            num_nodes: int = 1, poll_s: float = 10.0) -> StageResult:
     """Run ``stage`` with ``request`` and return its result (raising the stage's error when it
     failed). ``poll_s``: how often a TrainJob's state is read."""
-    if nproc_per_node < 1 or num_nodes < 1:
-        raise ConfigError(f"nproc_per_node {nproc_per_node} and num_nodes {num_nodes}: expected >= 1")
+    nproc_per_node, num_nodes = _count("nproc_per_node", nproc_per_node), _count("num_nodes", num_nodes)
     if num_nodes > 1:
         return _on_trainjob(stage, ctx, request, nproc_per_node=nproc_per_node, num_nodes=num_nodes,
                             poll_s=poll_s)
     if nproc_per_node > 1:
         return _on_local_processes(stage, ctx, request, nproc_per_node)
     return run_stage(stage, ctx, request)
+
+
+def _count(name: str, value: object) -> int:
+    """A process or node count as an int: orchestrators send integers as they like (KFP: ``2.0``)."""
+    try:
+        return _COUNT.validate_python(value)
+    except ValidationError:
+        raise ConfigError(f"{name}: expected an integer >= 1, got {value!r}") from None
 
 
 def stage_args(stage: str, ctx: RunContext, request: StageRequest) -> list[str]:

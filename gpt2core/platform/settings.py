@@ -48,8 +48,8 @@ class Settings(BaseSettings):
 
     # ---- S3 (artifacts; MLflow's artifact store gets the same through export_s3_env)
     aws_endpoint_url: str | None = Field(
-        None, validation_alias=_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-        description="the S3 endpoint URL, e.g. http://minio:9000 (unset: AWS S3)")
+        None, validation_alias=_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), pattern=r"^https?://[^/\s]+",
+        description="the S3 endpoint URL with its scheme, e.g. http://minio:9000 (unset: AWS S3)")
     aws_access_key_id: str | None = Field(None, validation_alias=_env("AWS_ACCESS_KEY_ID"), repr=False,
                                           description="an S3 access key id")
     aws_secret_access_key: SecretStr | None = Field(
@@ -91,8 +91,11 @@ class Settings(BaseSettings):
                                              description="the MLflow run id of the pipeline run")
 
     # ---- tracking
-    mlflow_tracking_uri: str = Field("sqlite:///mlflow.db", validation_alias=_env("MLFLOW_TRACKING_URI"),
-                                     description="an MLflow tracking URI")
+    mlflow_tracking_uri: str = Field(
+        "sqlite:///mlflow.db", validation_alias=_env("MLFLOW_TRACKING_URI"),
+        pattern=r"^([A-Za-z][A-Za-z0-9+.-]*://|databricks)",
+        description="an MLflow tracking URI with its scheme, e.g. sqlite:///mlflow.db, http://mlflow:5000 or "
+                    "postgresql://host/db")
     mlflow_experiment_name: str = Field("gpt2ops", validation_alias=_env("MLFLOW_EXPERIMENT_NAME"),
                                         description="an MLflow experiment name")
     git_sha: str | None = Field(None, validation_alias=_env("GPT2OPS_GIT_SHA"),
@@ -154,12 +157,28 @@ def _one_line(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         variable = str(error["loc"][0]) if error["loc"] else "?"
-        field = next((f for name, f in Settings.model_fields.items()
-                      if variable in Settings.variables()[name]), None)
+        names = next((names for names in Settings.variables().values() if variable in names), ())
+        field = next((f for name, f in Settings.model_fields.items() if Settings.variables()[name] == names), None)
+        variable = next((name for name in names if os.environ.get(name)), variable)  # the one that was set
         shown = "<hidden>" if variable in _NOT_SHOWN else repr(error.get("input"))
         expected = field.description if field is not None else error["msg"]
         problems.append(f"{variable}={shown}: expected {expected}")
     return "; ".join(problems)
+
+
+def setting_source(field: str) -> str:
+    """Where this process's value of setting ``field`` comes from, for messages about an endpoint
+    that failed: the variable that set it (``AWS_ENDPOINT_URL_S3``), the file of the secret folder,
+    or ``the default (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL unset)``."""
+    names = Settings.variables()[field]
+    for name in names:
+        if os.environ.get(name):
+            return name
+    folder = settings().s3_secret_dir
+    for name in names:
+        if (folder / name).is_file():
+            return f"{name} in {folder}"
+    return f"the default ({', '.join(names)} unset)"
 
 
 @functools.cache

@@ -22,9 +22,12 @@ from types import ModuleType
 
 from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import manifest_digest, read_manifest
+from gpt2core.platform.artifacts import is_s3
+from gpt2core.platform.artifacts.uris import local_path
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.disk import disk_space
 from gpt2core.platform.results import StageResult, write_result
+from gpt2core.stages.inputs import working_folder
 from gpt2core.stages.request import StageRequest
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ def run_stage(stage: str, ctx: RunContext, request: StageRequest) -> StageResult
     module = stage_module(stage)
     if not isinstance(request, module.Request):
         raise TypeError(f"stage {stage} takes a {module.Request.__name__}, got {type(request).__name__}")
+    if not is_s3(ctx.artifact_root):  # before the stage's work: its folder must be one that can be made
+        working_folder("--artifact_root", local_path(ctx.result_uri(stage)).parent)
     try:
         # a full disk that no writer inside worded: named by the file the system names, if it does
         with disk_space(Path.cwd(), doing=f"in the {stage} stage"):

@@ -18,6 +18,7 @@ from gpt2core.platform.artifacts import local_input, local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, stage_run
+from gpt2core.stages.inputs import require_input
 from gpt2core.stages.request import TrainingRequest
 
 STAGE = "compile"
@@ -32,6 +33,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     caches as the ``compile_cache`` artifact."""
     cfg = request.load_params()
     target = request.target
+    if target == "cerebras":  # the SDK compiles against the data: check it is there before any work
+        require_input("train_input.data_dir", cfg.train_input.data_dir)
     cache_uri = ctx.artifact_uri(STAGE, "compile_cache")
     with stage_run(STAGE, ctx, params={**cfg.to_flat_dict(), "compile.target": target},
                    tags={TAG_CONFIG_HASH: cfg.config_hash()}) as tracked:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from gpt2core.data.download import QUICKSTART_SOURCE, CorpusSource, download_source
+from gpt2core.data.download import QUICKSTART_SOURCE, CorpusSource, check_source, download_source
 from gpt2core.platform.artifacts import local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
@@ -28,7 +28,8 @@ class Request(StageRequest):
     include: list[str] = Field(default_factory=list, description="keep only files whose path in the "
                                "archive/folder matches this glob (repeatable or comma-separated)")
     text_key: str | None = Field(None, description="JSON/parquet field holding the text (default: text)")
-    sha256: str | None = Field(None, description="expected sha256 of the downloaded file")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="expected sha256 of the downloaded file (64 hex digits)")
     output_dir: str | None = Field(None, description="folder or s3:// URI for the corpus "
                                                      "(default: <artifact_root>/<run>/download/corpus)")
 
@@ -50,6 +51,7 @@ class Request(StageRequest):
 def run(ctx: RunContext, request: Request) -> StageResult:
     """Fetch the source (path, file://, http(s)://, s3://, hf://datasets/...) into the corpus artifact."""
     source = request.corpus_source()
+    check_source(source.url)  # before any work: a source that cannot be fetched fails here
     uri = request.output_dir or ctx.artifact_uri(STAGE, "corpus")
     params = {"source": source.url, "include": ",".join(source.include), "text_key": source.text_key,
               "sha256": source.sha256 or ""}

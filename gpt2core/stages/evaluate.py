@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import pickle
 import time
 from pathlib import Path
 
@@ -25,12 +26,12 @@ from pydantic import Field
 
 from gpt2core.checkpoint_names import FOLDER as CHECKPOINTS, TORCH
 from gpt2core.config import Params
-from gpt2core.errors import DataError
+from gpt2core.errors import DataError, one_line
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI, stage_run
-from gpt2core.stages.inputs import data_input, local_checkpoint
+from gpt2core.stages.inputs import data_input, local_checkpoint, require_input
 from gpt2core.stages.request import ModelRequest
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,21 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     from gpt2core.evaluation import eval_dataloader, evaluate_pass
 
     cfg = request.load_params()
+    require_input("eval_input.data_dir", cfg.eval_input.data_dir)  # before any work
+    if request.checkpoint_path:
+        require_input("--checkpoint_path", request.checkpoint_path, folder=False)
+    else:
+        require_input("--model_dir", request.model_dir)
     report_uri = ctx.artifact_uri(STAGE, "report")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_MODEL_URI: request.model_dir,
             TAG_DATASET_HASH: artifact_digest(cfg.eval_input.data_dir)}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         started = time.monotonic()
-        model = _load_model(cfg, request.model_dir, request.checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:
-            metrics = evaluate_pass(model, cfg, eval_dataloader(cfg, eval_dir), device=device)
+            loader = eval_dataloader(cfg, eval_dir)  # data that does not fit the config fails before the model loads
+            model = _load_model(cfg, request.model_dir, request.checkpoint_path).to(device)
+            metrics = evaluate_pass(model, cfg, loader, device=device)
         samples = _samples(model, cfg, device)
         metrics["eval/seconds"] = time.monotonic() - started
         with local_output(report_uri) as out:
@@ -99,12 +106,15 @@ def _load_model(cfg: Params, model_uri: str, checkpoint_path: str | None):  # no
 def _from_checkpoint(cfg: Params, path: Path, flag: str):  # noqa: ANN202 - GPT2
     from gpt2core.model import GPT2
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{flag}: {path.name}: not a readable training checkpoint ({one_line(exc)})") from exc
     model = GPT2(cfg.model)
     try:
         model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as exc:
-        raise DataError(f"{flag}: {path.name}: weights do not fit the model of --params ({exc})") from exc
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise DataError(f"{flag}: {path.name}: weights do not fit the model of --params ({one_line(exc)})") from exc
     return model
 
 

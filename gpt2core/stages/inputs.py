@@ -1,5 +1,6 @@
-"""What stages read besides their request: datasets and training checkpoints, local or s3://, and
-artifacts whose files get unpickled, which are read only as a stage of gpt2ops published them.
+"""What stages read besides their request: datasets and training checkpoints, local or s3://,
+artifacts whose files get unpickled, which are read only as a stage of gpt2ops published them, and
+the local folders stages work in.
 
 The trust model (docs/storage-tracking.md): an artifact's storage (the S3 prefix, a local folder)
 may be writable by more people than its MLflow tracking store. Files that loading unpickles (the
@@ -18,12 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gpt2core.checkpoint_names import TORCH, checkpoint_step, list_checkpoints
-from gpt2core.errors import DataError, StorageError, UntrustedArtifactError
+from gpt2core.errors import ConfigError, DataError, StorageError, UntrustedArtifactError
 from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import (NotFound, fetch_file, is_s3, local_input, manifest_digest,
                                          read_manifest, shared_local_input)
 from gpt2core.platform.artifacts.store import find_artifact
-from gpt2core.platform.artifacts.uris import join, local_path
+from gpt2core.platform.artifacts.uris import join, local_path, split_s3_uri
 from gpt2core.platform.context import process_rank
 
 
@@ -37,6 +38,35 @@ def data_input(key: str, uri: str) -> Iterator[Path]:
         except StorageError as exc:
             raise DataError(f"{key}: {exc}") from exc
         yield path
+
+
+def working_folder(flag: str, path: str | Path) -> Path:
+    """The local folder ``path`` (made when missing), resolved; one that cannot be made (a file in
+    the way, no permission) fails at once as a ConfigError naming ``flag``."""
+    folder = Path(path).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot make this folder ({exc.strerror})") from None
+    return folder
+
+
+def require_input(flag: str, uri: str | None, *, folder: bool = True) -> None:
+    """A stage's check before any work: a local input (a folder, or with ``folder=False`` a file or
+    folder) that is not there fails at once, naming ``flag`` (the flag or config key that gave it).
+    An s3:// URI is checked for its form here and read when the stage gets to it."""
+    if not uri:
+        return
+    if is_s3(uri):
+        try:
+            split_s3_uri(uri)
+        except StorageError as exc:
+            raise DataError(f"{flag}: {exc}") from None
+        return
+    path = Path(uri)
+    if not (path.is_dir() if folder else path.exists()):
+        what = "not a folder" if path.exists() else f"no such {'folder' if folder else 'file or folder'}"
+        raise DataError(f"{flag} {uri}: {what}")
 
 
 def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:

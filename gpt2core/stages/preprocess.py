@@ -29,6 +29,7 @@ from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, local_ou
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import stage_run
+from gpt2core.stages.inputs import require_input
 from gpt2core.stages.request import StageRequest
 
 STAGE = "preprocess"
@@ -69,6 +70,9 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     outcome and metrics all the same, and a failure of the work fails the run). The stage never
     returns or raises while the work still runs: a tracking failure is raised once it has ended."""
     params = request.preprocess_params()
+    require_input("--input_dir", request.input_dir)  # before any work
+    for flag in ("vocab_file", "encoder_file"):
+        require_input(f"--{flag}", getattr(params, flag), folder=False)
     uri = request.output_dir or ctx.artifact_uri(STAGE, "dataset")
     with in_background(_make_dataset, request, params, uri) as work, \
             stage_run(STAGE, ctx, params=params.model_dump()) as tracked:

@@ -19,9 +19,11 @@ import tempfile
 from pydantic import Field
 
 from gpt2core.platform import tracking
-from gpt2core.platform.artifacts import local_input, local_output, manifest_digest, read_manifest
+from gpt2core.errors import ConfigError
+from gpt2core.platform.artifacts import NotFound, local_input, local_output, manifest_digest, read_manifest
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult, read_result
+from gpt2core.stages.inputs import require_input
 from gpt2core.stages.request import ModelRequest
 
 STAGE = "promote"
@@ -32,7 +34,7 @@ class Request(ModelRequest):
 
     model_dir: str | None = Field(None, description="the train stage's model artifact (default: this "
                                                     "pipeline run's <run>/train/model)")
-    eval_loss: float | None = Field(None, allow_inf_nan=False,
+    eval_loss: float | None = Field(None, ge=0, allow_inf_nan=False,
                                     description="the model's eval/loss on the dataset's val/ split (default: "
                                                 "from this pipeline run's evaluate result.json)")
 
@@ -41,11 +43,18 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     """Register the model; move ``champion`` to it only if it scores better on the same eval set."""
     from gpt2core.stages import run_stage
 
+    require_input("--model_dir", request.model_dir)  # before any work
+    require_input("--dataset", request.dataset)
     model_uri = request.model_dir or ctx.artifact_uri("train", "model")
     dataset_uri = request.dataset or ctx.artifact_uri("preprocess", "dataset")
     eval_loss = request.eval_loss
     if eval_loss is None:
-        eval_loss = read_result(ctx.result_uri("evaluate")).raise_if_failed().metrics["eval/loss"]
+        try:
+            evaluated = read_result(ctx.result_uri("evaluate"))
+        except NotFound:
+            raise ConfigError(f"--eval_loss: not given, and pipeline run {ctx.pipeline_run_id!r} has no evaluate "
+                              f"result ({ctx.result_uri('evaluate')}); run evaluate first or pass --eval_loss") from None
+        eval_loss = evaluated.raise_if_failed().metrics["eval/loss"]
     name = tracking.default_model_name(ctx)
     dataset_hash = manifest_digest(read_manifest(dataset_uri))
     decision_uri = ctx.artifact_uri(STAGE, "decision")

@@ -33,7 +33,8 @@ from gpt2core.platform.artifacts import (artifact_digest, delete_file, list_file
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.results import StageResult
 from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
-from gpt2core.stages.inputs import data_input, local_checkpoint, vouched_checkpoint, vouched_input
+from gpt2core.stages.inputs import (data_input, local_checkpoint, require_input, vouched_checkpoint,
+                                    vouched_input, working_folder)
 from gpt2core.stages.request import TrainingRequest
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,14 @@ class Request(TrainingRequest):
 def run(ctx: RunContext, request: Request) -> StageResult:
     """Train the model of ``request.params`` and publish its weights (``model``) and checkpoints."""
     cfg = request.load_params()
+    require_input("train_input.data_dir", cfg.train_input.data_dir)  # before any work
+    if cfg.runconfig.eval_frequency:
+        require_input("eval_input.data_dir", cfg.eval_input.data_dir)
+    require_input("--checkpoint_path", request.checkpoint_path, folder=False)
+    require_input("--compile_cache", request.compile_cache)
     target = request.target
     outputs = {"model": ctx.artifact_uri(STAGE, "model"), "checkpoints": ctx.artifact_uri(STAGE, "checkpoints")}
-    work_dir = Path(request.model_dir or cfg.runconfig.model_dir).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = working_folder("--model_dir", request.model_dir or cfg.runconfig.model_dir)
     progress_uri = ctx.artifact_uri(STAGE, PROGRESS)
     if process_rank() != 0:  # another torchrun rank: train, leave the rest to rank 0
         _train_torch(cfg, work_dir, request, log_metrics=None, progress_uri=progress_uri,

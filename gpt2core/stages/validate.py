@@ -82,8 +82,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             tracked.log_artifact(out, "report")
         tracked.log_metrics(metrics)
         if report.problems:
-            raise ValidationError(f"{len(report.problems)} problem(s) (report: {report_uri}):\n  - "
-                                  + "\n  - ".join(report.problems))
+            raise ValidationError(f"{len(report.problems)} problem(s) (report: {report_uri}): "
+                                  + " | ".join(report.problems))
     return StageResult(outputs={"report": report_uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gpt2core.checkpoint_names import checkpoint_name, list_checkpoints
-from gpt2core.errors import TrainingError
+from gpt2core.errors import TrainingError, one_line
 from gpt2core.platform.disk import disk_space
 from gpt2core.training.parallel import DistInfo
 
@@ -100,8 +101,8 @@ class Checkpointer:
         path = Path(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise TrainingError(f"{path}: not a readable training checkpoint ({exc})") from exc
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise TrainingError(f"{path}: not a readable training checkpoint ({one_line(exc)})") from exc
         missing = {"step", "model", "optimizer", "scheduler", "loader", "rng"} - set(state)
         if missing:
             raise TrainingError(f"{path}: not a training checkpoint (missing {sorted(missing)})")
@@ -109,7 +110,7 @@ class Checkpointer:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True))
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise TrainingError(f"{path}: does not fit this model/optimizer ({exc})") from exc
+            raise TrainingError(f"{path}: does not fit this model/optimizer ({one_line(exc)})") from exc
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])

@@ -5,8 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gpt2core.config import OptimizerParams
+from gpt2core.config import OptimizerParams, SchedulerParams
 from gpt2core.errors import ConfigError
+
+
+def _peak_learning_rate(learning_rate: float | list[SchedulerParams]) -> float:
+    """The largest rate a schedule names: each entry's start and end value (not what an Exponential
+    entry with decay_rate > 1 grows to)."""
+    if not isinstance(learning_rate, list):
+        return learning_rate
+    return max(v for s in learning_rate for v in (s.initial_learning_rate, s.end_learning_rate, s.learning_rate)
+               if v is not None)
 
 
 def build_optimizer(model: nn.Module, p: OptimizerParams, *, fused: bool) -> torch.optim.Optimizer:
@@ -16,6 +25,11 @@ def build_optimizer(model: nn.Module, p: OptimizerParams, *, fused: bool) -> tor
     """
     if not p.correct_bias:
         raise ConfigError("optimizer.correct_bias: torch's AdamW always corrects the bias; set it to True")
+    # Adam's first step moves a weight by lr / (1 - beta1) in float32: a larger rate is no number there.
+    limit = torch.finfo(torch.float32).max * (1 - p.betas[0])
+    if _peak_learning_rate(p.learning_rate) > limit:
+        raise ConfigError(f"optimizer.learning_rate: {_peak_learning_rate(p.learning_rate):g} is beyond what the "
+                          f"optimizer's float32 step can hold (at most {limit:.3g} with betas[0] {p.betas[0]})")
     # Parameters seen once even when tied (the output head shares the token embedding).
     params = {id(t): t for t in model.parameters() if t.requires_grad}.values()
     decay = [t for t in params if t.dim() >= 2]

@@ -9,6 +9,7 @@ until max_steps. A plain number is a constant rate.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 
@@ -45,3 +46,14 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer,
     if len(schedulers) == 1:
         return schedulers[0]
     return SequentialLR(optimizer, schedulers, schedule_milestones(learning_rate))
+
+
+def learning_rate_at(learning_rate: float | list[SchedulerParams], step: int) -> float:
+    """The learning rate of the optimizer step that follows ``step`` steps: what the scheduler of
+    ``build_lr_scheduler`` sets after ``step`` calls of ``scheduler.step()``. A resumed run takes
+    its rate from here, so a schedule changed since the checkpoint applies from the first step."""
+    if not isinstance(learning_rate, list):
+        return learning_rate
+    starts = [0, *schedule_milestones(learning_rate)]
+    entry = bisect.bisect_right(starts, step) - 1
+    return lr_at(learning_rate[entry])(step - starts[entry])

@@ -35,7 +35,7 @@ from gpt2core.training.metrics import ThroughputMeter, peak_flops
 from gpt2core.training.optimizer import build_optimizer
 from gpt2core.training.parallel import (FSDPModule, DistInfo, all_reduce_sum, gradient_sync, init_distributed,
                                        parallelize, shutdown_distributed)
-from gpt2core.training.schedule import build_lr_scheduler
+from gpt2core.training.schedule import build_lr_scheduler, learning_rate_at
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +113,26 @@ class Trainer:
         self.meter = ThroughputMeter(self.model.flops_per_token(params.train_input.max_sequence_length),
                                      peak_flops(device, self.amp_dtype)[0])
         self.eval_loader: HDF5DataLoader | None = None  # kept between evaluations (persistent_workers)
+        self.last_good: Path | None = None  # the newest checkpoint known to hold a finite state
 
     def fit(self, data_dir: str | Path, eval_data_dir: str | Path | None,
             resume_from: str | Path | None) -> TrainResult:
         p, run, info = self.params, self.params.runconfig, self.info
-        loader = input_dataloader(p.train_input, data_dir, batch_size=micro_batch_size(p, info.world_size),
-                                  training=True, rank=info.rank, world_size=info.world_size)
-        if loader.dataset.max_seq_length != p.train_input.max_sequence_length:
-            raise ConfigError(f"train_input.max_sequence_length: {p.train_input.max_sequence_length}, but "
-                              f"{data_dir} holds sequences of {loader.dataset.max_seq_length} tokens")
+        loader = input_dataloader(p.train_input, data_dir, name="train_input",
+                                  batch_size=micro_batch_size(p, info.world_size), training=True, rank=info.rank,
+                                  world_size=info.world_size)
+        if eval_data_dir:  # opened now: eval data that does not fit the config fails before the first step
+            self.eval_loader = eval_dataloader(p, eval_data_dir, rank=info.rank, world_size=info.world_size)
         state = dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                      loader=loader)
         resume_from = resume_from or self.checkpointer.latest()
         step = self.checkpointer.load(resume_from, **state) if resume_from else 0
+        if resume_from:
+            self.last_good = Path(resume_from)
+            # The rate of the config's schedule, not the checkpoint's: a rate lowered to get past a
+            # NaN stop applies from the first resumed step.
+            for group in self.optimizer.param_groups:
+                group["lr"] = learning_rate_at(p.optimizer.learning_rate, step)
         if step == 0 and run.save_initial_checkpoint:
             self._save(0, state)
         result = TrainResult(model=self.model, step=step, final_loss=math.nan)
@@ -145,10 +152,7 @@ class Trainer:
             loss, grad_norm = self._step(micro)
             step += 1
             if not math.isfinite(loss):
-                last = self.checkpointer.latest()
-                raise TrainingError(f"step {step}: loss is {loss}; training stopped. The last good checkpoint is "
-                                    f"{last or 'none (no checkpoint was written yet)'}; lower the learning rate "
-                                    f"or check the data, then resume with --checkpoint_path")
+                raise self._stopped(step, f"loss is {loss}")
             result.losses[step] = result.final_loss = loss
             self.meter.add(tokens_per_step)
             if step == first_step + 1:
@@ -159,8 +163,8 @@ class Trainer:
             if step % run.log_steps == 0 or step == run.max_steps:
                 tokens_per_s, mfu = self.meter.read()
                 self._log(step, loss, lr, grad_norm, tokens_per_s, mfu)
-            if eval_data_dir and run.eval_frequency and step % run.eval_frequency == 0:
-                self._log_eval(step, self.evaluate(eval_data_dir))
+            if self.eval_loader is not None and run.eval_frequency and step % run.eval_frequency == 0:
+                self._log_eval(step, self.evaluate())
             if run.checkpoint_steps and step % run.checkpoint_steps == 0 and step < run.max_steps:
                 self._save(step, state)
         if step > first_step + 1:
@@ -169,16 +173,41 @@ class Trainer:
         result.step = step
         result.checkpoint = self._save(step, state)
         result.model = self._full_model()
-        if eval_data_dir:
-            result.eval_metrics = self.evaluate(eval_data_dir)
+        if self.eval_loader is not None:
+            result.eval_metrics = self.evaluate()
             self._log_eval(step, result.eval_metrics)
         return result
 
     def _save(self, step: int, state: dict) -> Path:
-        path = self.checkpointer.save(step, **state)
+        """Write the checkpoint of ``step``, only of a finite state: a step can leave NaN/Inf
+        weights behind a finite loss (the loss is taken before the update), and a checkpoint of
+        them would be no place to resume from."""
+        if not self._state_is_finite():
+            raise self._stopped(step, "the weights or optimizer state hold NaN/Inf after the optimizer step "
+                                      "(its checkpoint was not written)")
+        path = self.last_good = self.checkpointer.save(step, **state)
         if self.on_checkpoint:  # rank 0, which wrote the file
             self.on_checkpoint(path, step)
         return path
+
+    def _state_is_finite(self) -> bool:
+        """Whether every weight and optimizer state tensor is finite on every rank (one collective)."""
+        tensors = [*self.model.parameters(), *(t for s in self.optimizer.state.values() for t in s.values()
+                                               if isinstance(t, torch.Tensor) and t.is_floating_point())]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP2 shards
+        device = self.info.device  # Adam's step counts live on the CPU, the rest on the device
+        bad = torch.stack([(~torch.isfinite(t).all()).to(device) for t in local if t.numel()]).sum().float()
+        return all_reduce_sum(bad).item() == 0
+
+    def _stopped(self, step: int, what: str) -> TrainingError:
+        """The error that stops training at ``step``, naming the checkpoint to resume from."""
+        if self.last_good is None:
+            where = ("no checkpoint holds a finite state yet (none was written); lower the learning rate or "
+                     "check the data, then start again")
+        else:
+            where = (f"the last good checkpoint is {self.last_good}; lower the learning rate or check the data, "
+                     f"then resume with --checkpoint_path {self.last_good}")
+        return TrainingError(f"step {step}: {what}; training stopped: {where}")
 
     def _full_model(self) -> GPT2:
         """The trained model with whole parameters. Under FSDP2 every rank joins the gather and rank 0
@@ -226,10 +255,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         return all_reduce_sum(step_loss).item(), float(grad_norm)
 
-    def evaluate(self, eval_data_dir: str | Path) -> dict[str, float]:
-        if self.eval_loader is None:
-            self.eval_loader = eval_dataloader(self.params, eval_data_dir, rank=self.info.rank,
-                                               world_size=self.info.world_size)
+    def evaluate(self) -> dict[str, float]:
         return evaluate_pass(self.train_model, self.params, self.eval_loader, device=self.info.device)
 
     def _log(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float) -> None:

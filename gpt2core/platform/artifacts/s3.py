@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpt2core.errors import StorageError
+from gpt2core.errors import StorageError, one_line
 from gpt2core.platform.artifacts.uris import s3_key, split_s3_uri
-from gpt2core.platform.settings import SECRET_DIR_ENV, OUTAGE_ENV, Settings, settings
+from gpt2core.platform.settings import SECRET_DIR_ENV, OUTAGE_ENV, Settings, setting_source, settings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ MULTIPART_BYTES = 64 * _MB
 def endpoint() -> str:
     """The S3 endpoint for messages: its URL, or ``AWS S3``."""
     return settings().aws_endpoint_url or "AWS S3"
+
+
+def endpoint_source() -> str:
+    """What chose the S3 endpoint, for the end of a message: ``(endpoint from AWS_ENDPOINT_URL)``."""
+    return f"(endpoint from {setting_source('aws_endpoint_url')})"
 
 
 def s3_configured() -> bool:
@@ -126,13 +131,14 @@ def s3_errors(uri: str, action: str) -> Iterator[None]:
             code = next((c for c in (*_ACCESS_CODES, "NoSuchBucket") if c in text), "")
             detail = text
         if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket {split_s3_uri(uri)[0]!r} does not exist at {where}") from None
+            raise StorageError(f"{uri}: bucket {split_s3_uri(uri)[0]!r} does not exist at {where} "
+                               f"{endpoint_source()}") from None
         if code in _ACCESS_CODES:
             raise StorageError(f"{uri}: {where} refused to {action} ({code}); check the S3 "
-                               f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
-        raise StorageError(f"{uri}: could not {action} at {where}: {detail}") from None
+                               f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) {endpoint_source()}") from None
+        raise StorageError(f"{uri}: could not {action} at {where}: {one_line(detail)} {endpoint_source()}") from None
     except BotoCoreError as exc:  # connection refused, timeouts after all retries, ...
-        raise StorageError(f"{uri}: could not {action} at {where}: {exc}") from None
+        raise StorageError(f"{uri}: could not {action} at {where}: {one_line(exc)} {endpoint_source()}") from None
 
 
 def is_missing(exc: Exception) -> bool:
@@ -212,7 +218,8 @@ class OutageWindow:
             detail = (str(error).splitlines() or [type(error).__name__])[0][:300]
             raise StorageError(
                 f"{self.uri}: could not {self.action} at {endpoint()}: S3 unreachable or failing for "
-                f"{down_s:.0f} s, past the outage window {OUTAGE_ENV}={self.limit_s:g} s ({detail})")
+                f"{down_s:.0f} s, past the outage window {OUTAGE_ENV}={self.limit_s:g} s ({detail}) "
+                f"{endpoint_source()}")
         pause_s = min(self._pause_s, self.limit_s - down_s)
         log.warning("%s: S3 endpoint %s unreachable or failing for %.0f s (%s); trying again in %.0f s",
                     self.uri, endpoint(), down_s, error, pause_s)

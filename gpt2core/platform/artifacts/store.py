@@ -143,9 +143,16 @@ class LocalStore(ArtifactStore):
     @contextlib.contextmanager
     def open_output(self, uri: str) -> Iterator[Path]:
         dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Staging beside the destination, so publishing is one atomic rename on the same filesystem.
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+        # An older version of the artifact is replaced; anything else there is the user's, and stays.
+        if dest.exists() and not (dest / MANIFEST).is_file() and (not dest.is_dir() or any(dest.iterdir())):
+            raise StorageError(f"{uri}: already holds files that are not an artifact (no {MANIFEST}); choose "
+                               f"another output folder or empty this one (nothing was overwritten)")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # Staging beside the destination, so publishing is one atomic rename on the same filesystem.
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot write there ({exc.strerror}: {exc.filename})") from None
         try:
             with disk_space(dest.parent, doing=f"writing {uri}"):
                 yield staging

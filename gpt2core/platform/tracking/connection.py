@@ -12,14 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from gpt2core.errors import TrackingError
+from gpt2core.errors import TrackingError, one_line
 from gpt2core.platform.context import RunContext
-from gpt2core.platform.settings import settings
+from gpt2core.platform.settings import setting_source, settings
 
 
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
     return settings().mlflow_tracking_uri
+
+
+def tracking_uri_source() -> str:
+    """What chose the tracking URI, for messages: ``MLFLOW_TRACKING_URI`` or the default."""
+    return setting_source("mlflow_tracking_uri")
 
 
 def redacted(uri: str) -> str:
@@ -42,7 +47,7 @@ def tracking_errors(action: str) -> Iterator[None]:
 
         detail = exc.message if isinstance(exc, MlflowException) else f"{type(exc).__name__}: {exc}"
         raise TrackingError(f"MLflow at {redacted(tracking_uri())}: could not {action}: "
-                            f"{str(detail).splitlines()[0][:500]}") from exc
+                            f"{one_line(detail, 500)} (tracking URI from {tracking_uri_source()})") from exc
 
 
 _checked_uris: set[str] = set()
@@ -72,7 +77,8 @@ def mlflow_client():  # noqa: ANN201 - an MlflowClient
                 requests.get(uri.rstrip("/") + "/health", timeout=10)
             except requests.RequestException as exc:
                 raise TrackingError(f"MLflow tracking server {redacted(uri)} is unreachable "
-                                    f"({type(exc).__name__}); start it or set MLFLOW_TRACKING_URI") from None
+                                    f"({type(exc).__name__}; tracking URI from {tracking_uri_source()}); "
+                                    f"start it or set MLFLOW_TRACKING_URI") from None
         with tracking_errors("open the tracking store"):
             MlflowClient(uri).search_experiments(max_results=1)
         _checked_uris.add(uri)
