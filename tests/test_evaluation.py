@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2core.config import load_params
-from gpt2core.evaluation import eval_dataloader, evaluate, evaluate_pass, sample
+from gpt2core.evaluation import eval_batches, eval_dataloader, evaluate, evaluate_pass, sample
 from gpt2core.model import GPT2
 from gpt2core.precision import autocast_dtype
 from gpt2core.stages import evaluate as evaluate_stage
@@ -75,18 +75,17 @@ def test_evaluate_pass_scores_eval_steps_batches_from_the_start(tmp_path):
     rows[:, 1] = 1
     with h5py.File(tmp_path / "val.h5", "w") as f:  # 21 rows: batches of 4, the last one of 1 row
         f.create_dataset("data", data=rows.numpy())
-    params = load_params("gpt2_tiny", {**MICRO, "eval_input.batch_size": 4, "runconfig.eval_steps": None})
+    params = load_params("gpt2_tiny", {**MICRO, "eval_input.batch_size": 4})
     model, cpu = micro_model(), torch.device("cpu")
     loader = eval_dataloader(params, tmp_path)
     assert len(loader) == 6 and not loader.drop_last
-    whole = evaluate_pass(model, params, loader, device=cpu)
+    whole = evaluate_pass(model, params, loader, device=cpu, eval_steps=None)
     assert whole["eval/tokens"] == 21 * 16  # every sequence once
-    params.runconfig.eval_steps = 2
-    two = evaluate_pass(model, params, loader, device=cpu)
+    two = evaluate_pass(model, params, loader, device=cpu, eval_steps=2)
     assert two == evaluate(model, eval_dataloader(params, tmp_path), device=cpu, max_batches=2)
-    assert evaluate_pass(model, params, loader, device=cpu) == two  # each pass from batch 0
-    params.runconfig.eval_steps = 1000
-    assert evaluate_pass(model, params, loader, device=cpu) == whole  # never past one epoch
+    assert evaluate_pass(model, params, loader, device=cpu, eval_steps=2) == two  # each pass from batch 0
+    assert evaluate_pass(model, params, loader, device=cpu, eval_steps=1000) == whole  # never past one epoch
+    assert [eval_batches(loader, n) for n in (None, 2, 1000)] == [6, 2, 6]
     halves = [eval_dataloader(params, tmp_path, rank=r, world_size=2) for r in range(2)]
     assert [h.batch_size for h in halves] == [2, 2]
 
@@ -134,6 +133,19 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
     samples = json.loads((report / "samples.json").read_text())
     assert samples[0]["prompt"] == "To be, or not" and isinstance(samples[0]["completion"], str)
     assert "To be, or not" in (report / "report.md").read_text() and (report / "report.html").is_file()
+    # the stage scores the whole val split, whatever runconfig.eval_steps (2) asks of training's evaluations
+    split = json.loads((tiny_dataset_64 / "val" / "data_params.json").read_text())["h5_dataset_stats"]
+    batches = math.ceil(split["num_sequences"] / 4)
+    assert metrics["eval/tokens"] == split["loss_valid_tokens"] and batches > 2
+    assert result.details == {"eval_batches": batches, "split_batches": batches}
+    assert (f"Scored: {split['loss_valid_tokens']:,} tokens in {batches} batches: the whole eval split"
+            in (report / "report.md").read_text())
+    capped = run_stage("evaluate", RunContext(pipeline_run_id="capped", artifact_root=ctx.artifact_root),
+                       evaluate_stage.Request(params="gpt2_tiny", model_dir=trained.outputs["model"],
+                                              overrides=overrides, eval_steps=1))
+    assert capped.details == {"eval_batches": 1, "split_batches": batches} and capped.metrics["eval/tokens"] <= 4 * 64
+    assert (f"tokens in 1 batches: the first 1 of the eval split's {batches} (--eval_steps)"
+            in (tmp_path / "artifacts" / "capped" / "evaluate" / "report" / "report.md").read_text())
 
     # the same weights, read from the final training checkpoint instead, score the same
     from_checkpoint = run_stage("evaluate", ctx, evaluate_stage.Request(

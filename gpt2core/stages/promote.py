@@ -18,6 +18,7 @@ import tempfile
 
 from pydantic import Field
 
+from gpt2core.errors import ConfigError
 from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import local_input, local_output, manifest_digest, read_manifest
 from gpt2core.platform.context import RunContext
@@ -45,7 +46,9 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     dataset_uri = request.dataset or ctx.artifact_uri("preprocess", "dataset")
     eval_loss = request.eval_loss
     if eval_loss is None:
-        eval_loss = read_result(ctx.result_uri("evaluate")).raise_if_failed().metrics["eval/loss"]
+        evaluated = read_result(ctx.result_uri("evaluate")).raise_if_failed()
+        _require_whole_split(evaluated)
+        eval_loss = evaluated.metrics["eval/loss"]
     name = tracking.default_model_name(ctx)
     dataset_hash = manifest_digest(read_manifest(dataset_uri))
     decision_uri = ctx.artifact_uri(STAGE, "decision")
@@ -80,6 +83,16 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             (out / "decision.md").write_text(f"# Model registry: {verdict}\n\n| key | value |\n|---|---|\n{rows}\n")
     metrics = {"promote/promoted": float(promoted), "promote/version": float(version)}
     return StageResult(outputs={"decision": decision_uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
+
+
+def _require_whole_split(evaluated: StageResult) -> None:
+    """Scores compare only over the same tokens: the champion is (re)scored on the whole val split,
+    so the challenger's score must be too; ConfigError when the evaluate stage was capped."""
+    scored, split = evaluated.details.get("eval_batches"), evaluated.details.get("split_batches")
+    if scored is not None and scored != split:
+        raise ConfigError(f"the evaluate stage scored {scored} of the val split's {split} batches (--eval_steps); "
+                          f"promotion compares scores on the whole split: evaluate without --eval_steps, "
+                          f"or give --eval_loss")
 
 
 def _evaluate_request(request: Request, *, model_dir: str, dataset: str):  # noqa: ANN202 - evaluate.Request

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import Field
 
 from gpt2core.checkpoint_names import CEREBRAS, TORCH, checkpoint_step, list_checkpoints
-from gpt2core.config import Params
+from gpt2core.config import Params, schedule_overrun
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
 from gpt2core.platform.context import RunContext, process_rank
@@ -61,6 +61,9 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         _train_torch(cfg, work_dir, request, log_metrics=None, progress_uri=progress_uri)
         return StageResult(outputs=outputs)
 
+    overrun = schedule_overrun(cfg.optimizer, cfg.runconfig.max_steps)
+    if overrun:
+        log.warning(overrun)
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
             TAG_TARGET: target}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
