@@ -14,7 +14,9 @@ from gpt2core.config import load_params
 from gpt2core.evaluation import eval_batches, eval_dataloader, evaluate, evaluate_pass, sample
 from gpt2core.model import GPT2
 from gpt2core.precision import autocast_dtype
+from gpt2core.errors import ConfigError
 from gpt2core.stages import evaluate as evaluate_stage
+from gpt2core.stages import promote as promote_stage
 from gpt2core.stages import run_stage
 from gpt2core.stages import train as train_stage
 from gpt2core.platform.context import RunContext
@@ -146,6 +148,11 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
     assert capped.details == {"eval_batches": 1, "split_batches": batches} and capped.metrics["eval/tokens"] <= 4 * 64
     assert (f"tokens in 1 batches: the first 1 of the eval split's {batches} (--eval_steps)"
             in (tmp_path / "artifacts" / "capped" / "evaluate" / "report" / "report.md").read_text())
+    # promotion compares whole-split scores: a capped one is refused
+    with pytest.raises(ConfigError, match=rf"the evaluate stage scored 1 of the val split's {batches} batches"):
+        run_stage("promote", RunContext(pipeline_run_id="capped", artifact_root=ctx.artifact_root),
+                  promote_stage.Request(params="gpt2_tiny", model_dir=trained.outputs["model"],
+                                        dataset=str(tiny_dataset_64)))
 
     # the same weights, read from the final training checkpoint instead, score the same
     from_checkpoint = run_stage("evaluate", ctx, evaluate_stage.Request(
