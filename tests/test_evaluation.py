@@ -9,6 +9,7 @@ import h5py
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 
 from gpt2core.config import load_params
 from gpt2core.evaluation import eval_batches, eval_dataloader, evaluate, evaluate_pass, sample
@@ -142,6 +143,13 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
     assert result.details == {"eval_batches": batches, "split_batches": batches}
     assert (f"Scored: {split['loss_valid_tokens']:,} tokens in {batches} batches: the whole eval split"
             in (report / "report.md").read_text())
+    # the runs record the splits they read, with their counts (MLflow dataset inputs)
+    uses = {run_id: [(d.dataset.name, json.loads(d.dataset.profile), d.tags[0].value)
+                     for d in MlflowClient().get_run(run_id).inputs.dataset_inputs]
+            for run_id in (trained.mlflow_run_id, result.mlflow_run_id)}
+    profile = {k: split[k] for k in ("num_sequences", "num_tokens", "loss_valid_tokens")} | {"max_seq_length": 64}
+    assert uses[result.mlflow_run_id] == [("msl64/val", profile, "evaluation")]
+    assert [(name, context) for name, _, context in uses[trained.mlflow_run_id]] == [("msl64/train", "training")]
     capped = run_stage("evaluate", RunContext(pipeline_run_id="capped", artifact_root=ctx.artifact_root),
                        evaluate_stage.Request(params="gpt2_tiny", model_dir=trained.outputs["model"],
                                               overrides=overrides, eval_steps=1))

@@ -60,6 +60,38 @@ def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tm
     assert tracking.loss_curve_png(stage_run_id) == png
 
 
+def test_the_experiment_opens_on_training_runs_which_show_their_datasets(ctx, tmp_path):
+    # a dataset artifact (split folders in one artifact) and a plain folder made elsewhere
+    (tmp_path / "dataset" / "train").mkdir(parents=True)
+    (tmp_path / "dataset" / "train" / "data-00000.h5").write_bytes(b"rows")
+    dataset_uri = f"{ctx.artifact_root}/{ctx.pipeline_run_id}/preprocess/dataset"
+    manifest = storage.upload_dir(tmp_path / "dataset", dataset_uri)
+    (tmp_path / "elsewhere" / "val").mkdir(parents=True)
+    with tracking.stage_run("train", ctx) as run:
+        run.log_datasets([
+            tracking.DatasetUse(f"{dataset_uri}/train", tracking.DATASET_TRAINING, {"num_sequences": 3}),
+            tracking.DatasetUse(str(tmp_path / "elsewhere" / "val"), tracking.DATASET_EVALUATION)])
+    client = MlflowClient()
+    assert client.get_experiment_by_name(ctx.experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    logged = {(d.dataset.name, d.dataset.digest, d.dataset.source_type, d.dataset.source, d.dataset.profile,
+               tuple((t.key, t.value) for t in d.tags)) for d in client.get_run(run.run_id).inputs.dataset_inputs}
+    assert logged == {
+        ("dataset/train", storage.manifest_digest(manifest)[:12], "s3", f'{{"uri": "{dataset_uri}/train"}}',
+         '{"num_sequences": 3}', (("mlflow.data.context", "training"),)),
+        ("elsewhere/val", "unversioned", "local", f'{{"uri": "{tmp_path}/elsewhere/val"}}', None,
+         (("mlflow.data.context", "evaluation"),))}
+    # an experiment made before gpt2ops marked its experiments is marked when next used, and a mark
+    # a person chose is kept
+    for kind in (None, "genai_development"):
+        older = RunContext(pipeline_run_id=ctx.pipeline_run_id, artifact_root=ctx.artifact_root,
+                           experiment=f"{ctx.experiment}-{kind}")
+        experiment_id = client.create_experiment(older.experiment,
+                                                 tags={"mlflow.experimentKind": kind} if kind else None)
+        with tracking.stage_run("download", older):
+            pass
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (kind or "custom_model_development")
+
+
 def test_failed_stage_marks_its_run_failed_and_the_parent_too(ctx):
     with pytest.raises(ValueError, match="bad batch"):
         with tracking.pipeline_run(ctx) as child_ctx:

@@ -23,8 +23,9 @@ from gpt2core.errors import DataError
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI, stage_run
-from gpt2core.stages.inputs import data_input, local_checkpoint
+from gpt2core.platform.tracking import (DATASET_EVALUATION, TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_MODEL_URI,
+                                       stage_run)
+from gpt2core.stages.inputs import data_input, local_checkpoint, split_use
 from gpt2core.stages.request import ModelRequest
 
 STAGE = "evaluate"
@@ -51,6 +52,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_MODEL_URI: request.model_dir,
             TAG_DATASET_HASH: artifact_digest(cfg.eval_input.data_dir)}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
+        tracked.log_datasets([split_use(cfg.eval_input.data_dir, DATASET_EVALUATION)])
         started = time.monotonic()
         model = _load_model(cfg, request.model_dir, request.checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:

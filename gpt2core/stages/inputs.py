@@ -1,16 +1,22 @@
-"""What stages read besides their request: datasets and training checkpoints, local or s3://."""
+"""What stages read besides their request: datasets and training checkpoints, local or s3://; and
+the dataset splits as their MLflow runs record them."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpt2core.errors import DataError, StorageError
-from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, shared_local_input
-from gpt2core.platform.context import process_rank
 from gpt2core.checkpoint_names import TORCH, list_checkpoints
+from gpt2core.data.preprocess import DATA_PARAMS
+from gpt2core.errors import DataError, StorageError
+from gpt2core.platform.artifacts import NotFound, fetch_file, is_s3, local_input, read_text, shared_local_input
+from gpt2core.platform.context import process_rank
+from gpt2core.platform.tracking import DatasetUse
+
+SPLIT_PROFILE_KEYS = ("num_sequences", "num_tokens", "loss_valid_tokens")  # of h5_dataset_stats
 
 
 @contextlib.contextmanager
@@ -21,6 +27,22 @@ def data_input(key: str, uri: str) -> Iterator[Path]:
             yield path
     except StorageError as exc:
         raise DataError(f"{key}: {exc}") from exc
+
+
+def split_use(uri: str, context: str) -> DatasetUse:
+    """A dataset split (a ``train/`` or ``val/`` folder of HDF5 files, local or s3://) as a stage's
+    MLflow run records it (``StageRun.log_datasets``): the profile holds its sequence and token
+    counts and sequence length from its ``data_params.json`` (``h5_dataset_stats``, as the
+    reference's preprocessing writes them); empty when the split has no such file."""
+    try:
+        data_params = json.loads(read_text(f"{uri.rstrip('/')}/{DATA_PARAMS}"))
+    except (NotFound, ValueError):
+        return DatasetUse(uri, context)
+    stats = data_params.get("h5_dataset_stats", {})
+    profile = {key: stats[key] for key in SPLIT_PROFILE_KEYS if key in stats}
+    if "max_seq_length" in data_params.get("processing", {}):
+        profile["max_seq_length"] = data_params["processing"]["max_seq_length"]
+    return DatasetUse(uri, context, profile)
 
 
 def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:

@@ -23,6 +23,7 @@ from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import local_input, local_output, manifest_digest, read_manifest
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult, read_result
+from gpt2core.stages.inputs import split_use
 from gpt2core.stages.request import ModelRequest
 
 STAGE = "promote"
@@ -54,6 +55,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     decision_uri = ctx.artifact_uri(STAGE, "decision")
     with tracking.stage_run(STAGE, ctx, params={"model_uri": model_uri, "model_name": name},
                             tags={tracking.TAG_DATASET_HASH: dataset_hash}) as tracked:
+        tracked.log_datasets([split_use(f"{dataset_uri.rstrip('/')}/val", tracking.DATASET_EVALUATION)])
         version = tracking.find_model_version(name, model_uri)
         if version is None:
             with local_input(model_uri) as folder:

@@ -28,8 +28,9 @@ from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
-from gpt2core.stages.inputs import data_input, local_checkpoint
+from gpt2core.platform.tracking import (DATASET_EVALUATION, DATASET_TRAINING, TAG_CONFIG_HASH, TAG_DATASET_HASH,
+                                       TAG_TARGET, stage_run)
+from gpt2core.stages.inputs import data_input, local_checkpoint, split_use
 from gpt2core.stages.request import TrainingRequest
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
             TAG_TARGET: target}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
+        tracked.log_datasets([split_use(cfg.train_input.data_dir, DATASET_TRAINING)]
+                             + ([split_use(cfg.eval_input.data_dir, DATASET_EVALUATION)]
+                                if cfg.runconfig.eval_frequency and target != "cerebras" else []))
         started = time.monotonic()
         resumed_only: list[Path] = []  # a run resumed at max_steps saved no checkpoint: publish that one
         with local_output(outputs["model"]) as model_out:

@@ -23,7 +23,15 @@ TAG_ARTIFACT_PREFIX = "artifact."  # artifact.<stage>/<artifact> -> URI
 TAG_MODEL_URI = "gpt2ops.model_uri"  # the train stage's model artifact the version was logged from
 CHAMPION, CHALLENGER = "champion", "challenger"  # registered model aliases
 
+# What a stage did with a dataset it logged as a run input (shown beside the dataset in MLflow's UI)
+DATASET_TRAINING, DATASET_EVALUATION = "training", "evaluation"  # trained on / scored on
+DATASET_INPUT, DATASET_OUTPUT = "input", "output"  # read otherwise (checked, tokenized) / written
+
 # MLflow's own tags that gpt2ops sets or searches by
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_PARENT_RUN = "mlflow.parentRunId"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"  # on a dataset input: DATASET_*
+# On the experiment: MLflow 3's UI opens an experiment on its GenAI overview (traces) unless it is
+# marked as model training, then on its runs.
+MLFLOW_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
