@@ -72,7 +72,7 @@ def main_run(args: argparse.Namespace) -> int:
             stack.enter_context(embedded_s3(work_dir / "s3"))
         started = time.monotonic()
         run_locally(arguments, runner=args.runner, work_dir=work_dir, cache=not args.no_cache)
-        summary = run_summary(arguments["run_name"], PipelineParameters(**arguments).experiment)
+        summary = run_summary(arguments["run_name"], PipelineParameters(**arguments).experiment, work_dir=work_dir)
         summary["wall_s"] = round(time.monotonic() - started, 1)
         print(format_summary(summary))
     return 0 if summary["status"] == "FINISHED" else 1
@@ -126,19 +126,31 @@ def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, ca
     gpt2_pipeline(**arguments)
 
 
-def run_summary(run_name: str, experiment: str) -> dict[str, object]:
-    """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples."""
+def run_summary(run_name: str, experiment: str, *, work_dir: Path) -> dict[str, object]:
+    """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples, and
+    the train run's loss curve (its MLflow artifact, and a local copy under ``work_dir/runs/<run name>``:
+    the embedded S3 store holding the artifact stops with ``gpt2ops run``)."""
     from gpt2core.platform import tracking
+    from gpt2core.platform.tracking.connection import redacted
 
     parent = tracking.find_pipeline_run_named(run_name, experiment)
     if parent is None:
         raise Gpt2opsError(f"the pipeline left no MLflow parent run named {run_name!r} in "
                            f"experiment {experiment!r}; see the step logs above")
     artifacts = parent.artifacts
+    loss_curve = {}
+    train_run = parent.stage_runs.get("train")  # none when the train step was served from the cache
+    png = tracking.loss_curve_png(train_run) if train_run else None
+    if png:
+        local = work_dir / "runs" / run_name / "loss_curve.png"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(png)  # the artifact's very bytes (tracking.loss_curve_png draws both)
+        loss_curve = {"png": str(local), "artifact": tracking.loss_curve_artifact_uri(train_run)}
     return {
         "status": parent.status,
         "error": parent.error,
         "experiment": experiment,
+        "mlflow_page": tracking.runs_page(parent.experiment_id, parent.pipeline_run_id),
         "parent_run_id": parent.run_id,
         "stage_runs": parent.stage_runs,
         "artifacts": artifacts,
@@ -146,7 +158,8 @@ def run_summary(run_name: str, experiment: str) -> dict[str, object]:
         "model_version": parent.model_version,
         "promoted": parent.promoted,
         "samples": read_samples(artifacts["evaluate/report"]) if "evaluate/report" in artifacts else [],
-        "tracking_uri": tracking.tracking_uri(),
+        "loss_curve": loss_curve,
+        "tracking_uri": redacted(tracking.tracking_uri()),  # printed: no credentials
     }
 
 
@@ -180,8 +193,15 @@ def format_summary(summary: dict[str, object]) -> str:
                      + ("promoted to champion" if summary["promoted"] else "champion kept"))
     for sample in summary["samples"][:1]:
         lines.append(f"sample: {sample!r}")
-    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}  "
-                 f"(then open http://127.0.0.1:5000)")
+    if summary["loss_curve"]:
+        lines.append(f"loss curve: {summary['loss_curve']['png']}  "
+                     f"(MLflow artifact {summary['loss_curve']['artifact']})")
+    page = summary["mlflow_page"]  # this run's stage runs with their datasets; a run's page has its charts
+    if str(summary["tracking_uri"]).startswith(("http://", "https://")):
+        lines.append(f"MLflow UI: {str(summary['tracking_uri']).rstrip('/')}/{page}")
+    else:
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}  "
+                     f"then open http://127.0.0.1:5000/{page}")
     return "\n".join(lines)
 
 

@@ -161,12 +161,19 @@ def test_model_registered_and_champion_moves_only_when_better(ctx, tmp_path):
     torch.manual_seed(0)
     save_pretrained(GPT2(params.model), params, tmp_path / "model")
     name = tracking.default_model_name(ctx)
-    versions = []
+    versions, runs = [], []
     for i in range(2):
         with tracking.stage_run("train", ctx) as run:
             versions.append(run.log_model(tmp_path / "model", model_uri=f"{ctx.artifact_root}/m{i}"))
+        runs.append(run.run_id)
     v1, v2 = versions
     assert tracking.find_model_version(name, f"{ctx.artifact_root}/m1") == v2
+    # a stage that uses a registered model records it as its run's input; an unregistered one: nothing
+    with tracking.stage_run("evaluate", ctx) as evaluation:
+        evaluation.log_model_input(f"{ctx.artifact_root}/m0")
+        evaluation.log_model_input(f"{ctx.artifact_root}/elsewhere")
+    (logged,) = MlflowClient().get_run(runs[0]).outputs.model_outputs  # what the first train run logged
+    assert [m.model_id for m in MlflowClient().get_run(evaluation.run_id).inputs.model_inputs] == [logged.model_id]
     assert tracking.champion_version(name) is None
     assert tracking.promote_if_better(name, v1, score=3.0, champion_score=None, dataset_hash="d1")
     assert not tracking.promote_if_better(name, v2, score=3.5, champion_score=3.0)  # worse: kept

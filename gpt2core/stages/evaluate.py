@@ -53,6 +53,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             TAG_DATASET_HASH: artifact_digest(cfg.eval_input.data_dir)}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
         tracked.log_datasets([split_use(cfg.eval_input.data_dir, DATASET_EVALUATION)])
+        if not request.checkpoint_path:  # a checkpoint's weights are no registered model
+            tracked.log_model_input(request.model_dir)
         started = time.monotonic()
         model = _load_model(cfg, request.model_dir, request.checkpoint_path).to(device)
         with data_input("eval_input.data_dir", cfg.eval_input.data_dir) as eval_dir:

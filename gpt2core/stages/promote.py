@@ -60,6 +60,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         if version is None:
             with local_input(model_uri) as folder:
                 version = tracked.log_model(folder, registered_model_name=name, model_uri=model_uri)
+        else:
+            tracked.log_model_input(model_uri)
         champion = tracking.champion_version(name)
         champion_score = None
         if champion is not None and champion != version:

@@ -13,7 +13,7 @@ Every MLflow call of gpt2ops, components and pipelines goes through here.
 - Every run is tagged with the stage, pipeline run id, git sha, config hash and dataset hash
   (``gpt2ops.*`` tags, all named in ``tags``) and records system metrics (CPU, memory, GPU); the
   datasets a stage read and wrote are its run's MLflow dataset inputs (``StageRun.log_datasets``).
-- The experiment is marked as model training, so MLflow's UI opens it on its runs.
+- The experiment is marked as model training; ``runs_page`` is the UI page of a pipeline run's runs.
 - Models: safetensors weights + params.yaml logged as an MLflow (pyfunc) model, registered; the
   ``champion`` alias moves only when a challenger scores better on the same eval set.
 
@@ -23,9 +23,9 @@ stage runs, logging), ``queries`` (finding runs, reading histories), ``registry`
 """
 
 from gpt2core.platform.tracking.connection import tracking_uri
-from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, curves_png, loss_curve_png
+from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, curves_png, loss_curve_artifact_uri, loss_curve_png
 from gpt2core.platform.tracking.queries import (PipelineRunRecord, find_parent_run, find_pipeline_run_named,
-                                                find_stage_runs, metric_histories,
+                                                find_stage_runs, metric_histories, runs_page,
                                                 stage_run_id)
 from gpt2core.platform.tracking.registry import (champion_version, default_model_name, download_model_version,
                                                  find_model_version, promote_if_better, tagged_score)
@@ -44,7 +44,7 @@ __all__ = [
     "TAG_PIPELINE_RUN", "TAG_PROMOTED", "TAG_STAGE", "TAG_TARGET", "champion_version", "curves_png",
     "default_model_name", "download_model_version", "end_pipeline_run", "find_model_version",
     "find_parent_run", "find_pipeline_run_named", "find_stage_runs",
-    "loss_curve_png", "metric_histories", "pipeline_run", "promote_if_better",
-    "record_pipeline_results", "stage_run", "stage_run_id", "start_pipeline_run",
+    "loss_curve_artifact_uri", "loss_curve_png", "metric_histories", "pipeline_run", "promote_if_better",
+    "record_pipeline_results", "runs_page", "stage_run", "stage_run_id", "start_pipeline_run",
     "tagged_score", "tracking_uri",
 ]

@@ -79,8 +79,8 @@ def mlflow_client():  # noqa: ANN201 - an MlflowClient
 def experiment_id(client, ctx: RunContext) -> str:  # noqa: ANN001 - an MlflowClient
     """The id of ctx.experiment; a new experiment keeps its artifacts under the pipeline's
     artifact root (``<root>/mlflow``), so with an s3:// root they go to the same S3 as the stages'.
-    The experiment is marked as model training (``mlflow.experimentKind``), so MLflow's UI opens it
-    on its runs; an experiment already marked otherwise keeps its mark."""
+    The experiment is marked as model training (``mlflow.experimentKind``; see ``tags``); an
+    experiment already marked otherwise keeps its mark."""
     with tracking_errors(f"open experiment {ctx.experiment!r}"):
         experiment = client.get_experiment_by_name(ctx.experiment)
         if experiment is None:

@@ -19,7 +19,7 @@ from gpt2core.platform.context import RunContext
 from gpt2core.platform.tracking.connection import (experiment_id, git_sha, mlflow_client, redacted,
                                                    tracking_errors, tracking_uri)
 from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, loss_curve_png
-from gpt2core.platform.tracking.registry import default_model_name, model_requirements
+from gpt2core.platform.tracking.registry import default_model_name, find_model_version, model_requirements
 from gpt2core.platform.tracking.tags import (KIND_PIPELINE, KIND_STAGE, MLFLOW_DATASET_CONTEXT,
                                              MLFLOW_GIT_COMMIT, TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_GIT_SHA, TAG_KIND,
                                              TAG_MODEL_URI, TAG_MODEL_VERSION, TAG_PIPELINE_RUN, TAG_PROMOTED,
@@ -133,6 +133,24 @@ class StageRun:
                   for use in uses]
         with tracking_errors(f"log the datasets of run {self.run_id}"):
             self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model_input(self, model_uri: str) -> None:
+        """Record the model this stage used, the version ``log_model`` registered from the model
+        artifact at ``model_uri``, as an input of its run (the runs table's Models column: the
+        evaluation shows the model it scored); nothing when no version came from that artifact."""
+        from mlflow.entities import LoggedModelInput
+
+        name = default_model_name(self.ctx)
+        version = find_model_version(name, model_uri)
+        if version is None:
+            return
+        with tracking_errors(f"log model {name!r} version {version} as an input of run {self.run_id}"):
+            registered = self.client.get_model_version(name, version)
+            # a version of a logged model has its source at models:/<model id> (the sqlite store
+            # leaves model_id empty)
+            model_id = registered.model_id or registered.source.removeprefix("models:/")
+            if model_id.startswith("m-"):
+                self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
 
     def log_loss_curve(self) -> None:
         """This run's loss histories as one PNG artifact, ``plots/loss_curve.png`` (``loss_curve_png``:

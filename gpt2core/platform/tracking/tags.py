@@ -32,6 +32,6 @@ MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_PARENT_RUN = "mlflow.parentRunId"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_DATASET_CONTEXT = "mlflow.data.context"  # on a dataset input: DATASET_*
-# On the experiment: MLflow 3's UI opens an experiment on its GenAI overview (traces) unless it is
-# marked as model training, then on its runs.
+# On the experiment: its kind, model training (not GenAI). MLflow 3 UIs that read it open the
+# experiment on its runs; 3.17's follows its GenAI/Model-training switch instead (queries.runs_page).
 MLFLOW_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
