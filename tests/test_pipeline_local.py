@@ -208,7 +208,8 @@ def test_the_mlflow_ui_shows_the_stage_runs_their_datasets_and_the_loss_chart(fr
     tracking_uri, page = re.search(r"^MLflow UI: mlflow ui --backend-store-uri (\S+) +then open "
                                    r"http://127\.0\.0\.1:5000/(\S+)$", out, re.M).groups()
     experiment_id = re.match(r"#/experiments/(\d+)/runs\?", page).group(1)
-    train_run = re.search(r"^  train +(\w+)$", out, re.M).group(1)
+    train_run, evaluate_run = (re.search(rf"^  {stage} +(\w+)$", out, re.M).group(1)
+                               for stage in ("train", "evaluate"))
     shots = Path(os.environ.get(ENV_TEST_OUTPUT) or tmp_path) / "mlflow-ui"
     shots.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI screenshots: {shots}")
@@ -224,5 +225,9 @@ def test_the_mlflow_ui_shows_the_stage_runs_their_datasets_and_the_loss_chart(fr
         rendered_text(f"{url}/#/experiments/{experiment_id}/runs/{train_run}/model-metrics?workflowType="
                       "machine_learning", shots / "train-metrics.png", tmp_path / "chromium",
                       ("train", "Model metrics", "train/loss"))
-    assert (shots / "runs.png").read_bytes().startswith(b"\x89PNG")
-    assert (shots / "train-metrics.png").read_bytes().startswith(b"\x89PNG")
+        # the evaluation's page: the data and the model it scored
+        rendered_text(f"{url}/#/experiments/{experiment_id}/runs/{evaluate_run}?workflowType=machine_learning",
+                      shots / "evaluate.png", tmp_path / "chromium",
+                      ("evaluate", "dataset/val", "Registered models", "pipeline-e2e-gpt2", "eval/lm_perplexity"))
+    for name in ("runs", "train-metrics", "evaluate"):
+        assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")

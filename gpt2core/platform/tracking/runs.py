@@ -136,8 +136,9 @@ class StageRun:
 
     def log_model_input(self, model_uri: str) -> None:
         """Record the model this stage used, the version ``log_model`` registered from the model
-        artifact at ``model_uri``, as an input of its run (the runs table's Models column: the
-        evaluation shows the model it scored); nothing when no version came from that artifact."""
+        artifact at ``model_uri``, as an input of its run (the run's page in MLflow's UI names it
+        beside its datasets: the evaluation shows what it scored); nothing when no version came
+        from that artifact."""
         from mlflow.entities import LoggedModelInput
 
         name = default_model_name(self.ctx)
