@@ -186,8 +186,9 @@ def format_summary(summary: dict[str, object]) -> str:
         lines.append("artifacts:")
         lines += [f"  {name:<24} {uri}" for name, uri in summary["artifacts"].items()]
     if summary["metrics"]:
-        lines.append("evaluation: " + ", ".join(f"{k} = {v:.4g}"
-                                                for k, v in summary["metrics"].items()))
+        shown = (f"{k} = {v:,.0f}" if float(v).is_integer() else f"{k} = {v:.4g}"  # counts whole
+                 for k, v in summary["metrics"].items())
+        lines.append("evaluation: " + ", ".join(shown))
     if summary["model_version"]:
         lines.append(f"registered model version {summary['model_version']}: "
                      + ("promoted to champion" if summary["promoted"] else "champion kept"))
