@@ -234,10 +234,10 @@ def schedule_overrun(optimizer: OptimizerParams, max_steps: int) -> str | None:
     end = sum(s.total_iters for s in schedule)
     if max_steps <= end:
         return None
-    return (f"runconfig.max_steps {max_steps} runs past the end of the learning-rate schedule at step {end} "
-            f"(the sum of optimizer.learning_rate total_iters): steps {end + 1}-{max_steps} train at its final "
-            f"rate {schedule[-1].end_learning_rate:g}; to decay over the whole run set the last entry's "
-            f"total_iters to {schedule[-1].total_iters + max_steps - end}")
+    return (f"runconfig.max_steps {max_steps} runs past the end of the learning-rate schedule at step "
+            f"{end} (the sum of optimizer.learning_rate total_iters): steps {end + 1}-{max_steps} train at "
+            f"its final rate {schedule[-1].end_learning_rate:g}; to decay over the whole run set the last "
+            f"entry's total_iters to {schedule[-1].total_iters + max_steps - end}")
 
 
 class OptimizerParams(_Section):

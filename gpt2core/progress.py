@@ -37,7 +37,8 @@ class ProgressLog:
 
     def __init__(self, logger: logging.Logger, label: str, total: int, *, every_s: float = 5.0,
                  enabled: bool = True):
-        self.logger, self.label, self.total, self.every_s, self.enabled = logger, label, total, every_s, enabled
+        self.logger, self.label, self.total = logger, label, total
+        self.every_s, self.enabled = every_s, enabled
         self.started = self.last_line = time.perf_counter()
         self.tokens = 0
 

@@ -72,7 +72,8 @@ def main_run(args: argparse.Namespace) -> int:
             stack.enter_context(embedded_s3(work_dir / "s3"))
         started = time.monotonic()
         run_locally(arguments, runner=args.runner, work_dir=work_dir, cache=not args.no_cache)
-        summary = run_summary(arguments["run_name"], PipelineParameters(**arguments).experiment, work_dir=work_dir)
+        summary = run_summary(arguments["run_name"], PipelineParameters(**arguments).experiment,
+                              work_dir=work_dir)
         summary["wall_s"] = round(time.monotonic() - started, 1)
         print(format_summary(summary))
     return 0 if summary["status"] == "FINISHED" else 1

@@ -37,8 +37,8 @@ class Request(ModelRequest):
     model_dir: str = Field(description="the train stage's model artifact (local or s3://)")
     checkpoint_path: str | None = Field(None, description="evaluate this training checkpoint's weights "
                                                           "instead (file or folder, local or s3://)")
-    eval_steps: PositiveInt | None = Field(None, description="score only the first N batches of the eval split "
-                                                             "(default: all of it, so scores compare)")
+    eval_steps: PositiveInt | None = Field(None, description="score only the first N batches of the eval "
+                                                             "split (default: all of it, so scores compare)")
 
 
 def run(ctx: RunContext, request: Request) -> StageResult:

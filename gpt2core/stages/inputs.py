@@ -12,7 +12,8 @@ from pathlib import Path
 from gpt2core.checkpoint_names import TORCH, list_checkpoints
 from gpt2core.data.preprocess import DATA_PARAMS
 from gpt2core.errors import DataError, StorageError
-from gpt2core.platform.artifacts import NotFound, fetch_file, is_s3, local_input, read_text, shared_local_input
+from gpt2core.platform.artifacts import (NotFound, fetch_file, is_s3, local_input, read_text,
+                                         shared_local_input)
 from gpt2core.platform.context import process_rank
 from gpt2core.platform.tracking import DatasetUse
 

@@ -88,8 +88,8 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         }
         tracked.log_metrics(metrics)
         corpus_profile = {key: corpus_stats[key] for key in ("documents", "tokens", "bytes")}
-        tracked.log_datasets([DatasetUse(request.input_dir, DATASET_INPUT, corpus_profile),
-                              *(split_use(f"{uri.rstrip('/')}/{split}", DATASET_OUTPUT) for split in ("train", "val"))])
+        splits = [split_use(f"{uri.rstrip('/')}/{split}", DATASET_OUTPUT) for split in ("train", "val")]
+        tracked.log_datasets([DatasetUse(request.input_dir, DATASET_INPUT, corpus_profile), *splits])
     return StageResult(outputs={"dataset": uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 

@@ -94,9 +94,9 @@ def _require_whole_split(evaluated: StageResult) -> None:
     so the challenger's score must be too; ConfigError when the evaluate stage was capped."""
     scored, split = evaluated.details.get("eval_batches"), evaluated.details.get("split_batches")
     if scored is not None and scored != split:
-        raise ConfigError(f"the evaluate stage scored {scored} of the val split's {split} batches (--eval_steps); "
-                          f"promotion compares scores on the whole split: evaluate without --eval_steps, "
-                          f"or give --eval_loss")
+        raise ConfigError(f"the evaluate stage scored {scored} of the val split's {split} batches "
+                          f"(--eval_steps); promotion compares scores on the whole split: evaluate without "
+                          f"--eval_steps, or give --eval_loss")
 
 
 def _evaluate_request(request: Request, *, model_dir: str, dataset: str):  # noqa: ANN202 - evaluate.Request

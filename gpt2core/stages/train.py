@@ -28,8 +28,8 @@ from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.platform.artifacts import artifact_digest, delete_file, list_files, local_output, put_file
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import (DATASET_EVALUATION, DATASET_TRAINING, TAG_CONFIG_HASH, TAG_DATASET_HASH,
-                                       TAG_TARGET, stage_run)
+from gpt2core.platform.tracking import (DATASET_EVALUATION, DATASET_TRAINING, TAG_CONFIG_HASH,
+                                       TAG_DATASET_HASH, TAG_TARGET, stage_run)
 from gpt2core.stages.inputs import data_input, local_checkpoint, split_use
 from gpt2core.stages.request import TrainingRequest
 

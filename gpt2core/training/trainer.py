@@ -242,8 +242,8 @@ class Trainer:
         if not self.info.is_main:
             return
         log.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %s tok/s | mfu %.1f%% | eta %s",
-                 step, self.params.runconfig.max_steps, loss, lr, grad_norm, f"{tokens_per_s:,.0f}", 100 * mfu,
-                 "?" if eta_s is None else format_duration(eta_s))
+                 step, self.params.runconfig.max_steps, loss, lr, grad_norm, f"{tokens_per_s:,.0f}",
+                 100 * mfu, "?" if eta_s is None else format_duration(eta_s))
         if self.log_metrics:
             self.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                               "train/tokens_per_s": tokens_per_s, "train/mfu": mfu}, step=step)

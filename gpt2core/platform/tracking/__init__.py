@@ -23,7 +23,8 @@ stage runs, logging), ``queries`` (finding runs, reading histories), ``registry`
 """
 
 from gpt2core.platform.tracking.connection import tracking_uri
-from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, curves_png, loss_curve_artifact_uri, loss_curve_png
+from gpt2core.platform.tracking.plots import (LOSS_CURVE_FILE, curves_png, loss_curve_artifact_uri,
+                                              loss_curve_png)
 from gpt2core.platform.tracking.queries import (PipelineRunRecord, find_parent_run, find_pipeline_run_named,
                                                 find_stage_runs, metric_histories, runs_page,
                                                 stage_run_id)
@@ -32,7 +33,8 @@ from gpt2core.platform.tracking.registry import (champion_version, default_model
 from gpt2core.platform.tracking.runs import (DatasetUse, StageRun, end_pipeline_run, pipeline_run,
                                              record_pipeline_results, stage_run, start_pipeline_run)
 from gpt2core.platform.tracking.tags import (CHALLENGER, CHAMPION, DATASET_EVALUATION, DATASET_INPUT,
-                                             DATASET_OUTPUT, DATASET_TRAINING, TAG_CONFIG_HASH, TAG_DATASET_HASH,
+                                             DATASET_OUTPUT, DATASET_TRAINING, TAG_CONFIG_HASH,
+                                             TAG_DATASET_HASH,
                                              TAG_ERROR, TAG_GIT_SHA, TAG_KIND, TAG_MODEL_URI,
                                              TAG_MODEL_VERSION, TAG_PIPELINE_RUN, TAG_PROMOTED, TAG_STAGE,
                                              TAG_TARGET)

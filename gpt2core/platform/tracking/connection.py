@@ -88,7 +88,8 @@ def experiment_id(client, ctx: RunContext) -> str:  # noqa: ANN001 - an MlflowCl
             return client.create_experiment(ctx.experiment, artifact_location=location,
                                             tags={MLFLOW_EXPERIMENT_KIND: EXPERIMENT_KIND_TRAINING})
         if MLFLOW_EXPERIMENT_KIND not in experiment.tags:  # made before gpt2ops marked its experiments
-            client.set_experiment_tag(experiment.experiment_id, MLFLOW_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING)
+            client.set_experiment_tag(experiment.experiment_id, MLFLOW_EXPERIMENT_KIND,
+                                      EXPERIMENT_KIND_TRAINING)
         return experiment.experiment_id
 
 

@@ -21,9 +21,9 @@ from gpt2core.platform.tracking.connection import (experiment_id, git_sha, mlflo
 from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, loss_curve_png
 from gpt2core.platform.tracking.registry import default_model_name, find_model_version, model_requirements
 from gpt2core.platform.tracking.tags import (KIND_PIPELINE, KIND_STAGE, MLFLOW_DATASET_CONTEXT,
-                                             MLFLOW_GIT_COMMIT, TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_GIT_SHA, TAG_KIND,
-                                             TAG_MODEL_URI, TAG_MODEL_VERSION, TAG_PIPELINE_RUN, TAG_PROMOTED,
-                                             TAG_STAGE)
+                                             MLFLOW_GIT_COMMIT, TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_GIT_SHA,
+                                             TAG_KIND, TAG_MODEL_URI, TAG_MODEL_VERSION, TAG_PIPELINE_RUN,
+                                             TAG_PROMOTED, TAG_STAGE)
 
 log = logging.getLogger(__name__)
 
