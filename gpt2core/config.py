@@ -298,6 +298,25 @@ _FP16_ONLY = NoEffect(TORCH, "loss scaling serves fp16 only: model.mixed_precisi
                       and p.model.fp16_type == "float16")
 
 
+def schedule_overrun(optimizer: OptimizerParams, max_steps: int) -> str | None:
+    """Why ``max_steps`` trains past the end of the learning-rate schedule, or None when it does not.
+
+    A schedule whose last entry is Linear or CosineDecay ends after the sum of its entries'
+    ``total_iters`` and then holds its last ``end_learning_rate`` (``gpt2core.training.schedule``):
+    steps past that end train at the floor rate. A constant rate, a last Constant entry (meant to
+    run until max_steps) and a last Exponential entry (it keeps decaying) never end."""
+    schedule = optimizer.learning_rate
+    if not isinstance(schedule, list) or schedule[-1].scheduler not in ("Linear", "CosineDecay"):
+        return None
+    end = sum(s.total_iters for s in schedule)
+    if max_steps <= end:
+        return None
+    return (f"runconfig.max_steps {max_steps} runs past the end of the learning-rate schedule at step "
+            f"{end} (the sum of optimizer.learning_rate total_iters): steps {end + 1}-{max_steps} train at "
+            f"its final rate {schedule[-1].end_learning_rate:g}; to decay over the whole run set the last "
+            f"entry's total_iters to {schedule[-1].total_iters + max_steps - end}")
+
+
 class OptimizerParams(_Section):
     """``optimizer``: AdamW, its learning-rate schedule, clipping and fp16 loss scaling."""
 

@@ -5,13 +5,16 @@
 - ``eval/accuracy``: mask-weighted accuracy of the argmax next-token prediction.
 
 ``eval_dataloader`` and ``evaluate_pass`` are what the trainer's evaluation and the evaluate stage
-run: the config's eval data, batch and number of batches, and the mixed-precision rule.
+run: the config's eval data and batch, the number of batches (the trainer's evaluations take
+``runconfig.eval_steps``; the evaluate stage scores the whole split unless told otherwise) and the
+mixed-precision rule.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +27,9 @@ import torch.nn.functional as F
 from gpt2core.config import Params
 from gpt2core.data.loader import HDF5DataLoader, input_dataloader
 from gpt2core.precision import autocast_dtype
+from gpt2core.progress import ProgressLog
+
+log = logging.getLogger(__name__)
 
 
 def eval_dataloader(params: Params, data_dir: str | Path, *, rank: int = 0,
@@ -35,28 +41,42 @@ def eval_dataloader(params: Params, data_dir: str | Path, *, rank: int = 0,
                             rank=rank, world_size=world_size)
 
 
-def evaluate_pass(model: nn.Module, params: Params, loader: HDF5DataLoader, *,
-                  device: torch.device) -> dict[str, float]:
-    """One evaluation as the config asks: from the loader's first batch, ``runconfig.eval_steps``
-    batches (the whole eval set when unset, never more), autocast per ``gpt2core.precision``.
+def eval_batches(loader: HDF5DataLoader, eval_steps: int | None) -> int:
+    """How many batches an evaluation of ``eval_steps`` batches scores: all of the loader's when
+    None, never more."""
+    return len(loader) if eval_steps is None else min(len(loader), eval_steps)
+
+
+def evaluate_pass(model: nn.Module, params: Params, loader: HDF5DataLoader, *, device: torch.device,
+                  eval_steps: int | None) -> dict[str, float]:
+    """One evaluation: from the loader's first batch, ``eval_steps`` batches (None: the whole eval
+    set; never more than one pass), autocast per ``gpt2core.precision``, progress logged. The
+    trainer passes ``runconfig.eval_steps``, the evaluate stage its request's cap (default: none).
     Returns the ``evaluate`` metrics, summed over ranks."""
     loader.seek(0)
-    limit = params.runconfig.eval_steps
-    steps = len(loader) if limit is None else min(len(loader), limit)
-    return evaluate(model, loader, device=device, max_batches=steps, autocast_dtype=autocast_dtype(params.model, device))
+    return evaluate(model, loader, device=device, max_batches=eval_batches(loader, eval_steps),
+                    autocast_dtype=autocast_dtype(params.model, device), progress_label="evaluate")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, device: torch.device,
-             max_batches: int | None = None, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """The three eval metrics over ``batches`` (at most ``max_batches``), summed across ranks."""
+             max_batches: int | None = None, autocast_dtype: torch.dtype | None = None,
+             progress_label: str | None = None) -> dict[str, float]:
+    """The eval metrics over ``batches`` (at most ``max_batches``), summed across ranks:
+    ``eval/loss``, ``eval/lm_perplexity``, ``eval/accuracy`` and ``eval/tokens`` (the real tokens
+    scored). With ``progress_label`` and ``max_batches`` rank 0 logs progress lines
+    (``gpt2core.progress.ProgressLog``)."""
     was_training = model.training
     model.eval()
     # loss sum, batches, masked CE sum, real tokens, correct tokens
     totals = torch.zeros(5, dtype=torch.float64, device=device)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
-    for batch in itertools.islice(batches, max_batches):
+    progress = None
+    if progress_label and max_batches:
+        progress = ProgressLog(log, progress_label, max_batches,
+                               enabled=not dist.is_initialized() or dist.get_rank() == 0)
+    for done, batch in enumerate(itertools.islice(batches, max_batches), start=1):
         ids, mask, labels = (batch[k].to(device, non_blocking=True)
                              for k in ("input_ids", "attention_mask", "labels"))
         with autocast:
@@ -66,6 +86,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, de
         correct = (logits.argmax(dim=-1) == labels).flatten().double()
         totals += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device),
                                (per_token.double() * weights).sum(), weights.sum(), (correct * weights).sum()])
+        if progress:
+            progress.update(done, ids.numel())
     model.train(was_training)
     if dist.is_initialized():
         dist.all_reduce(totals)

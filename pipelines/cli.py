@@ -18,7 +18,7 @@ from gpt2core.errors import ConfigError, Gpt2opsError, ServiceError, one_line
 from gpt2core.pipeline_parameters import PipelineParameters
 from gpt2core.platform.context import ENV_RUN_ID, new_pipeline_run_id
 from gpt2core.platform.settings import exported, reload_settings
-from gpt2core.platform.work_folder import (RunRecord, WorkFolder, WorkFolderLock, describe_holder,
+from gpt2core.platform.work_folder import (RUNS_FOLDER, RunRecord, WorkFolder, WorkFolderLock, describe_holder,
                                            kill_processes, leftover_processes)
 from gpt2core.stages.inputs import working_folder
 
@@ -101,7 +101,7 @@ def main_run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             end_dead_run(work, record.run_id, how="interrupted (Ctrl-C)")
             raise
-        summary = run_summary(record.run_id, record.experiment)
+        summary = run_summary(record.run_id, record.experiment, work_dir=work.root)
         summary["wall_s"] = round(time.monotonic() - started, 1)
         record.status = summary["status"]
         work.save_record(record)
@@ -225,19 +225,32 @@ def run_locally(arguments: dict[str, object], *, runner: str, work_dir: Path, ca
     gpt2_pipeline(**arguments)
 
 
-def run_summary(pipeline_run_id: str, experiment: str) -> dict[str, object]:
-    """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples."""
+def run_summary(pipeline_run_id: str, experiment: str, *, work_dir: Path) -> dict[str, object]:
+    """What a run left behind, from its MLflow parent run: status, artifacts, metrics, samples, and
+    the train run's loss curve (its MLflow artifact, and a local copy beside the run's record,
+    ``work_dir/runs/<pipeline run id>/loss_curve.png``: the embedded S3 store holding the artifact
+    stops with ``gpt2ops run``)."""
     from gpt2core.platform import tracking
+    from gpt2core.platform.tracking.connection import redacted
 
     parent = tracking.find_pipeline_run(pipeline_run_id, experiment)
     if parent is None:
         raise Gpt2opsError(f"pipeline run {pipeline_run_id} left no MLflow parent run in experiment "
                            f"{experiment!r}; see the step logs above")
     artifacts = parent.artifacts
+    loss_curve = {}
+    train_run = parent.stage_runs.get("train")  # none when the train step was served from the cache
+    png = tracking.loss_curve_png(train_run) if train_run else None
+    if png:
+        local = work_dir / RUNS_FOLDER / pipeline_run_id / "loss_curve.png"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(png)  # the artifact's very bytes (tracking.loss_curve_png draws both)
+        loss_curve = {"png": str(local), "artifact": tracking.loss_curve_artifact_uri(train_run)}
     return {
         "status": parent.status,
         "error": parent.error,
         "experiment": experiment,
+        "mlflow_page": tracking.runs_page(parent.experiment_id, parent.pipeline_run_id),
         "parent_run_id": parent.run_id,
         "stage_runs": parent.stage_runs,
         "artifacts": artifacts,
@@ -245,7 +258,8 @@ def run_summary(pipeline_run_id: str, experiment: str) -> dict[str, object]:
         "model_version": parent.model_version,
         "promoted": parent.promoted,
         "samples": read_samples(artifacts["evaluate/report"]) if "evaluate/report" in artifacts else [],
-        "tracking_uri": tracking.tracking_uri(),
+        "loss_curve": loss_curve,
+        "tracking_uri": redacted(tracking.tracking_uri()),  # printed: no credentials
     }
 
 
@@ -272,15 +286,23 @@ def format_summary(summary: dict[str, object]) -> str:
         lines.append("artifacts:")
         lines += [f"  {name:<24} {uri}" for name, uri in summary["artifacts"].items()]
     if summary["metrics"]:
-        lines.append("evaluation: " + ", ".join(f"{k} = {v:.4g}"
-                                                for k, v in summary["metrics"].items()))
+        shown = (f"{k} = {v:,.0f}" if float(v).is_integer() else f"{k} = {v:.4g}"  # counts whole
+                 for k, v in summary["metrics"].items())
+        lines.append("evaluation: " + ", ".join(shown))
     if summary["model_version"]:
         lines.append(f"registered model version {summary['model_version']}: "
                      + ("promoted to champion" if summary["promoted"] else "champion kept"))
     for sample in summary["samples"][:1]:
         lines.append(f"sample: {sample!r}")
-    lines.append(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}  "
-                 f"(then open http://127.0.0.1:5000)")
+    if summary["loss_curve"]:
+        lines.append(f"loss curve: {summary['loss_curve']['png']}  "
+                     f"(MLflow artifact {summary['loss_curve']['artifact']})")
+    page = summary["mlflow_page"]  # this run's stage runs with their datasets; a run's page has its charts
+    if str(summary["tracking_uri"]).startswith(("http://", "https://")):
+        lines.append(f"MLflow UI: {str(summary['tracking_uri']).rstrip('/')}/{page}")
+    else:
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {summary['tracking_uri']}  "
+                     f"then open http://127.0.0.1:5000/{page}")
     return "\n".join(lines)
 
 

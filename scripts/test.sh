@@ -10,6 +10,7 @@
 #   .venv-cerebras   the Cerebras SDK environment (requirements/cerebras.txt; torch 2.4)
 #   Docker           as root: docker.io + debootstrap from Debian, dockerd, the gpt2ops-cpu image
 #                    (without root and without a running daemon the docker tests are skipped)
+#   chromium         as root: Debian's chromium, for the MLflow UI test (without it, that test is skipped)
 # SeaweedFS (S3) and MLflow are started by the tests themselves, from the .venv packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,17 @@ elif [ "$(id -u)" = 0 ]; then
   exit 1
 else
   log "no Docker daemon and not root: the docker tests will be skipped"
+fi
+
+# The MLflow UI test looks at the UI in a real browser: Debian's chromium, headless.
+if [ "$(id -u)" = 0 ] && ! command -v chromium > /dev/null; then
+  log "installing chromium (the MLflow UI test's browser)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+fi
+if command -v chromium > /dev/null; then
+  export GPT2OPS_REQUIRE_BROWSER=1  # from here on a browser test that cannot run is a failure
+else
+  log "no chromium and not root: the MLflow UI browser test will be skipped"
 fi
 
 if ! wait "$cerebras_setup"; then

@@ -11,7 +11,8 @@ import yaml
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
-from gpt2core.config import Params, configs_dir, load_params, no_effect_keys, params_from_dict, parse_override
+from gpt2core.config import (Params, configs_dir, load_params, no_effect_keys, params_from_dict,
+                             parse_override, schedule_overrun)
 from gpt2core.errors import ConfigError
 
 REFERENCE_ARCHITECTURES = {  # hidden, layers, heads (GPT-2 paper / HF configs)
@@ -431,3 +432,19 @@ def test_every_gpt2_config_of_every_model_zoo_release_loads():
     for name, text in configs.items():
         params = params_from_dict(yaml.safe_load(text), source=name)
         assert params.model.vocab_size == 50257, name
+
+
+def test_max_steps_past_the_end_of_a_decaying_schedule_is_named():
+    params = load_params("gpt2_tiny")  # Linear 20 + CosineDecay 280 to 3e-4, max_steps 300
+    assert schedule_overrun(params.optimizer, 300) is None
+    message = schedule_overrun(params.optimizer, 1500)
+    assert message == ("runconfig.max_steps 1500 runs past the end of the learning-rate schedule at step 300 (the "
+                       "sum of optimizer.learning_rate total_iters): steps 301-1500 train at its final rate 0.0003; "
+                       "to decay over the whole run set the last entry's total_iters to 1480")
+    # schedules that never end: a constant rate, a last Constant entry, a last Exponential entry
+    for schedule in (1e-3, [{"scheduler": "Linear", "initial_learning_rate": 0, "end_learning_rate": 1e-3,
+                             "total_iters": 10}, {"scheduler": "Constant", "learning_rate": 1e-3}],
+                     [{"scheduler": "Exponential", "initial_learning_rate": 1e-3, "decay_rate": 0.5,
+                       "total_iters": 10}]):
+        assert schedule_overrun(load_params("gpt2_tiny", {"optimizer.learning_rate": schedule}).optimizer,
+                                1500) is None

@@ -9,13 +9,16 @@ import h5py
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 
 from gpt2core.config import load_params
 from gpt2core.errors import DataError
-from gpt2core.evaluation import eval_dataloader, evaluate, evaluate_pass, sample
+from gpt2core.evaluation import eval_batches, eval_dataloader, evaluate, evaluate_pass, sample
 from gpt2core.model import GPT2
 from gpt2core.precision import autocast_dtype
+from gpt2core.errors import ConfigError
 from gpt2core.stages import evaluate as evaluate_stage
+from gpt2core.stages import promote as promote_stage
 from gpt2core.stages import run_stage
 from gpt2core.stages import train as train_stage
 from gpt2core.platform.context import RunContext
@@ -81,14 +84,13 @@ def test_evaluate_pass_scores_eval_steps_batches_from_the_start(tmp_path):
     model, cpu = micro_model(), torch.device("cpu")
     loader = eval_dataloader(params, tmp_path)
     assert len(loader) == 6 and not loader.drop_last
-    whole = evaluate_pass(model, params, loader, device=cpu)
+    whole = evaluate_pass(model, params, loader, device=cpu, eval_steps=None)
     assert whole["eval/tokens"] == 21 * 16  # every sequence once
-    params.runconfig.eval_steps = 2
-    two = evaluate_pass(model, params, loader, device=cpu)
+    two = evaluate_pass(model, params, loader, device=cpu, eval_steps=2)
     assert two == evaluate(model, eval_dataloader(params, tmp_path), device=cpu, max_batches=2)
-    assert evaluate_pass(model, params, loader, device=cpu) == two  # each pass from batch 0
-    params.runconfig.eval_steps = 1000
-    assert evaluate_pass(model, params, loader, device=cpu) == whole  # never past one epoch
+    assert evaluate_pass(model, params, loader, device=cpu, eval_steps=2) == two  # each pass from batch 0
+    assert evaluate_pass(model, params, loader, device=cpu, eval_steps=1000) == whole  # never past one epoch
+    assert [eval_batches(loader, n) for n in (None, 2, 1000)] == [6, 2, 6]
     halves = [eval_dataloader(params, tmp_path, rank=r, world_size=2) for r in range(2)]
     assert [h.batch_size for h in halves] == [2, 2]
 
@@ -136,6 +138,31 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
     samples = json.loads((report / "samples.json").read_text())
     assert samples[0]["prompt"] == "To be, or not" and isinstance(samples[0]["completion"], str)
     assert "To be, or not" in (report / "report.md").read_text() and (report / "report.html").is_file()
+    # the stage scores the whole val split, whatever runconfig.eval_steps (2) asks of training's evaluations
+    split = json.loads((tiny_dataset_64 / "val" / "data_params.json").read_text())["h5_dataset_stats"]
+    batches = math.ceil(split["num_sequences"] / 4)
+    assert metrics["eval/tokens"] == split["loss_valid_tokens"] and batches > 2
+    assert result.details == {"eval_batches": batches, "split_batches": batches}
+    assert (f"Scored: {split['loss_valid_tokens']:,} tokens in {batches} batches: the whole eval split"
+            in (report / "report.md").read_text())
+    # the runs record the splits they read, with their counts (MLflow dataset inputs)
+    uses = {run_id: [(d.dataset.name, json.loads(d.dataset.profile), d.tags[0].value)
+                     for d in MlflowClient().get_run(run_id).inputs.dataset_inputs]
+            for run_id in (trained.mlflow_run_id, result.mlflow_run_id)}
+    profile = {k: split[k] for k in ("num_sequences", "num_tokens", "loss_valid_tokens")} | {"max_seq_length": 64}
+    assert uses[result.mlflow_run_id] == [("msl64/val", profile, "evaluation")]
+    assert [(name, context) for name, _, context in uses[trained.mlflow_run_id]] == [("msl64/train", "training")]
+    capped = run_stage("evaluate", RunContext(pipeline_run_id="capped", artifact_root=ctx.artifact_root),
+                       evaluate_stage.Request(params="gpt2_tiny", model_dir=trained.outputs["model"],
+                                              overrides=overrides, eval_steps=1))
+    assert capped.details == {"eval_batches": 1, "split_batches": batches} and capped.metrics["eval/tokens"] <= 4 * 64
+    assert (f"tokens in 1 batches: the first 1 of the eval split's {batches} (--eval_steps)"
+            in (tmp_path / "artifacts" / "capped" / "evaluate" / "report" / "report.md").read_text())
+    # promotion compares whole-split scores: a capped one is refused
+    with pytest.raises(ConfigError, match=rf"the evaluate stage scored 1 of the val split's {batches} batches"):
+        run_stage("promote", RunContext(pipeline_run_id="capped", artifact_root=ctx.artifact_root),
+                  promote_stage.Request(params="gpt2_tiny", model_dir=trained.outputs["model"],
+                                        dataset=str(tiny_dataset_64)))
 
     # the same weights, read from the final training checkpoint instead, score the same
     from_checkpoint = run_stage("evaluate", ctx, evaluate_stage.Request(

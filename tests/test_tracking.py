@@ -60,6 +60,38 @@ def test_parent_and_stage_runs_with_tags_params_metrics_and_s3_artifacts(ctx, tm
     assert tracking.loss_curve_png(stage_run_id) == png
 
 
+def test_the_experiment_opens_on_training_runs_which_show_their_datasets(ctx, tmp_path):
+    # a dataset artifact (split folders in one artifact) and a plain folder made elsewhere
+    (tmp_path / "dataset" / "train").mkdir(parents=True)
+    (tmp_path / "dataset" / "train" / "data-00000.h5").write_bytes(b"rows")
+    dataset_uri = f"{ctx.artifact_root}/{ctx.pipeline_run_id}/preprocess/dataset"
+    manifest = storage.upload_dir(tmp_path / "dataset", dataset_uri)
+    (tmp_path / "elsewhere" / "val").mkdir(parents=True)
+    with tracking.stage_run("train", ctx) as run:
+        run.log_datasets([
+            tracking.DatasetUse(f"{dataset_uri}/train", tracking.DATASET_TRAINING, {"num_sequences": 3}),
+            tracking.DatasetUse(str(tmp_path / "elsewhere" / "val"), tracking.DATASET_EVALUATION)])
+    client = MlflowClient()
+    assert client.get_experiment_by_name(ctx.experiment).tags["mlflow.experimentKind"] == "custom_model_development"
+    logged = {(d.dataset.name, d.dataset.digest, d.dataset.source_type, d.dataset.source, d.dataset.profile,
+               tuple((t.key, t.value) for t in d.tags)) for d in client.get_run(run.run_id).inputs.dataset_inputs}
+    assert logged == {
+        ("dataset/train", storage.manifest_digest(manifest)[:12], "s3", f'{{"uri": "{dataset_uri}/train"}}',
+         '{"num_sequences": 3}', (("mlflow.data.context", "training"),)),
+        ("elsewhere/val", "unversioned", "local", f'{{"uri": "{tmp_path}/elsewhere/val"}}', None,
+         (("mlflow.data.context", "evaluation"),))}
+    # an experiment made before gpt2ops marked its experiments is marked when next used, and a mark
+    # a person chose is kept
+    for kind in (None, "genai_development"):
+        older = RunContext(pipeline_run_id=ctx.pipeline_run_id, artifact_root=ctx.artifact_root,
+                           experiment=f"{ctx.experiment}-{kind}")
+        experiment_id = client.create_experiment(older.experiment,
+                                                 tags={"mlflow.experimentKind": kind} if kind else None)
+        with tracking.stage_run("download", older):
+            pass
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == (kind or "custom_model_development")
+
+
 def test_failed_stage_marks_its_run_failed_and_the_parent_too(ctx):
     with pytest.raises(ValueError, match="bad batch"):
         with tracking.pipeline_run(ctx) as child_ctx:
@@ -129,12 +161,19 @@ def test_model_registered_and_champion_moves_only_when_better(ctx, tmp_path):
     torch.manual_seed(0)
     save_pretrained(GPT2(params.model), params, tmp_path / "model")
     name = tracking.default_model_name(ctx)
-    versions = []
+    versions, runs = [], []
     for i in range(2):
         with tracking.stage_run("train", ctx) as run:
             versions.append(run.log_model(tmp_path / "model", model_uri=f"{ctx.artifact_root}/m{i}"))
+        runs.append(run.run_id)
     v1, v2 = versions
     assert tracking.find_model_version(name, f"{ctx.artifact_root}/m1") == v2
+    # a stage that uses a registered model records it as its run's input; an unregistered one: nothing
+    with tracking.stage_run("evaluate", ctx) as evaluation:
+        evaluation.log_model_input(f"{ctx.artifact_root}/m0")
+        evaluation.log_model_input(f"{ctx.artifact_root}/elsewhere")
+    (logged,) = MlflowClient().get_run(runs[0]).outputs.model_outputs  # what the first train run logged
+    assert [m.model_id for m in MlflowClient().get_run(evaluation.run_id).inputs.model_inputs] == [logged.model_id]
     assert tracking.champion_version(name) is None
     assert tracking.promote_if_better(name, v1, score=3.0, champion_score=None, dataset_hash="d1")
     assert not tracking.promote_if_better(name, v2, score=3.5, champion_score=3.0)  # worse: kept

@@ -126,6 +126,19 @@ def test_grad_accumulation_matches_the_full_batch(tiny_dataset_64, tmp_path):
     assert list(accumulated.losses.values()) == pytest.approx(list(full.losses.values()), rel=1e-5)
 
 
+def test_step_lines_give_the_time_left_and_evaluations_their_progress(tiny_dataset_64, tmp_path, caplog):
+    params = micro_params(tiny_dataset_64, **{"runconfig.max_steps": 3, "runconfig.eval_steps": 2})
+    with caplog.at_level("INFO", logger="gpt2core"):
+        run_in_process(params, tiny_dataset_64, tmp_path, eval_data_dir=tiny_dataset_64 / "val")
+    lines = [r.getMessage() for r in caplog.records]
+    steps = [line for line in lines if line.startswith("step ") and " eval " not in line]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/3", "step 2/3", "step 3/3"]
+    # the first step (warm-up) is not timed: no time left until the second; at the last step none is left
+    assert steps[0].endswith("| eta ?") and re.search(r"\| eta \d+s$", steps[1]) and steps[2].endswith("| eta 0s")
+    # the final evaluation (runconfig.eval_steps batches) ends with a line of what it scored
+    assert any(re.fullmatch(r"evaluate: batch 2/2 \| [\d,]+ tok/s \| 512 tokens in \d+s", line) for line in lines)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset_64, tmp_path):
     # An infinite loss weight makes step 1's loss inf, right after the initial checkpoint. The config
     # refuses one (tests/test_config.py); model_copy(update=) skips validation, so the guard is reached.

@@ -11,7 +11,7 @@ from gpt2core.data.download import QUICKSTART_SOURCE, CorpusSource, check_source
 from gpt2core.platform.artifacts import local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import stage_run
+from gpt2core.platform.tracking import DATASET_OUTPUT, DatasetUse, stage_run
 from gpt2core.flags import Cli
 from gpt2core.stages.request import StageRequest
 
@@ -63,4 +63,6 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         metrics = {"download/files": float(info["files"]), "download/bytes": float(info["bytes"]),
                    "download/seconds": time.monotonic() - started}
         tracked.log_metrics(metrics)
+        tracked.log_datasets([DatasetUse(uri, DATASET_OUTPUT, {"source": source.url, "files": info["files"],
+                                                                "bytes": info["bytes"]})])
     return StageResult(outputs={"corpus": uri}, metrics=metrics, mlflow_run_id=tracked.run_id)

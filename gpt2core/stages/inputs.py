@@ -1,6 +1,6 @@
 """What stages read besides their request: datasets and training checkpoints, local or s3://,
 artifacts whose files get unpickled, which are read only as a stage of gpt2ops published them, and
-the local folders stages work in.
+the local folders stages work in; and the dataset splits as their MLflow runs record them.
 
 The trust model (docs/storage-tracking.md): an artifact's storage (the S3 prefix, a local folder)
 may be writable by more people than its MLflow tracking store. Files that loading unpickles (the
@@ -14,18 +14,23 @@ refused with one ``UntrustedArtifactError`` line. Files with a safe loader (torc
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from gpt2core.checkpoint_names import TORCH, checkpoint_step, list_checkpoints
+from gpt2core.data import DATA_PARAMS
 from gpt2core.errors import ConfigError, DataError, StorageError, UntrustedArtifactError
 from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import (NotFound, fetch_file, is_s3, local_input, manifest_digest,
-                                         read_manifest, shared_local_input)
+                                         read_manifest, read_text, shared_local_input)
 from gpt2core.platform.artifacts.store import find_artifact
 from gpt2core.platform.artifacts.uris import join, local_path, split_s3_uri
 from gpt2core.platform.context import process_rank
+from gpt2core.platform.tracking import DatasetUse
+
+SPLIT_PROFILE_KEYS = ("num_sequences", "num_tokens", "loss_valid_tokens")  # of h5_dataset_stats
 
 
 @contextlib.contextmanager
@@ -67,6 +72,22 @@ def require_input(flag: str, uri: str | None, *, folder: bool = True) -> None:
     if not (path.is_dir() if folder else path.exists()):
         what = "not a folder" if path.exists() else f"no such {'folder' if folder else 'file or folder'}"
         raise DataError(f"{flag} {uri}: {what}")
+
+
+def split_use(uri: str, context: str) -> DatasetUse:
+    """A dataset split (a ``train/`` or ``val/`` folder of HDF5 files, local or s3://) as a stage's
+    MLflow run records it (``StageRun.log_datasets``): the profile holds its sequence and token
+    counts and sequence length from its ``data_params.json`` (``h5_dataset_stats``, as the
+    reference's preprocessing writes them); empty when the split has no such file."""
+    try:
+        data_params = json.loads(read_text(f"{uri.rstrip('/')}/{DATA_PARAMS}"))
+    except (NotFound, ValueError):
+        return DatasetUse(uri, context)
+    stats = data_params.get("h5_dataset_stats", {})
+    profile = {key: stats[key] for key in SPLIT_PROFILE_KEYS if key in stats}
+    if "max_seq_length" in data_params.get("processing", {}):
+        profile["max_seq_length"] = data_params["processing"]["max_seq_length"]
+    return DatasetUse(uri, context, profile)
 
 
 def local_checkpoint(uri: str, work_dir: Path, *, suffix: str = TORCH) -> Path:

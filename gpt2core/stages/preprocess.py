@@ -28,8 +28,8 @@ from gpt2core.errors import ConfigError
 from gpt2core.platform.artifacts import fetch_file, is_s3, local_input, local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import stage_run
-from gpt2core.stages.inputs import require_input
+from gpt2core.platform.tracking import DATASET_INPUT, DATASET_OUTPUT, DatasetUse, stage_run
+from gpt2core.stages.inputs import require_input, split_use
 from gpt2core.stages.request import StageRequest
 
 STAGE = "preprocess"
@@ -91,6 +91,9 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             "preprocess/tokens_per_s": corpus_stats["tokens"] / max(seconds, 1e-9),
         }
         tracked.log_metrics(metrics)
+        corpus_profile = {key: corpus_stats[key] for key in ("documents", "tokens", "bytes")}
+        splits = [split_use(f"{uri.rstrip('/')}/{split}", DATASET_OUTPUT) for split in ("train", "val")]
+        tracked.log_datasets([DatasetUse(request.input_dir, DATASET_INPUT, corpus_profile), *splits])
     return StageResult(outputs={"dataset": uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
 
 

@@ -18,12 +18,12 @@ import tempfile
 
 from pydantic import Field
 
-from gpt2core.platform import tracking
 from gpt2core.errors import ConfigError
+from gpt2core.platform import tracking
 from gpt2core.platform.artifacts import NotFound, local_input, local_output, manifest_digest, read_manifest
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult, read_result
-from gpt2core.stages.inputs import require_input
+from gpt2core.stages.inputs import require_input, split_use
 from gpt2core.stages.request import ModelRequest
 
 STAGE = "promote"
@@ -54,16 +54,21 @@ def run(ctx: RunContext, request: Request) -> StageResult:
         except NotFound:
             raise ConfigError(f"--eval_loss: not given, and pipeline run {ctx.pipeline_run_id!r} has no evaluate "
                               f"result ({ctx.result_uri('evaluate')}); run evaluate first or pass --eval_loss") from None
-        eval_loss = evaluated.raise_if_failed().metrics["eval/loss"]
+        evaluated.raise_if_failed()
+        _require_whole_split(evaluated)
+        eval_loss = evaluated.metrics["eval/loss"]
     name = tracking.default_model_name(ctx)
     dataset_hash = manifest_digest(read_manifest(dataset_uri))
     decision_uri = ctx.artifact_uri(STAGE, "decision")
     with tracking.stage_run(STAGE, ctx, params={"model_uri": model_uri, "model_name": name},
                             tags={tracking.TAG_DATASET_HASH: dataset_hash}) as tracked:
+        tracked.log_datasets([split_use(f"{dataset_uri.rstrip('/')}/val", tracking.DATASET_EVALUATION)])
         version = tracking.find_model_version(name, model_uri)
         if version is None:
             with local_input(model_uri) as folder:
                 version = tracked.log_model(folder, registered_model_name=name, model_uri=model_uri)
+        else:
+            tracked.log_model_input(model_uri)
         champion = tracking.champion_version(name)
         champion_score = None
         if champion is not None and champion != version:
@@ -89,6 +94,16 @@ def run(ctx: RunContext, request: Request) -> StageResult:
             (out / "decision.md").write_text(f"# Model registry: {verdict}\n\n| key | value |\n|---|---|\n{rows}\n")
     metrics = {"promote/promoted": float(promoted), "promote/version": float(version)}
     return StageResult(outputs={"decision": decision_uri}, metrics=metrics, mlflow_run_id=tracked.run_id)
+
+
+def _require_whole_split(evaluated: StageResult) -> None:
+    """Scores compare only over the same tokens: the champion is (re)scored on the whole val split,
+    so the challenger's score must be too; ConfigError when the evaluate stage was capped."""
+    scored, split = evaluated.details.get("eval_batches"), evaluated.details.get("split_batches")
+    if scored is not None and scored != split:
+        raise ConfigError(f"the evaluate stage scored {scored} of the val split's {split} batches "
+                          f"(--eval_steps); promotion compares scores on the whole split: evaluate without "
+                          f"--eval_steps, or give --eval_loss")
 
 
 def _evaluate_request(request: Request, *, model_dir: str, dataset: str):  # noqa: ANN202 - evaluate.Request

@@ -26,14 +26,15 @@ from pydantic import Field
 
 from gpt2core.checkpoint_names import (CEREBRAS, FOLDER as CHECKPOINT_FOLDER, TORCH, checkpoint_step,
                                        list_checkpoints)
-from gpt2core.config import Params
+from gpt2core.config import Params, schedule_overrun
 from gpt2core.hf_checkpoint import save_pretrained
 from gpt2core.platform.artifacts import (artifact_digest, delete_file, list_files, local_input,
                                          local_output, put_file)
 from gpt2core.platform.context import RunContext, process_rank
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, TAG_TARGET, stage_run
-from gpt2core.stages.inputs import (data_input, local_checkpoint, require_input, vouched_checkpoint,
+from gpt2core.platform.tracking import (DATASET_EVALUATION, DATASET_TRAINING, TAG_CONFIG_HASH,
+                                       TAG_DATASET_HASH, TAG_TARGET, stage_run)
+from gpt2core.stages.inputs import (data_input, local_checkpoint, require_input, split_use, vouched_checkpoint,
                                     vouched_input, working_folder)
 from gpt2core.stages.request import TrainingRequest
 
@@ -71,9 +72,15 @@ def run(ctx: RunContext, request: Request) -> StageResult:
                      checkpoints_uri=outputs["checkpoints"])
         return StageResult(outputs=outputs)
 
+    overrun = schedule_overrun(cfg.optimizer, cfg.runconfig.max_steps)
+    if overrun:
+        log.warning(overrun)
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_DATASET_HASH: artifact_digest(cfg.train_input.data_dir),
             TAG_TARGET: target}
     with stage_run(STAGE, ctx, params=cfg.to_flat_dict(), tags=tags) as tracked:
+        tracked.log_datasets([split_use(cfg.train_input.data_dir, DATASET_TRAINING)]
+                             + ([split_use(cfg.eval_input.data_dir, DATASET_EVALUATION)]
+                                if cfg.runconfig.eval_frequency and target != "cerebras" else []))
         started = time.monotonic()
         resumed_only: list[Path] = []  # a run resumed at max_steps saved no checkpoint: publish that one
         with local_output(outputs["model"]) as model_out:

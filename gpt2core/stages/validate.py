@@ -20,7 +20,8 @@ from gpt2core.errors import Gpt2opsError, ValidationError
 from gpt2core.platform.artifacts import artifact_digest, local_input, local_output
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.results import StageResult
-from gpt2core.platform.tracking import TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.platform.tracking import DATASET_INPUT, TAG_CONFIG_HASH, TAG_DATASET_HASH, stage_run
+from gpt2core.stages.inputs import split_use
 from gpt2core.stages.request import TrainingRequest
 from gpt2core.validation import (GPU_MEMORY_GB, ValidationReport, check_data_volume, check_dataset,
                                  check_job)
@@ -68,6 +69,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
                 except Gpt2opsError as exc:
                     report.problems.append(f"{key}: {exc}")
                     continue
+                tracked.log_datasets([split_use(uri, DATASET_INPUT)])
                 stats = check_dataset(key, uri, local_dirs[key], cfg, report)
                 if key.startswith("train") and stats is not None:
                     check_data_volume(cfg, stats, report)

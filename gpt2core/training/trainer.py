@@ -30,6 +30,7 @@ from gpt2core.errors import ConfigError, TrainingError
 from gpt2core.evaluation import eval_dataloader, evaluate_pass
 from gpt2core.model import GPT2
 from gpt2core.precision import autocast_dtype
+from gpt2core.progress import format_duration, time_left
 from gpt2core.training.checkpoint import Checkpointer
 from gpt2core.training.metrics import ThroughputMeter, peak_flops
 from gpt2core.training.optimizer import build_optimizer
@@ -162,7 +163,10 @@ class Trainer:
                     f.write(json.dumps({"step": step, "loss": loss}) + "\n")
             if step % run.log_steps == 0 or step == run.max_steps:
                 tokens_per_s, mfu = self.meter.read()
-                self._log(step, loss, lr, grad_norm, tokens_per_s, mfu)
+                # at the mean pace of the timed steps (evaluations and checkpoints included)
+                eta = (time_left(step - first_step - 1, run.max_steps - first_step - 1,
+                                 time.perf_counter() - timed_since) if step > first_step + 1 else None)
+                self._log(step, loss, lr, grad_norm, tokens_per_s, mfu, eta)
             if self.eval_loader is not None and run.eval_frequency and step % run.eval_frequency == 0:
                 self._log_eval(step, self.evaluate())
             if run.checkpoint_steps and step % run.checkpoint_steps == 0 and step < run.max_steps:
@@ -256,13 +260,17 @@ class Trainer:
         return all_reduce_sum(step_loss).item(), float(grad_norm)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_pass(self.train_model, self.params, self.eval_loader, device=self.info.device)
+        return evaluate_pass(self.train_model, self.params, self.eval_loader, device=self.info.device,
+                             eval_steps=self.params.runconfig.eval_steps)
 
-    def _log(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float) -> None:
+    def _log(self, step: int, loss: float, lr: float, grad_norm: float, tokens_per_s: float, mfu: float,
+             eta_s: float | None) -> None:
+        """The step's log line (``eta`` unknown until a step after the first is timed) and metrics."""
         if not self.info.is_main:
             return
-        log.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %s tok/s | mfu %.1f%%",
-                 step, self.params.runconfig.max_steps, loss, lr, grad_norm, f"{tokens_per_s:,.0f}", 100 * mfu)
+        log.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %s tok/s | mfu %.1f%% | eta %s",
+                 step, self.params.runconfig.max_steps, loss, lr, grad_norm, f"{tokens_per_s:,.0f}",
+                 100 * mfu, "?" if eta_s is None else format_duration(eta_s))
         if self.log_metrics:
             self.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                               "train/tokens_per_s": tokens_per_s, "train/mfu": mfu}, step=step)

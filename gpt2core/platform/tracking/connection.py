@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from gpt2core.errors import TrackingError, one_line
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.settings import setting_source, settings
+from gpt2core.platform.tracking.tags import EXPERIMENT_KIND_TRAINING, MLFLOW_EXPERIMENT_KIND
 
 
 def tracking_uri() -> str:
@@ -118,13 +119,19 @@ def _seed_sqlite_store(uri: str, version: str) -> None:
 
 def experiment_id(client, ctx: RunContext) -> str:  # noqa: ANN001 - an MlflowClient
     """The id of ctx.experiment; a new experiment keeps its artifacts under the pipeline's
-    artifact root (``<root>/mlflow``), so with an s3:// root they go to the same S3 as the stages'."""
+    artifact root (``<root>/mlflow``), so with an s3:// root they go to the same S3 as the stages'.
+    The experiment is marked as model training (``mlflow.experimentKind``; see ``tags``); an
+    experiment already marked otherwise keeps its mark."""
     with tracking_errors(f"open experiment {ctx.experiment!r}"):
         experiment = client.get_experiment_by_name(ctx.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        location = f"{ctx.artifact_root.rstrip('/')}/mlflow"
-        return client.create_experiment(ctx.experiment, artifact_location=location)
+        if experiment is None:
+            location = f"{ctx.artifact_root.rstrip('/')}/mlflow"
+            return client.create_experiment(ctx.experiment, artifact_location=location,
+                                            tags={MLFLOW_EXPERIMENT_KIND: EXPERIMENT_KIND_TRAINING})
+        if MLFLOW_EXPERIMENT_KIND not in experiment.tags:  # made before gpt2ops marked its experiments
+            client.set_experiment_tag(experiment.experiment_id, MLFLOW_EXPERIMENT_KIND,
+                                      EXPERIMENT_KIND_TRAINING)
+        return experiment.experiment_id
 
 
 def git_sha() -> str:

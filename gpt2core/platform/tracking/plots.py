@@ -42,6 +42,12 @@ def curves_png(curves: Curves, *, title: str, x_label: str = "step", y_label: st
     return out.getvalue()
 
 
+def loss_curve_artifact_uri(run_id: str) -> str:
+    """Where the run's ``plots/loss_curve.png`` artifact (``StageRun.log_loss_curve``) is stored."""
+    with tracking_errors(f"read run {run_id}"):
+        return f"{mlflow_client().get_run(run_id).info.artifact_uri}/{LOSS_CURVE_FILE}"
+
+
 def loss_curve_png(run_id: str) -> bytes | None:
     """The run's logged loss histories (``train/loss``, ``eval/loss``) as one PNG titled
     ``<stage> loss (<pipeline run id>)``; None when the run logged neither."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import quote, urlencode
 
 from gpt2core.errors import TrackingError
 from gpt2core.platform.tracking.connection import (mlflow_client, redacted, tracking_errors,
@@ -84,6 +85,8 @@ class PipelineRunRecord:
     """What a pipeline run left on its MLflow parent run."""
 
     run_id: str
+    experiment_id: str
+    pipeline_run_id: str
     status: str  # RUNNING, FINISHED, FAILED, KILLED
     error: str | None
     stage_runs: dict[str, str]  # run name -> run id of its child runs
@@ -106,7 +109,8 @@ def find_pipeline_run(pipeline_run_id: str, experiment: str) -> PipelineRunRecor
                                       order_by=["attributes.start_time ASC"])
     tags = parent.data.tags
     return PipelineRunRecord(
-        run_id=parent.info.run_id, status=parent.info.status, error=tags.get(TAG_ERROR),
+        run_id=parent.info.run_id, experiment_id=parent.info.experiment_id,
+        pipeline_run_id=pipeline_run_id, status=parent.info.status, error=tags.get(TAG_ERROR),
         stage_runs={child.info.run_name: child.info.run_id for child in children},
         artifacts={key.removeprefix(TAG_ARTIFACT_PREFIX): uri for key, uri in sorted(tags.items())
                    if key.startswith(TAG_ARTIFACT_PREFIX)},
@@ -127,3 +131,16 @@ def published_record(name: str, uri: str, digest: str) -> str | None:
         key, value = published_tag(name, uri, digest)
         runs = client.search_runs(experiments, filter_string=f"tags.`{key}` = '{value}'", max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def runs_page(experiment_id: str, pipeline_run_id: str) -> str:
+    """The MLflow UI page (the part of its URL after the host) listing a pipeline run's runs, the
+    parent and one per stage, each with the datasets it read and wrote, in the order they ended.
+
+    MLflow 3.17's UI opens an experiment as its GenAI/Model-training switch says (``workflowType``,
+    else the last choice, at first GenAI), not by the experiment's kind tag. A search filter and an
+    order other than by start time list the stage runs flat instead of folded under their parent."""
+    query = urlencode({"workflowType": "machine_learning",
+                       "searchFilter": f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run_id}'",
+                       "orderByKey": "attributes.end_time", "orderByAsc": "true"}, quote_via=quote)
+    return f"#/experiments/{experiment_id}/runs?{query}"

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from gpt2core.errors import TrackingError
+from gpt2core.platform.artifacts import NotFound, manifest_digest
+from gpt2core.platform.artifacts.store import find_artifact
 from gpt2core.platform.context import RunContext
 from gpt2core.platform.tracking.connection import (experiment_id, git_sha, mlflow_client, redacted,
                                                    tracking_errors, tracking_uri)
 from gpt2core.platform.tracking.plots import LOSS_CURVE_FILE, loss_curve_png
 from gpt2core.platform.tracking.queries import newest_parent_run
-from gpt2core.platform.tracking.registry import MODEL_ARTIFACT, default_model_name, model_requirements
-from gpt2core.platform.tracking.tags import (KIND_PIPELINE, KIND_STAGE, MLFLOW_GIT_COMMIT,
-                                             TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_GIT_SHA, TAG_KIND,
-                                             TAG_MODEL_URI, TAG_MODEL_VERSION, TAG_PIPELINE_RUN, TAG_PROMOTED,
-                                             TAG_STAGE, published_tag)
+from gpt2core.platform.tracking.registry import (MODEL_ARTIFACT, default_model_name, find_model_version,
+                                                 model_requirements)
+from gpt2core.platform.tracking.tags import (KIND_PIPELINE, KIND_STAGE, MLFLOW_DATASET_CONTEXT,
+                                             MLFLOW_GIT_COMMIT, TAG_ARTIFACT_PREFIX, TAG_ERROR, TAG_GIT_SHA,
+                                             TAG_KIND, TAG_MODEL_URI, TAG_MODEL_VERSION, TAG_PIPELINE_RUN,
+                                             TAG_PROMOTED, TAG_STAGE, published_tag)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,39 @@ def _log_batch(client, run_id: str, action: str, *, metrics: Mapping[str, float]
                          tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetUse:
+    """A dataset (or a split of one, or a corpus) a stage read or wrote, for ``StageRun.log_datasets``.
+
+    ``context`` says what the stage did with it (``tags.DATASET_*``); ``profile`` holds what it
+    contains, e.g. ``{"num_sequences": 5978, "num_tokens": 1530368, "max_seq_length": 256}``."""
+
+    uri: str
+    context: str
+    profile: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+# MLflow keeps at most 36 characters of a dataset digest; the full one is the runs' dataset-hash tag.
+_DIGEST_CHARS = 12
+
+
+def _dataset_entity(use: DatasetUse):  # noqa: ANN202 - mlflow.entities.Dataset
+    """The MLflow dataset of ``use``: named ``<artifact>/<folder inside it>`` (``dataset/train``),
+    its digest the artifact's manifest digest (``artifact_digest``), its source the URI."""
+    from mlflow.entities import Dataset
+
+    uri = use.uri.rstrip("/")
+    try:
+        artifact, manifest, sub = find_artifact(uri)
+        name, digest = "/".join(p for p in (artifact.rsplit("/", 1)[-1], sub) if p), manifest_digest(manifest)
+    except NotFound:  # a plain folder, e.g. data made outside gpt2ops: no content digest to give
+        name, digest = "/".join(uri.split("/")[-2:]), "unversioned"
+    scheme = uri.split("://", 1)[0] if "://" in uri else "local"
+    source = {"url": uri} if scheme in ("http", "https") else {"uri": uri}
+    return Dataset(name=name, digest=digest[:_DIGEST_CHARS], source_type=scheme, source=json.dumps(source),
+                   profile=json.dumps(dict(use.profile)) if use.profile else None)
+
+
 class StageRun:
     """One MLflow run; every call names its run id, so it is safe from any thread."""
 
@@ -87,6 +124,36 @@ class StageRun:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         _log_batch(self.client, self.run_id, "tag", tags=tags)
+
+    def log_datasets(self, uses: Sequence[DatasetUse]) -> None:
+        """Record the datasets this stage read and wrote as MLflow dataset inputs of its run (the
+        runs table's Dataset column: the same data shows with the same name and digest in every
+        run that made or used it: dataset -> model -> evaluation)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = [DatasetInput(_dataset_entity(use), tags=[InputTag(MLFLOW_DATASET_CONTEXT, use.context)])
+                  for use in uses]
+        with tracking_errors(f"log the datasets of run {self.run_id}"):
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model_input(self, model_uri: str) -> None:
+        """Record the model this stage used, the version ``log_model`` registered from the model
+        artifact at ``model_uri``, as an input of its run (the run's page in MLflow's UI names it
+        beside its datasets: the evaluation shows what it scored); nothing when no version came
+        from that artifact."""
+        from mlflow.entities import LoggedModelInput
+
+        name = default_model_name(self.ctx)
+        version = find_model_version(name, model_uri)
+        if version is None:
+            return
+        with tracking_errors(f"log model {name!r} version {version} as an input of run {self.run_id}"):
+            registered = self.client.get_model_version(name, version)
+            # a version of a logged model has its source at models:/<model id> (the sqlite store
+            # leaves model_id empty)
+            model_id = registered.model_id or registered.source.removeprefix("models:/")
+            if model_id.startswith("m-"):
+                self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
 
     def log_loss_curve(self) -> None:
         """This run's loss histories as one PNG artifact, ``plots/loss_curve.png`` (``loss_curve_png``:

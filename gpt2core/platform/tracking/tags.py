@@ -27,10 +27,19 @@ TAG_ARTIFACT_PREFIX = "artifact."  # artifact.<stage>/<artifact> -> URI
 TAG_MODEL_URI = "gpt2ops.model_uri"  # the train stage's model artifact the version was logged from
 CHAMPION, CHALLENGER = "champion", "challenger"  # registered model aliases
 
+# What a stage did with a dataset it logged as a run input (shown beside the dataset in MLflow's UI)
+DATASET_TRAINING, DATASET_EVALUATION = "training", "evaluation"  # trained on / scored on
+DATASET_INPUT, DATASET_OUTPUT = "input", "output"  # read otherwise (checked, tokenized) / written
+
 # MLflow's own tags that gpt2ops sets or searches by
 MLFLOW_RUN_NAME = "mlflow.runName"
 MLFLOW_PARENT_RUN = "mlflow.parentRunId"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"  # on a dataset input: DATASET_*
+# On the experiment: its kind, model training (not GenAI). MLflow 3 UIs that read it open the
+# experiment on its runs; 3.17's follows its GenAI/Model-training switch instead (queries.runs_page).
+MLFLOW_EXPERIMENT_KIND, EXPERIMENT_KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def published_tag(name: str, uri: str, digest: str) -> tuple[str, str]:
