@@ -224,7 +224,7 @@ def test_a_parameter_the_server_refuses_is_one_line(argo_api, argo_env, monkeypa
     from pipelines import argo_cli
 
     # a value the server's own checks refuse (here: its enum check), as sent past the client's
-    monkeypatch.setattr(argo_cli, "pipeline_arguments", lambda args: {"target": "tpu"})
+    monkeypatch.setattr(argo_cli, "pipeline_arguments", lambda args, **_: {"target": "tpu"})
     assert main(["argo", "submit"]) == 2
     assert "refused to submit a workflow from WorkflowTemplate 'gpt2ops-pretrain': 400: tpu is not one of" in (
         one_error_line(capsys))

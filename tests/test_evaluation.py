@@ -211,7 +211,6 @@ def test_evaluate_a_padded_vocabulary_model_and_refuse_another_vocabulary(tiny_d
     samples = json.loads((tmp_path / "artifacts" / "run-padded" / "evaluate" / "report" / "samples.json").read_text())
     assert samples[0]["completion"]  # decoded: no sampled id past the tokenizer's 50257
     other = _hf_folder(tmp_path / "hf1000", 1000)
-    missing = {**overrides, "eval_input.data_dir": str(tmp_path / "not-read")}  # refused before the data is read
     with pytest.raises(DataError, match=r"--model_dir .*hf1000: the model has vocab_size 1000, the config has "
                                         r"model.vocab_size 50257"):
-        run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(other), overrides=missing))
+        run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(other), overrides=overrides))

@@ -4,7 +4,7 @@
 ``gpt2ops train --model_dir D`` trained in (its newest checkpoint, as the reference loads the newest
 ``checkpoint_<step>.mdl`` of D), a checkpoint file, or a model artifact (``model.safetensors``, ours or
 a Hugging Face GPT-2 folder); local or s3://. A model whose vocabulary differs from the config's
-``model.vocab_size`` is refused before any data is read.
+``model.vocab_size`` is refused before anything is scored.
 
 Scores a trained model on the whole of ``eval_input.data_dir`` (``eval/loss``, ``eval/lm_perplexity``,
 ``eval/accuracy``, as the reference defines them; ``eval/tokens``: the real tokens scored), or on its
@@ -64,7 +64,7 @@ def run(ctx: RunContext, request: Request) -> StageResult:
     if request.checkpoint_path:
         require_input("--checkpoint_path", request.checkpoint_path, folder=False)
     else:
-        require_input("--model_dir", request.model_dir)
+        require_input("--model_dir", request.model_dir, folder=False)  # a folder or a checkpoint file
     report_uri = ctx.artifact_uri(STAGE, "report")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tags = {TAG_CONFIG_HASH: cfg.config_hash(), TAG_MODEL_URI: request.model_dir,
