@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError as PydanticValidationError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from gpt2core.config import ModelParams, Params, load_params
@@ -115,6 +115,8 @@ def model_params_from_hf_config(config: dict, source: str = HF_CONFIG_FILE) -> M
     ``source`` (named in errors). A ``vocab_size`` above the GPT-2 tokenizer's 50257 ids is that
     tokenizer with a padded vocabulary; a ``GPT2Config`` key set to something this model does not
     compute raises ConfigError naming it."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: expected a JSON object of GPT2Config keys, got a {type(config).__name__}")
     if config.get("model_type", "gpt2") != "gpt2":
         raise ConfigError(f"{source}: model_type: expected 'gpt2', got {config.get('model_type')!r}")
     for key, value in _HF_FIXED.items():
@@ -182,8 +184,9 @@ def save_pretrained(model: GPT2, params: Params, folder: str | Path) -> Path:
 
 def load_pretrained(folder: str | Path, *, map_location: str | torch.device = "cpu") -> GPT2:
     """A GPT2 from a saved-model folder: ours (``params.yaml``) or an HF one (``config.json``).
-    Raises ConfigError for a config key this model does not implement, DataError for weights that do
-    not fit the config (naming the tensor, before loading any)."""
+    Raises ConfigError for a config key this model does not implement or a config.json that is not a
+    JSON object, DataError for weights that do not fit the config (naming the tensor, before loading
+    any) or a weights file that cannot be read."""
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
@@ -194,13 +197,20 @@ def load_pretrained(folder: str | Path, *, map_location: str | torch.device = "c
         model_params = load_params(source).model
     elif (folder / HF_CONFIG_FILE).is_file():
         source = folder / HF_CONFIG_FILE
-        model_params = model_params_from_hf_config(json.loads(source.read_text()), str(source))
+        try:
+            config = json.loads(source.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: not valid JSON ({exc})") from None
+        model_params = model_params_from_hf_config(config, str(source))
     else:
         raise DataError(f"{folder}: neither {PARAMS_FILE} nor {HF_CONFIG_FILE} describes the model")
-    with torch.device("meta"):  # shapes only: nothing allocated before the weights are known to fit
-        _check_weight_shapes(weights, GPT2(model_params), str(source))
-    model = GPT2(model_params)
-    state = from_hf_state_dict(load_file(weights, device=str(map_location)), model_params)
+    try:
+        with torch.device("meta"):  # shapes only: nothing allocated before the weights are known to fit
+            _check_weight_shapes(weights, GPT2(model_params), str(source))
+        model = GPT2(model_params)
+        state = from_hf_state_dict(load_file(weights, device=str(map_location)), model_params)
+    except SafetensorError as exc:  # a truncated or foreign file: its header or data cannot be read
+        raise DataError(f"{weights}: not a readable safetensors file ({exc})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(f"{weights}: weights do not fit the config (missing {missing[:5]}, "

@@ -185,12 +185,12 @@ def test_train_then_evaluate_stages(tiny_dataset_64, tmp_path):
                                                           overrides=overrides))
 
 
-def _hf_folder(folder, vocab_size: int):
+def _hf_folder(folder, vocab_size: int, positions: int = 64):
     """A tiny Hugging Face GPT-2 saved as transformers saves it; its top logit is id 50300 when padded."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=vocab_size))
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=positions, vocab_size=vocab_size))
     if vocab_size > 50300:
         with torch.no_grad():  # ../shared/cases/vocab50304-eval-crash: a padded id wins every argmax
             hf.transformer.ln_f.weight.zero_()
@@ -214,3 +214,7 @@ def test_evaluate_a_padded_vocabulary_model_and_refuse_another_vocabulary(tiny_d
     with pytest.raises(DataError, match=r"--model_dir .*hf1000: the model has vocab_size 1000, the config has "
                                         r"model.vocab_size 50257"):
         run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(other), overrides=overrides))
+    short = _hf_folder(tmp_path / "hf32positions", 50257, positions=32)  # the eval data has 64 tokens a row
+    with pytest.raises(DataError, match=r"--model_dir .*hf32positions: the model has 32 positions "
+                                        r"\(max_position_embeddings\), eval_input.max_sequence_length is 64"):
+        run_stage("evaluate", ctx, evaluate_stage.Request(params="gpt2_tiny", model_dir=str(short), overrides=overrides))

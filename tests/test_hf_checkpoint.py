@@ -91,6 +91,29 @@ def test_missing_weights_are_a_clear_error(tmp_path):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda f: (f / "config.json").write_text('{"n_embd": 64,'), ConfigError, r"config.json: not valid JSON"),
+    (lambda f: (f / "config.json").write_text("[1, 2]"), ConfigError,
+     r"config.json: expected a JSON object of GPT2Config keys, got a list"),
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:100]), DataError,
+     r"model.safetensors: not a readable safetensors file"),
+])
+def test_a_damaged_hf_folder_is_one_error_naming_the_file(tmp_path, damage, error, message):
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(error, match=message):
+        load_pretrained(tmp_path)
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_without_torchs_unsafe_advice(tmp_path):
+    from gpt2core.training.checkpoint import read_checkpoint
+
+    torch.save({"model": {}, "extra": object()}, tmp_path / "c.pt")
+    with pytest.raises(DataError, match=r"c.pt: holds pickled objects other than tensors") as caught:
+        read_checkpoint(tmp_path / "c.pt")
+    assert "weights_only" not in str(caught.value).replace("weights-only", "")
+
+
 def _padded_hf(tmp_path, **config) -> tuple[GPT2LMHeadModel, object]:
     """A tiny HF GPT-2 with nanoGPT's padded vocabulary (50304 rows), saved to tmp_path / "hf"."""
     torch.manual_seed(3)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import html
 import json
 import logging
-import pickle
 import time
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def _load_model(cfg: Params, model_uri: str, checkpoint_path: str | None):  # no
     with local_input(model_uri) as folder:
         if (folder / WEIGHTS_FILE).is_file():
             model = load_pretrained(folder)
-            _check_vocabulary(cfg, model, model_uri)
+            _check_model_fits(cfg, model, model_uri)
             return model
         newest = (list_checkpoints(folder / CHECKPOINTS) or list_checkpoints(folder))[-1:]
         if not newest:
@@ -122,11 +121,9 @@ def _load_model(cfg: Params, model_uri: str, checkpoint_path: str | None):  # no
 
 def _from_checkpoint(cfg: Params, path: Path, flag: str):  # noqa: ANN202 - GPT2
     from gpt2core.model import GPT2
+    from gpt2core.training.checkpoint import read_checkpoint
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise DataError(f"{flag}: {path.name}: not a readable training checkpoint ({one_line(exc)})") from exc
+    state = read_checkpoint(path, name=f"{flag}: {path.name}")
     model = GPT2(cfg.model)
     try:
         model.load_state_dict(state["model"])
@@ -135,15 +132,21 @@ def _from_checkpoint(cfg: Params, path: Path, flag: str):  # noqa: ANN202 - GPT2
     return model
 
 
-def _check_vocabulary(cfg: Params, model, model_uri: str) -> None:  # noqa: ANN001 - GPT2
-    """The config's eval data and sampling use the ids of model.vocab_size: a model of another
-    vocabulary cannot score them (a padded embedding is fine: its extra ids are masked)."""
+def _check_model_fits(cfg: Params, model, model_uri: str) -> None:  # noqa: ANN001 - GPT2
+    """A loaded model (its own config, not --params) can score the config's eval data: the same
+    vocabulary (the data's and the samples' ids; a padded embedding is fine, its extra ids are
+    masked) and positions for eval_input.max_sequence_length tokens. DataError naming both."""
     if model.params.vocab_size != cfg.model.vocab_size:
         rows = model.params.embedding_rows
         raise DataError(f"--model_dir {model_uri}: the model has vocab_size {model.params.vocab_size}"
                         + (f" (embedding rows {rows})" if rows != model.params.vocab_size else "")
                         + f", the config has model.vocab_size {cfg.model.vocab_size}; evaluate it with a config "
                           f"of its vocabulary")
+    positions, length = model.params.max_position_embeddings, cfg.eval_input.max_sequence_length
+    if length > positions:
+        raise DataError(f"--model_dir {model_uri}: the model has {positions} positions "
+                        f"(max_position_embeddings), eval_input.max_sequence_length is {length}; evaluate it "
+                        f"on data of at most {positions} tokens per sequence")
 
 
 def _samples(model, cfg: Params, device: torch.device) -> list[dict[str, str]]:  # noqa: ANN001

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from gpt2core.checkpoint_names import checkpoint_name, list_checkpoints
-from gpt2core.errors import TrainingError, one_line
+from gpt2core.errors import DataError, Gpt2opsError, TrainingError, one_line
 from gpt2core.platform.disk import disk_space
 from gpt2core.training.parallel import DistInfo
 
@@ -99,10 +99,7 @@ class Checkpointer:
              scheduler: Any, scaler: torch.amp.GradScaler | None, loader: Any) -> int:
         """Restore everything from ``path``; returns the step it was taken after."""
         path = Path(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-            raise TrainingError(f"{path}: not a readable training checkpoint ({one_line(exc)})") from exc
+        state = read_checkpoint(path, error=TrainingError)
         missing = {"step", "model", "optimizer", "scheduler", "loader", "rng"} - set(state)
         if missing:
             raise TrainingError(f"{path}: not a training checkpoint (missing {sorted(missing)})")
@@ -122,3 +119,20 @@ class Checkpointer:
                         path, state["world_size"], self.info.world_size)
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"])
+
+
+def read_checkpoint(path: Path, *, error: type[Gpt2opsError] = DataError, name: str | None = None) -> dict:
+    """The state dict of a torch checkpoint file, loaded with ``weights_only=True`` (tensors and
+    plain containers only: no pickled code runs) and memory-mapped. A file that cannot be read, or
+    that holds other pickled objects, raises ``error`` naming ``name`` (default: the path) in one
+    line; torch's own advice to retry with ``weights_only=False`` is left out, as following it for a
+    file of unknown origin runs whatever code it holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("Weights only load failed"):  # a pickle, but not of weights alone
+            raise error(f"{name or path}: holds pickled objects other than tensors, so it is not loaded (only "
+                        f"weights-only checkpoints are read; this is no checkpoint gpt2ops wrote)") from None
+        raise error(f"{name or path}: not a readable training checkpoint ({one_line(exc)})") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise error(f"{name or path}: not a readable training checkpoint ({one_line(exc)})") from exc
