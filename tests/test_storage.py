@@ -143,6 +143,19 @@ def test_local_input_checks_a_local_artifact_and_accepts_plain_folders(tmp_path)
             pass
 
 
+def test_a_published_local_artifact_has_the_mode_of_a_plain_folder(tmp_path):
+    """Staged in a private temporary folder, published with the mode mkdir gives under the umask,
+    so another user of a shared volume can read it."""
+    old = os.umask(0o022)
+    try:
+        with storage.local_output(str(tmp_path / "art")) as out:
+            _write_tree(out, {"a.txt": b"hello"})
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "art").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o755
+
+
 def test_single_files(s3_root, tmp_path):
     bucket, prefix = split_s3_uri(s3_root)
     s3.s3_client().put_object(Bucket=bucket, Key=f"{prefix}/gpt2.yaml", Body=b"model: {}\n")

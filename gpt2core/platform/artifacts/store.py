@@ -157,6 +157,9 @@ class LocalStore(ArtifactStore):
             with disk_space(dest.parent, doing=f"writing {uri}"):
                 yield staging
                 (staging / MANIFEST).write_bytes(manifest_bytes(build_manifest(staging)))
+            # mkdtemp makes the folder 0700; published, it gets the mode a plain mkdir would give,
+            # so others sharing the volume (another uid in a pod, a team folder) can read it.
+            staging.chmod(0o777 & ~_umask())
             if dest.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
                 os.replace(dest, old / dest.name)
@@ -398,3 +401,17 @@ def local_output(uri: str) -> contextlib.AbstractContextManager[Path]:
     """An empty folder to write the artifact into; published to uri (manifest last) when the block
     exits cleanly. On error nothing is published and an older artifact at uri is left untouched."""
     return store_for(uri).open_output(uri)
+
+
+def _umask() -> int:
+    """This process's file-mode creation mask. Linux reports it in /proc; elsewhere os.umask reads
+    it only by setting it, briefly, which threads creating files at that moment would see."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
