@@ -231,6 +231,14 @@ def test_bad_files(tmp_path: Path, write, match: str):
         verify_dataset(tmp_path)
 
 
+def test_a_dataset_root_given_for_a_split_names_the_key_and_the_split_folders(small_split: Path, tmp_path: Path):
+    shutil.copytree(small_split, tmp_path / "dataset" / "val")
+    section = load_params("gpt2_tiny", {"eval_input.max_sequence_length": 16}).eval_input
+    with pytest.raises(DataError, match=rf"^eval_input.data_dir {tmp_path}/dataset: a dataset's root, not a split "
+                                        rf"of it; name its split folder, {tmp_path}/dataset/val$"):
+        input_dataloader(section, tmp_path / "dataset", name="eval_input", batch_size=2, training=False)
+
+
 def test_bad_arguments(small_split: Path, tmp_path: Path):
     with pytest.raises(DataError, match="no .h5 files"):
         build_dataloader(tmp_path, 2)

@@ -53,7 +53,12 @@ def _h5_files(data_dir: Path) -> list[Path]:
             raise DataError(f"{data_dir}: the split is empty ({DATA_PARAMS}: {stats.get('num_sequences', 0)} "
                             f"sequences from {stats.get('num_documents', '?')} documents); preprocess again with "
                             f"a lower --min_sequence_len or another --val_fraction")
-        raise DataError(f"{data_dir}: no .h5 files (expected the output of `gpt2ops preprocess`)")
+        splits = [split for split in ("train", "val") if any((data_dir / split).glob("*.h5"))]
+        if splits:  # a whole `gpt2ops preprocess` output: the loader reads one of its splits
+            raise DataError(f"{data_dir}: a dataset's root, not a split of it; name its split folder, "
+                            f"{' or '.join(str(data_dir / split) for split in splits)}")
+        raise DataError(f"{data_dir}: no .h5 files (expected a split folder of `gpt2ops preprocess`'s output, "
+                        f"such as DATASET/train)")
     return files
 
 
@@ -332,8 +337,12 @@ def input_dataloader(section: InputParams, data_dir: str | Path, *, name: str, b
 
     The data must fit the section: rows of ``max_sequence_length`` tokens (else a ConfigError naming
     ``<name>.max_sequence_length`` and the length the files hold), token ids below ``vocab_size``
-    (checked per batch, a DataError naming ``<name>.vocab_size``)."""
-    dataset = HDF5Dataset(data_dir)
+    (checked per batch, a DataError naming ``<name>.vocab_size``). A folder that is no split of a
+    dataset is a DataError naming ``<name>.data_dir``."""
+    try:
+        dataset = HDF5Dataset(data_dir)
+    except DataError as exc:
+        raise DataError(f"{name}.data_dir {exc}") from None
     if dataset.max_seq_length != section.max_sequence_length:
         raise ConfigError(f"{name}.max_sequence_length: {section.max_sequence_length}, but {data_dir} holds "
                           f"sequences of {dataset.max_seq_length} tokens")
