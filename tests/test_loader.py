@@ -239,6 +239,14 @@ def test_a_dataset_root_given_for_a_split_names_the_key_and_the_split_folders(sm
         input_dataloader(section, tmp_path / "dataset", name="eval_input", batch_size=2, training=False)
 
 
+def test_verify_names_an_empty_split_as_the_loader_does(tmp_path: Path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "data_params.json").write_text(json.dumps(
+        {"h5_dataset_stats": {"num_sequences": 0, "num_documents": 2}}))
+    with pytest.raises(DataError, match=r"train: the split is empty \(data_params.json: 0 sequences from 2 documents\)"):
+        verify_dataset(tmp_path)
+
+
 def test_bad_arguments(small_split: Path, tmp_path: Path):
     with pytest.raises(DataError, match="no .h5 files"):
         build_dataloader(tmp_path, 2)

@@ -41,7 +41,10 @@ if TYPE_CHECKING:  # the loader itself needs no config (and no pydantic) to impo
     from gpt2core.config import InputParams
 
 
-def _h5_files(data_dir: Path) -> list[Path]:
+def h5_files(data_dir: Path) -> list[Path]:
+    """The ``*.h5`` files of one split folder, in name order. DataError when the folder is missing,
+    is a split `gpt2ops preprocess` left empty (its data_params.json counts), is a whole dataset's
+    root (naming its split folders), or holds no .h5 file."""
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such dataset directory (expected a folder of .h5 files)")
     files = sorted(data_dir.glob("*.h5"))
@@ -127,7 +130,7 @@ class HDF5Dataset(Dataset):
 
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
-        self.files = _h5_files(self.data_dir)
+        self.files = h5_files(self.data_dir)
         described = [describe_h5(p) for p in self.files]
         lengths = {msl for _, msl, _ in described}
         if len(lengths) > 1:

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from gpt2core.data import DATA_PARAMS
-from gpt2core.data.loader import check_mask_convention, declared_inverted_mask, describe_h5
+from gpt2core.data.loader import check_mask_convention, declared_inverted_mask, describe_h5, h5_files
 from gpt2core.errors import DataError
 from gpt2core.tokenizer import VOCAB_SIZE
 
@@ -119,6 +119,8 @@ def verify_dataset(data_dir: str | Path, *, max_seq_length: int | None = None,
     else:
         splits = sorted(p for p in data_dir.iterdir() if p.is_dir() and any(p.glob("*.h5")))
         if not splits:
+            for split in sorted(p for p in data_dir.iterdir() if p.is_dir()):
+                h5_files(split)  # a split preprocess left empty: the loader's message, with its counts
             raise DataError(f"{data_dir}: no .h5 files here or in its split folders (expected train/, val/)")
         per_split = {p.name: _verify_split(p, max_seq_length, vocab_size, problems) for p in splits}
         stats = {key: sum(s[key] for s in per_split.values())
