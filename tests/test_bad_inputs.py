@@ -336,7 +336,7 @@ CASES: list[Bad] = [
     # ---- compile
     bad("compile --params {list_yaml}", "{list_yaml}", "expected a YAML mapping"),
     bad("compile --params gpt2_tiny --set runconfig.torch_compile=maybe", "runconfig.torch_compile", "a boolean"),
-    bad("compile --params gpt2_tiny --max_steps 0", "max_steps", "greater than 0"),
+    bad("compile --params gpt2_tiny --max_steps -1", "max_steps=-1", "greater than or equal to 0"),
     bad("compile --params gpt2_tiny --target cerebras --dataset {missing}", "train_input.data_dir", "{missing}/train",
         "no such folder"),
     # ---- train: every config section, out of range or of the wrong type; data that does not fit
@@ -369,7 +369,7 @@ CASES: list[Bad] = [
     bad("train --params gpt2_tiny --set runconfig=7", "runconfig", "a mapping"),
     bad("train --params gpt2_tiny --set train_input.max_sequence_length=256", "train_input.max_sequence_length",
         "model.max_position_embeddings"),
-    bad("train --params gpt2_tiny --max_steps -3", "max_steps", "greater than 0"),
+    bad("train --params gpt2_tiny --max_steps -3", "max_steps=-3", "greater than or equal to 0"),
     bad("train --params gpt2_tiny --max_steps 5.0", "--max_steps", "'5.0'"),
     bad("train --params gpt2_tiny --dataset {missing}", "train_input.data_dir", "{missing}", "no such folder"),
     bad("train --params gpt2_tiny --dataset {empty_dir}", "train_input.data_dir", "{empty_dir}/train"),
@@ -414,7 +414,7 @@ CASES: list[Bad] = [
         "--set eval_input.max_sequence_length=32", "--checkpoint_path {garbage_pt}", "not a readable"),
     bad("evaluate --params gpt2_tiny --model_dir {model} --dataset {dataset} --set eval_input.max_sequence_length=32 "
         "--set model.vocab_size=1000 --set train_input.vocab_size=1000 --set eval_input.vocab_size=1000",
-        "eval_input.vocab_size is 1000"),
+        "--model_dir {model}: the model has vocab_size 50257", "the config has model.vocab_size 1000"),
     bad("evaluate --params gpt2_tiny --dataset {dataset}", "--model_dir", "required"),
     # ---- promote
     bad("promote --params gpt2_tiny --model_dir {model} --dataset {dataset} --eval_loss nan", "eval_loss", "finite"),
