@@ -248,8 +248,7 @@ def test_cpu_backend_follows_the_torch_trainers_schedule(cpu_run: dict):
 
 
 def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(cpu_run: dict, tiny_dataset: Path):
-    from gpt2core.data.loader import build_dataloader
-    from gpt2core.evaluation import evaluate
+    from gpt2core.evaluation import eval_dataloader, evaluate_pass
     from gpt2core.model import GPT2
     from gpt2core.stages import evaluate as evaluate_stage
     from gpt2core.stages import run_stage
@@ -271,9 +270,8 @@ def test_cpu_checkpoints_and_model_land_in_s3_and_evaluate_on_the_standard_path(
     evaluated = run_stage("evaluate", cpu_run["ctx"], evaluate_stage.Request(
         params="gpt2_tiny", model_dir=outputs["model"], overrides=cpu_run["overrides"])).metrics
     torch.manual_seed(params.runconfig.seed)
-    untrained = evaluate(GPT2(params.model), build_dataloader(tiny_dataset / "val", params.eval_input.batch_size,
-                                                              shuffle=False, drop_last=False),
-                         device=torch.device("cpu"), max_batches=None)  # the stage scores the whole split
+    untrained = evaluate_pass(GPT2(params.model), params, eval_dataloader(params, tiny_dataset / "val"),
+                              device=torch.device("cpu"), eval_steps=None)  # the whole split, as the stage
     assert evaluated["eval/tokens"] == untrained["eval/tokens"]
     assert evaluated["eval/loss"] < untrained["eval/loss"] - 0.5, (untrained, evaluated)
 
