@@ -65,7 +65,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, de
     """The eval metrics over ``batches`` (at most ``max_batches``), summed across ranks:
     ``eval/loss``, ``eval/lm_perplexity``, ``eval/accuracy`` and ``eval/tokens`` (the real tokens
     scored). With ``progress_label`` and ``max_batches`` rank 0 logs progress lines
-    (``gpt2core.progress.ProgressLog``)."""
+    (``gpt2core.progress.ProgressLog``). An ``HDF5DataLoader`` repeats its epochs without end: give
+    it with ``max_batches`` (``evaluate_pass`` does: at most one pass). ValueError when no batch holds
+    a real token."""
     was_training = model.training
     model.eval()
     # loss sum, batches, masked CE sum, real tokens, correct tokens
