@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import threading
 import urllib.request
@@ -95,10 +96,14 @@ def _isolated_mlflow(tmp_path_factory: pytest.TempPathFactory):
 def _settings_follow_the_environment():
     """Settings are read once per process; each test starts from the environment its fixtures set,
     and what a test changed (monkeypatch is undone before this runs again) is forgotten after it.
-    A test that changes the environment itself calls reload_settings() after the change."""
+    A test that changes the environment itself calls reload_settings() after the change. MLflow
+    keeps the tracking URI it was last given in a global of its own: it follows the environment too,
+    so a test pointed at a stopped server leaves no later MlflowClient() talking to it."""
     reload_settings()
     yield
     reload_settings()
+    if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI"):
+        sys.modules["mlflow"].set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,9 @@ class Request(StageRequest):
     include: list[str] = Field(default_factory=list, description="keep only files whose path in the "
                                "archive/folder matches this glob (repeatable or comma-separated)")
     text_key: str | None = Field(None, description="JSON/parquet field holding the text (default: text)")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
-                               description="expected sha256 of the downloaded file (64 hex digits)")
+    sha256: str | None = Field(None, pattern=r"^([0-9a-fA-F]{64})?$",
+                               description="expected sha256 of the downloaded file (64 hex digits; empty: "
+                                           "not checked, as the run form's source_sha256)")
     output_dir: str | None = Field(None, description="folder or s3:// URI for the corpus "
                                                      "(default: <artifact_root>/<run>/download/corpus)")
 
