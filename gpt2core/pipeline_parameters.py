@@ -31,8 +31,8 @@ class PipelineParameters(flags.Parameters):
     error_prefix: ClassVar[str] = "parameter "
 
     params: str = Field(
-        "gpt2_tiny", description="Config name (gpt2_tiny, gpt2_quickstart, gpt2_small, gpt2_medium, gpt2_large, gpt2_xl) or the "
-                                 "path / s3:// URI of a Cerebras Model Zoo GPT-2 YAML.")
+        "gpt2_tiny", description="Config name (gpt2_tiny, gpt2_quickstart, gpt2_small, gpt2_medium, gpt2_large, "
+                                 "gpt2_xl) or the path / s3:// URI of a Cerebras Model Zoo GPT-2 YAML.")
     source: str = Field(QUICKSTART_SOURCE.url, description=(
         "Raw text corpus: http(s):// URL, s3:// URI, hf://datasets/... or path of a text file, archive or "
         "jsonl (clear source_include and source_sha256 when changing it)."))

@@ -129,10 +129,8 @@ def read_checkpoint(path: Path, *, error: type[Gpt2opsError] = DataError, name: 
     file of unknown origin runs whatever code it holds."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        if str(exc).startswith("Weights only load failed"):  # a pickle, but not of weights alone
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as exc:
+        if isinstance(exc, pickle.UnpicklingError) and str(exc).startswith("Weights only load failed"):
             raise error(f"{name or path}: holds pickled objects other than tensors, so it is not loaded (only "
                         f"weights-only checkpoints are read; this is no checkpoint gpt2ops wrote)") from None
-        raise error(f"{name or path}: not a readable training checkpoint ({one_line(exc)})") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise error(f"{name or path}: not a readable training checkpoint ({one_line(exc)})") from exc
